@@ -1,0 +1,457 @@
+"""One frozen configuration for a CTT run, named presets and ablation variants.
+
+A run is fully described by :class:`CTTConfig` (five frozen dataclasses). It travels as a flat
+dict of dotted keys (``"method.ema_decay": 0.99``) whose values are only ``str``, ``int``,
+``float`` or ``bool`` (``None`` never appears: optional paths are the string ``"none"``), so the
+same dict is a Ray Tune param space, a Parquet row, a TensorBoard HParams entry and a
+``torch.load(weights_only=True)``-safe checkpoint field.
+
+Presets: ``tiny`` (the CPU embedded default, synthetic VOC-layout data), ``voc-r101`` (paper:
+DeepLab-v2 ResNet-101 on VOC 2012 + SBD), ``voc-r101-v3plus`` (paper's second architecture) and
+``cityscapes-r101``. Where ``tiny`` departs from the paper setting, the field docstring says so.
+
+Variants (:data:`VARIANTS`) are the paper's ablation rows, each a dict of overrides and nothing
+else; see :func:`apply_variant`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CTTConfig",
+    "ConfigError",
+    "DataConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PRESETS",
+    "RunConfig",
+    "VARIANTS",
+    "apply_variant",
+    "get_preset",
+    "parse_set_args",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key and the valid choices."""
+
+
+def _f(default: Any, doc: str, *, choices: tuple | None = None, lo: float | None = None,
+       hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A dataclass field carrying its docstring and validation bounds in ``metadata``."""
+    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open,
+            "hi_open": hi_open}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _f("synthetic", "Dataset reader: `synthetic` (VOC-layout data generated on "
+                      "first use; tiny), `voc` (Pascal VOC 2012 [+SBD]) or `cityscapes`.",
+                      choices=("synthetic", "voc", "cityscapes"))
+    root: str = _f("none", "Dataset root directory; `none` = the synthetic cache directory.")
+    labeled_split: str = _f("1464", "Labeled split name: reads `splits/<name>/labeled.txt` and "
+                            "`unlabeled.txt` under the root (or a directory path holding both). "
+                            "Paper VOC: 1464 (or 92/183/366/732; reference: 212); tiny: 64.")
+    val_split: str = _f("val", "Split used for periodic evaluation and model selection.")
+    test_split: str = _f("test", "Held-out split for the final report (`none` to skip).")
+    num_classes: int = _f(21, "Number of classes including background (VOC 21, Cityscapes 19). "
+                          "tiny: 7 (6 synthetic object classes + background).", lo=2)
+    crop_size: int = _f(321, "Training crop height (and width unless crop_width > 0). "
+                        "tiny: 48, the whole synthetic image.", lo=8)
+    crop_width: int = _f(0, "Training crop width; 0 = square crop (Cityscapes: 512).", lo=0)
+    scale_min: float = _f(0.5, "Random scale lower bound (reference VOC: 0.5). tiny: 0.8.",
+                          lo=0.0, lo_open=True)
+    scale_max: float = _f(1.6, "Random scale upper bound (reference VOC: 1.6). tiny: 1.25.",
+                          lo=0.0, lo_open=True)
+    flip: bool = _f(False, "Random horizontal flip (the reference VOC config has none). "
+                    "tiny: on.")
+    batch_size: int = _f(10, "Labeled images per iteration. tiny: 8.", lo=1)
+    batch_size_u: int = _f(10, "Unlabeled images per iteration. tiny: 8.", lo=1)
+    num_workers: int = _f(0, "DataLoader worker processes (0 = load in the training process).",
+                          lo=0)
+    label_dir: str = _f("auto", "VOC label directory for bare-id split files: `auto` prefers "
+                        "SegmentationClassAug (SBD) when present.")
+    eval_size: int = _f(0, "Resize (short side) for evaluation; 0 = native size (VOC, synthetic). "
+                        "Cityscapes: 512 (512x1024 as in the reference).", lo=0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = _f("deeplabv2", "Segmentation network: `tiny` (CPU), `deeplabv2`, "
+                   "`deeplabv3plus`.", choices=("tiny", "deeplabv2", "deeplabv3plus"))
+    depth: int = _f(101, "ResNet depth for the DeepLab backbones.", choices=(50, 101))
+    resnet_style: str = _f("torchvision", "`torchvision` (stride in the 3x3 conv) or `caffe` "
+                           "(stride in the 1x1 conv, as the reference's COCO-pretrained "
+                           "DeepLab-v2 checkpoint).", choices=("torchvision", "caffe"))
+    pretrained: str = _f("none", "Local weight file for student 0 (ImageNet ResNet, the "
+                         "reference DeepLab-v2 checkpoint, or ours); `none` = random init. "
+                         "Nothing is ever downloaded.")
+    pretrained_peer: str = _f("none", "Local weight file for student 1 (the reference uses a "
+                              "different initialisation per student); `none` = random init.")
+    feat_dim: int = _f(256, "Channels of the penultimate head feature used for contrast.", lo=1)
+    width: int = _f(24, "Base width of the `tiny` network (ignored by DeepLab). tiny: 24.", lo=4)
+    output_stride: int = _f(16, "Backbone output stride of DeepLab-v3+ (8 or 16; the logits "
+                            "are at 1/4 either way). DeepLab-v2 is always 8.", choices=(8, 16))
+    dropout: float = _f(0.1, "Dropout2d before the classifier.", lo=0.0, hi=1.0, hi_open=True)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    unsup: str = _f("cross", "Unsupervised target: `cross` (peer teacher, CTT), `self` (own "
+                    "teacher, mean teacher), `none` (supervised only).",
+                    choices=("none", "self", "cross"))
+    pairs: int = _f(2, "Student/teacher pairs: 1 (mean teacher) or 2 (CTT).", choices=(1, 2))
+    lambda_u: float = _f(1.0, "Weight of the unsupervised pseudo-label loss.", lo=0.0)
+    lambda_h: float = _f(0.1, "Weight of the high-level contrastive loss (0 = off).", lo=0.0)
+    lambda_l: float = _f(0.1, "Weight of the low-level contrastive loss (0 = off).", lo=0.0)
+    tau_h: float = _f(0.1, "Temperature of the high-level contrast.", lo=0.0, lo_open=True)
+    tau_l: float = _f(0.5, "Temperature of the low-level contrast.", lo=0.0, lo_open=True)
+    ema_decay: float = _f(0.99, "EMA decay of the teachers, in [0, 1).", lo=0.0, hi=1.0,
+                          hi_open=True)
+    ema_buffers: str = _f("copy", "`copy` BN buffers from the student (DEV, needed by eval-mode "
+                          "teachers) or `params_only` (reference).",
+                          choices=("copy", "params_only"))
+    tau_p: float = _f(0.968, "Pseudo-label confidence threshold.", lo=0.0, hi=1.0)
+    tau_high_conf: float = _f(0.75, "Confidence splitting high-level (>=) from low-level (<) "
+                              "anchors on unlabeled pixels.", lo=0.0, hi=1.0)
+    tau_bank: float = _f(0.95, "Softmax probability a correct labeled pixel needs to enter the "
+                         "bank (DEV: the reference compares logits).", lo=0.0, hi=1.0)
+    bank_size: int = _f(256, "Per-class queue length Q of each memory bank. tiny: 64 (fills "
+                        "within the short CPU budget).", lo=1)
+    bank_ready: str = _f("all_full", "When contrast switches on (latched): `all_full` "
+                         "(reference) or `min_fill`. tiny: `min_fill`.",
+                         choices=("all_full", "min_fill"))
+    bank_min_fill: int = _f(32, "Entries per class needed by `min_fill`. tiny: 16.", lo=1)
+    mix: str = _f("classmix", "Mixing of the strong view: `classmix`, `cutmix` or `none`.",
+                  choices=("classmix", "cutmix", "none"))
+    shared_aug: bool = _f(True, "One augmentation shared by both students (DEV; makes the "
+                          "low-level positive the same pixel). False = reference.")
+    teacher_mode: str = _f("eval", "Teacher mode when labelling: `eval` (DEV) or `train` "
+                           "(reference).", choices=("eval", "train"))
+    weighting: str = _f("uniform", "Pseudo-label weighting: `uniform` (reference), `power` "
+                        "(conf^6) or `mask` (hard threshold).",
+                        choices=("uniform", "power", "mask"))
+    low_gate: bool = _f(False, "Keep low-level anchors only where the peer is more confident "
+                        "(reference DeepLab-v3+ script).")
+    max_anchors: int = _f(0, "Anchors kept per class and loss (seeded); 0 = all (reference). "
+                          "tiny: 256 to bound CPU time.", lo=0)
+    warmup_iters: int = _f(0, "Supervised-only iterations before the unsupervised and "
+                           "contrastive terms start (not in the paper; 0 = reference). "
+                           "Identical across variants of a seed, so studies fork from it. "
+                           "tiny: 40% of the iterations.", lo=0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    iters: int = _f(160_000, "Total training iterations (reference VOC: 160k; Cityscapes "
+                    "16k). tiny: 2,000.", lo=1)
+    optimizer: str = _f("sgd", "`sgd` (reference) or `adamw`. tiny: adamw (trains a "
+                        "from-scratch network faster).", choices=("sgd", "adamw"))
+    lr: float = _f(2.5e-4, "Backbone learning rate (head: lr x head_lr_mult). tiny: 3e-3.",
+                   lo=0.0, lo_open=True)
+    head_lr_mult: float = _f(10.0, "Head learning-rate multiplier. tiny: 1 (no pretrained "
+                             "backbone to protect).", lo=0.0, lo_open=True)
+    momentum: float = _f(0.9, "SGD momentum.", lo=0.0, hi=1.0, hi_open=True)
+    weight_decay: float = _f(5e-4, "Weight decay. tiny: 1e-4.", lo=0.0)
+    poly_power: float = _f(0.9, "Poly schedule power: lr * (1 - i/iters)^power.", lo=0.0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = _f(0, "Seed: fixes initialisation, data order and augmentation; shared by all "
+                   "variants of a study (paired design).", lo=0)
+    num_threads: int = _f(1, "torch CPU threads; bit-exact comparisons need the same value.",
+                          lo=1)
+    device: str = _f("auto", "`cpu`, `cuda` or `auto` (cuda when available).",
+                     choices=("auto", "cpu", "cuda"))
+    eval_every: int = _f(1000, "Evaluate (and report) every N iterations. tiny: 200.", lo=1)
+    checkpoint_every: int = _f(1000, "Checkpoint every N iterations. tiny: 200.", lo=1)
+    log_every: int = _f(50, "Log training metrics every N iterations.", lo=1)
+    amp: str = _f("none", "Mixed precision: `none` or `bf16` autocast.", choices=("none", "bf16"))
+
+
+_SECTIONS = ("data", "model", "method", "optim", "run")
+
+
+@dataclass(frozen=True)
+class CTTConfig:
+    """The whole run. Build from a preset, override with :meth:`replace` or :meth:`from_flat`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        for section in _SECTIONS:
+            sub = getattr(self, section)
+            for f in fields(sub):
+                _validate(f"{section}.{f.name}", getattr(sub, f.name), f)
+        if self.data.scale_min > self.data.scale_max:
+            raise ConfigError(
+                f"data.scale_min ({self.data.scale_min}) must be <= data.scale_max "
+                f"({self.data.scale_max})")
+        if self.method.unsup == "cross" and self.method.pairs != 2:
+            raise ConfigError("method.unsup='cross' needs method.pairs=2 (a peer teacher); "
+                              "use method.unsup='self' for a single pair")
+
+    # --- flat dict ------------------------------------------------------------------------
+    def to_flat(self) -> dict[str, str | int | float | bool]:
+        """Dotted keys -> str/int/float/bool, in a fixed order (sections, then fields)."""
+        out: dict[str, str | int | float | bool] = {}
+        for section in _SECTIONS:
+            sub = getattr(self, section)
+            for f in fields(sub):
+                out[f"{section}.{f.name}"] = getattr(sub, f.name)
+        return out
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any], base: CTTConfig | None = None) -> CTTConfig:
+        """Build from dotted keys on top of ``base`` (default: dataclass defaults).
+
+        Unknown keys raise :class:`ConfigError` listing the valid keys. String values are
+        parsed into the field's type (so ``--set method.pairs=1`` works).
+        """
+        base = base if base is not None else cls()
+        valid = base.to_flat()
+        updates: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+        for key, value in flat.items():
+            if key not in valid:
+                raise ConfigError(_unknown_key_message(key, list(valid)))
+            section, name = key.split(".", 1)
+            updates[section][name] = _coerce(key, value, type(valid[key]))
+        kwargs = {s: dataclasses.replace(getattr(base, s), **updates[s]) if updates[s]
+                  else getattr(base, s) for s in _SECTIONS}
+        return cls(**kwargs)
+
+    def replace(self, **flat: Any) -> CTTConfig:
+        """Override by dotted key with ``__`` for the dot: ``cfg.replace(method__pairs=1)``."""
+        return CTTConfig.from_flat({k.replace("__", "."): v for k, v in flat.items()}, self)
+
+    def override(self, flat: dict[str, Any]) -> CTTConfig:
+        """Return a copy with the given dotted keys overridden."""
+        return CTTConfig.from_flat(flat, self)
+
+    # --- JSON -----------------------------------------------------------------------------
+    def to_json(self, path: str | Path | None = None, **extra: Any) -> str:
+        """Serialise as ``{"config": flat, **extra}``; write it to ``path`` when given."""
+        text = json.dumps({"config": self.to_flat(), **extra}, indent=2, sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> CTTConfig:
+        """Inverse of :meth:`to_json` (accepts the JSON text or a file path)."""
+        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        try:
+            obj = json.loads(p.read_text() if p is not None else str(text_or_path))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config {p or 'text'} is not valid JSON: {e}") from None
+        flat = obj.get("config", obj) if isinstance(obj, dict) else None
+        if not isinstance(flat, dict):
+            raise ConfigError(f"config {p or 'text'}: expected a JSON object of dotted keys")
+        return cls.from_flat(flat)
+
+    @staticmethod
+    def field_doc(key: str) -> str:
+        """The docstring of a dotted key (for CLIs and reports)."""
+        section, name = key.split(".", 1)
+        for f in fields(getattr(CTTConfig(), section)):
+            if f.name == name:
+                return f.metadata["doc"]
+        raise ConfigError(_unknown_key_message(key, list(CTTConfig().to_flat())))
+
+
+def _unknown_key_message(key: str, valid: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}"
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    """Parse ``value`` into ``typ`` (bool/int/float/str); strings from the CLI are accepted."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    as_float = float(value)
+                except ValueError:
+                    as_float = math.nan
+                if as_float.is_integer():
+                    return int(as_float)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if value is None:
+        return "none"
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _validate(key: str, value: Any, f: dataclasses.Field) -> None:
+    m = f.metadata
+    if m.get("choices") is not None and value not in m["choices"]:
+        raise ConfigError(f"{key}: invalid value {value!r}; valid choices: "
+                          f"{', '.join(repr(c) for c in m['choices'])}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be finite, got {value!r}")
+        lo, hi = m.get("lo"), m.get("hi")
+        lo_bad = lo is not None and (value <= lo if m["lo_open"] else value < lo)
+        hi_bad = hi is not None and (value >= hi if m["hi_open"] else value > hi)
+        if lo_bad or hi_bad:
+            left = "(" if m["lo_open"] else "["
+            right = ")" if m["hi_open"] else "]"
+            lo_s = "-inf" if lo is None else f"{lo:g}"
+            hi_s = "inf" if hi is None else f"{hi:g}"
+            raise ConfigError(f"{key}: value {value!r} out of range; valid range "
+                              f"{left}{lo_s}, {hi_s}{right}")
+
+
+# --- presets -------------------------------------------------------------------------------
+
+_VOC_R101: dict[str, Any] = {}  # the dataclass defaults are the paper's VOC DeepLab-v2 setting
+
+_TINY: dict[str, Any] = {
+    "data.dataset": "synthetic",
+    "data.labeled_split": "64",
+    "data.num_classes": 7,
+    "data.crop_size": 48,
+    "data.scale_min": 0.8,
+    "data.scale_max": 1.25,
+    "data.flip": True,
+    "data.batch_size": 8,
+    "data.batch_size_u": 8,
+    "model.arch": "tiny",
+    "model.width": 24,
+    "method.bank_size": 64,
+    "method.bank_ready": "min_fill",
+    "method.bank_min_fill": 16,
+    "method.max_anchors": 256,
+    "method.warmup_iters": 800,
+    "optim.iters": 2000,
+    "optim.optimizer": "adamw",
+    "optim.lr": 3e-3,
+    "optim.head_lr_mult": 1.0,
+    "optim.weight_decay": 1e-4,
+    "run.eval_every": 200,
+    "run.checkpoint_every": 200,
+    "run.log_every": 50,
+    "run.device": "cpu",
+}
+
+_VOC_V3PLUS: dict[str, Any] = {"model.arch": "deeplabv3plus"}
+
+_CITYSCAPES: dict[str, Any] = {
+    "data.dataset": "cityscapes",
+    "data.labeled_split": "372",
+    "data.num_classes": 19,
+    "data.crop_size": 256,
+    "data.crop_width": 512,
+    "data.scale_min": 1.0,
+    "data.scale_max": 1.0,
+    "data.flip": True,
+    "data.batch_size": 2,
+    "data.batch_size_u": 2,
+    "data.eval_size": 512,
+    "optim.iters": 16_000,
+}
+
+PRESETS: dict[str, CTTConfig] = {
+    "tiny": CTTConfig.from_flat(_TINY),
+    "voc-r101": CTTConfig.from_flat(_VOC_R101),
+    "voc-r101-v3plus": CTTConfig.from_flat(_VOC_V3PLUS),
+    "cityscapes-r101": CTTConfig.from_flat(_CITYSCAPES),
+}
+
+
+def get_preset(name: str) -> CTTConfig:
+    """The named preset; unknown names raise :class:`ConfigError` listing the valid ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: "
+                          f"{', '.join(PRESETS)}") from None
+
+
+# --- ablation variants (the paper's table), each a set of overrides -------------------------
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "supervised": {"method.pairs": 1, "method.unsup": "none", "method.lambda_u": 0.0,
+                   "method.lambda_h": 0.0, "method.lambda_l": 0.0},
+    "mean_teacher": {"method.pairs": 1, "method.unsup": "self", "method.lambda_h": 0.0,
+                     "method.lambda_l": 0.0},
+    "dual_self": {"method.pairs": 2, "method.unsup": "self", "method.lambda_h": 0.0,
+                  "method.lambda_l": 0.0},
+    "cross": {"method.pairs": 2, "method.unsup": "cross", "method.lambda_h": 0.0,
+              "method.lambda_l": 0.0},
+    "cross_hc": {"method.pairs": 2, "method.unsup": "cross", "method.lambda_l": 0.0},
+    "cross_lc": {"method.pairs": 2, "method.unsup": "cross", "method.lambda_h": 0.0},
+    "ctt": {"method.pairs": 2, "method.unsup": "cross"},
+}
+
+
+def apply_variant(cfg: CTTConfig, variant: str) -> CTTConfig:
+    """``cfg`` with the overrides of ``variant``; contrast weights left at ``cfg``'s values
+    when the variant keeps them on."""
+    try:
+        overrides = VARIANTS[variant]
+    except KeyError:
+        raise ConfigError(f"unknown variant {variant!r}; valid variants: "
+                          f"{', '.join(VARIANTS)}") from None
+    return cfg.override(overrides)
+
+
+def parse_set_args(items: list[str] | None) -> dict[str, str]:
+    """``["method.lambda_h=0.2", ...]`` -> ``{"method.lambda_h": "0.2"}`` (values coerced later
+    by :meth:`CTTConfig.from_flat`)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r} "
+                              "(e.g. --set method.lambda_h=0.2)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out

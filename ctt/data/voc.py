@@ -1,0 +1,306 @@
+"""Pascal VOC 2012 (+ SBD) reader with the split-file formats the SSL literature ships.
+
+Split files (one item per line, blank lines and ``#`` comments skipped):
+
+- pairs ``image_path label_path`` relative to the root, as UniMatch/U2PL/CorrMatch publish them
+  (``JPEGImages/2007_000032.jpg SegmentationClass/2007_000032.png``; a leading ``/`` is
+  tolerated);
+- bare ids ``2007_000032`` -> ``JPEGImages/<id>.jpg`` and ``<label_dir>/<id>.png``;
+- a single image path ``JPEGImages/<id>.jpg`` (some unlabeled lists) -> as a bare id.
+
+Checks happen where they are cheap: root, split file and the existence of every listed file at
+construction (``validate=True``); label values and image/label sizes when an item is read
+(``validate="full"`` reads every item up front). Every error names the culprit file, and for
+listed files the split file and line that named it.
+
+:class:`SegmentationDataset` holds what VOC and Cityscapes share (``ctt.data.cityscapes``
+subclasses it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ctt.data.transforms import IGNORE_INDEX, item_generator, resize_pair
+
+Transform = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+Source = tuple[Path, int] | None  # (split file, 1-based line number) that listed an item
+
+_LABEL_MODES = ("P", "L", "I", "I;16")
+
+
+def check_root(root: str | os.PathLike, what: str, hint: str) -> Path:
+    """Return ``root`` as a Path, or raise naming it and saying how to point at real data."""
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{what} data root '{path}' does not exist or is not a directory; {hint}"
+        )
+    return path
+
+
+def resolve_split_file(
+    root: Path, split: str | os.PathLike, extra: Sequence[Path] = ()
+) -> Path:
+    """Find the split file that ``split`` names.
+
+    Tried in order: ``split`` itself if absolute; ``root/split``; ``root/split.txt``; the
+    ``extra`` candidates (e.g. ``ImageSets/Segmentation/<split>.txt``);
+    ``root/splits/split(.txt)``; ``split(.txt)`` relative to the working directory.
+    """
+    text = os.fspath(split)
+    given = Path(text).expanduser()
+    if given.is_absolute():
+        candidates = [given, Path(text + ".txt")]
+    else:
+        candidates = [root / text, root / (text + ".txt"), *extra]
+        candidates += [root / "splits" / text, root / "splits" / (text + ".txt")]
+        candidates += [given, Path(text + ".txt")]
+    for c in candidates:
+        if c.is_file():
+            return c
+    searched = "\n  ".join(str(c) for c in dict.fromkeys(candidates))
+    raise FileNotFoundError(
+        f"split '{text}' not found under root '{root}'; searched:\n  {searched}\n"
+        "pass a split name (train, val, test, splits/<n>/labeled, splits/<n>/unlabeled) or a "
+        "path to a split file"
+    )
+
+
+def read_split_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """``(line_number, tokens)`` for each non-empty, non-comment line; leading ``/`` removed."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            tokens = [t.lstrip("/") for t in line.split()]
+            if len(tokens) > 2:
+                raise ValueError(
+                    f"{path}:{number}: expected 'image_path label_path' or an id, got {line!r}"
+                )
+            rows.append((number, tokens))
+    if not rows:
+        raise ValueError(f"split file {path} lists no items")
+    return rows
+
+
+def listed_at(source: Source) -> str:
+    """`` (listed in <split file>, line <n>)`` for error messages; empty for walked trees."""
+    return "" if source is None else f" (listed in {source[0]}, line {source[1]})"
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """RGB image file -> float32 ``[3, H, W]`` in ``[0, 1]``."""
+    with Image.open(path) as im:
+        array = np.asarray(im.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def read_label(path: Path) -> np.ndarray:
+    """Label PNG -> integer array ``[H, W]`` of class indices, as stored (no mapping).
+
+    Palette ("P") PNGs give their palette indices, which are the class ids in VOC; a colour
+    ("RGB") rendering of a label is refused because its colours are not class ids.
+    """
+    with Image.open(path) as im:
+        if im.mode not in _LABEL_MODES:
+            raise ValueError(
+                f"label file {path} has image mode {im.mode!r}; expected class indices in a "
+                f"palette ('P') or grayscale ('L') PNG. Colour renderings are not class ids: "
+                "use the dataset's index PNGs (VOC SegmentationClass/, SBD "
+                "SegmentationClassAug/, Cityscapes *_labelIds.png / *_labelTrainIds.png)"
+            )
+        return np.array(im)
+
+
+class SegmentationDataset(Dataset):
+    """Base: a list of ``(image, label | None)`` files -> ``(image [3,H,W], label [H,W])`` items.
+
+    Items: image float32 ``[3, H, W]`` in ``[0, 1]``, label int64 ``[H, W]`` with values in
+    ``[0, num_classes) ∪ {255}``; unlabeled datasets give an all-255 label of the image's size.
+
+    Determinism: the transform draws from :func:`item_generator` ``(seed, epoch, index)``.
+    Call :meth:`set_epoch` before each epoch (workers that are re-created per epoch see it),
+    or index with ``(index, epoch)`` tuples, e.g. from a sampler, which also works with
+    ``persistent_workers=True``.
+    """
+
+    def __init__(
+        self,
+        files: list[tuple[Path, Path | None]],
+        sources: list[Source],
+        *,
+        num_classes: int,
+        transform: Transform | None,
+        labeled: bool,
+        seed: int,
+        resize: tuple[int, int] | None = None,
+    ) -> None:
+        self.files = files
+        self.ids = [image.stem for image, _ in files]
+        self._sources = sources
+        self.num_classes = int(num_classes)
+        self.transform = transform
+        self.labeled = labeled
+        self.seed = int(seed)
+        self.epoch = 0
+        self.resize = None if resize is None else (int(resize[0]), int(resize[1]))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of ``epoch`` for plain integer indices."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def check_files_exist(self) -> None:
+        """Raise on the first listed file that does not exist, naming its split line."""
+        for (image, label), source in zip(self.files, self._sources, strict=True):
+            for path in (image, label):
+                if path is not None and not path.is_file():
+                    raise FileNotFoundError(f"missing file {path}{listed_at(source)}")
+
+    def check_all(self) -> None:
+        """Read every item's label and sizes (slow on big sets; ``validate="full"``)."""
+        for index in range(len(self)):
+            self._load(index)
+
+    def map_label(self, raw: np.ndarray, path: Path, source: Source) -> np.ndarray:
+        """Stored label values -> class ids; checks they lie in ``[0, C) ∪ {255}``."""
+        bad = np.unique(raw[(raw < 0) | ((raw >= self.num_classes) & (raw != IGNORE_INDEX))])
+        if bad.size:
+            shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if bad.size > 10 else "")
+            raise ValueError(
+                f"label file {path}{listed_at(source)} has values [{shown}] outside "
+                f"[0, {self.num_classes}) and the ignore value {IGNORE_INDEX}; check "
+                "num_classes and that the file holds class ids"
+            )
+        return raw
+
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_path, label_path = self.files[index]
+        source = self._sources[index]
+        try:
+            image = read_image(image_path)
+            if self.labeled:
+                assert label_path is not None
+                raw = read_label(label_path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"missing file {e.filename}{listed_at(source)}") from e
+        if not self.labeled:
+            label = torch.full(image.shape[1:], IGNORE_INDEX, dtype=torch.int64)
+        else:
+            if raw.shape != tuple(image.shape[1:]):
+                raise ValueError(
+                    f"size mismatch: image {image_path} is {tuple(image.shape[1:])} (H, W) but "
+                    f"label {label_path} is {raw.shape}{listed_at(source)}"
+                )
+            mapped = self.map_label(raw, label_path, source)
+            label = torch.from_numpy(mapped.astype(np.int64))
+        if self.resize is not None:
+            image, resized = resize_pair(image, label, self.resize)
+            assert resized is not None
+            label = resized
+        return image, label
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``key`` is an index, or ``(index, epoch)`` to fix the augmentation epoch."""
+        index, epoch = key if isinstance(key, (tuple, list)) else (key, self.epoch)
+        index, epoch = int(index), int(epoch)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        index %= len(self)
+        image, label = self._load(index)
+        if self.transform is not None:
+            image, label = self.transform(image, label, item_generator(self.seed, epoch, index))
+        return image, label
+
+
+class VOCDataset(SegmentationDataset):
+    """Pascal VOC 2012 / SBD segmentation items from a split file (see module docstring).
+
+    Args:
+        root: the ``VOC2012`` directory (holding ``JPEGImages/``, ``SegmentationClass/``...).
+        split: ``train``/``val``/``test`` (``ImageSets/Segmentation/<split>.txt``),
+            ``splits/<n>/labeled`` or ``splits/<n>/unlabeled``, or a path to a split file.
+        num_classes: classes including background (21 for VOC).
+        transform: paired transform ``t(image, label, generator)`` (``ctt.data.transforms``).
+        labeled: ``False`` -> labels are not read (nor required); items carry an all-255 label.
+        label_dir: directory under ``root`` holding label PNGs. ``None``: bare ids use
+            ``SegmentationClassAug/`` when the id's file is there, else ``SegmentationClass/``,
+            and pair lines are used as written. When given, it is used for bare ids and also
+            replaces the directory of pair lines' label paths (so UniMatch's files, which say
+            ``SegmentationClass/``, work with an SBD ``SegmentationClassAug/`` folder).
+        validate: ``True`` checks every listed file exists now; ``False`` defers missing-file
+            errors to loading; ``"full"`` also reads every label now (values and sizes).
+        seed: seeds the per-item augmentation generators (with epoch and index).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str | os.PathLike,
+        *,
+        num_classes: int = 21,
+        transform: Transform | None = None,
+        labeled: bool = True,
+        label_dir: str | None = None,
+        validate: bool | str = True,
+        seed: int = 0,
+    ) -> None:
+        root_path = check_root(
+            root,
+            "VOC",
+            "pass --data-root <path to VOC2012 (JPEGImages/, SegmentationClass/)> or use the "
+            "synthetic dataset (data.dataset=synthetic), which is generated on first use",
+        )
+        self.root = root_path
+        self.split_file = resolve_split_file(
+            root_path, split, [root_path / "ImageSets" / "Segmentation" / f"{split}.txt"]
+        )
+        files, sources = [], []
+        for number, tokens in read_split_lines(self.split_file):
+            image, label = self._paths(tokens, labeled, label_dir)
+            files.append((image, label))
+            sources.append((self.split_file, number))
+        super().__init__(
+            files, sources, num_classes=num_classes, transform=transform, labeled=labeled,
+            seed=seed,
+        )
+        if validate not in (True, False, "full"):
+            raise ValueError(f"validate must be True, False or 'full', got {validate!r}")
+        if validate:
+            self.check_files_exist()
+        if validate == "full":
+            self.check_all()
+
+    def _paths(
+        self, tokens: list[str], labeled: bool, label_dir: str | None
+    ) -> tuple[Path, Path | None]:
+        root = self.root
+        if len(tokens) == 2:
+            image = root / tokens[0]
+            if not labeled:
+                return image, None
+            if label_dir is None:
+                return image, root / tokens[1]
+            return image, root / label_dir / Path(tokens[1]).name
+        token = tokens[0]
+        # a lone image path (some unlabeled lists) stands for its id
+        item_id = Path(token).stem if token.lower().endswith((".jpg", ".jpeg", ".png")) else token
+        image = root / token if item_id != token else root / "JPEGImages" / f"{item_id}.jpg"
+        if not labeled:
+            return image, None
+        if label_dir is not None:
+            return image, root / label_dir / f"{item_id}.png"
+        aug = root / "SegmentationClassAug" / f"{item_id}.png"
+        return image, aug if aug.is_file() else root / "SegmentationClass" / f"{item_id}.png"

@@ -1,0 +1,138 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ctt.config import (
+    PRESETS,
+    VARIANTS,
+    ConfigError,
+    CTTConfig,
+    apply_variant,
+    get_preset,
+    parse_set_args,
+)
+
+
+def test_flat_roundtrip_every_preset():
+    for name, cfg in PRESETS.items():
+        flat = cfg.to_flat()
+        assert all(isinstance(v, (str, int, float, bool)) for v in flat.values()), name
+        assert all(v is not None for v in flat.values())
+        assert CTTConfig.from_flat(flat) == cfg
+
+
+def test_json_roundtrip(tmp_path):
+    cfg = PRESETS["tiny"].override({"method.ema_decay": 0.999, "run.seed": 3})
+    path = tmp_path / "config.json"
+    cfg.to_json(path, versions={"torch": "x"})
+    assert json.loads(path.read_text())["versions"] == {"torch": "x"}
+    assert CTTConfig.from_json(path) == cfg
+    assert CTTConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_presets_have_paper_values():
+    voc = PRESETS["voc-r101"]
+    assert voc.model.arch == "deeplabv2" and voc.model.depth == 101
+    assert voc.method.tau_h == 0.1 and voc.method.tau_l == 0.5 and voc.method.ema_decay == 0.99
+    assert voc.method.tau_p == 0.968 and voc.method.tau_bank == 0.95 and voc.method.bank_size == 256
+    assert voc.optim.lr == 2.5e-4 and voc.optim.head_lr_mult == 10 and voc.optim.iters == 160_000
+    assert voc.data.batch_size == 10 and voc.data.crop_size == 321
+    assert PRESETS["voc-r101-v3plus"].model.arch == "deeplabv3plus"
+    cs = PRESETS["cityscapes-r101"]
+    assert cs.data.num_classes == 19 and cs.optim.iters == 16_000 and cs.data.crop_width == 512
+    tiny = PRESETS["tiny"]
+    assert tiny.model.arch == "tiny" and tiny.data.num_classes == 7
+
+
+def test_tiny_deviations_are_documented():
+    """Every field where tiny departs from the paper preset says so in its docstring."""
+    tiny, paper = PRESETS["tiny"].to_flat(), PRESETS["voc-r101"].to_flat()
+    for key in tiny:
+        if key.startswith("run.") or tiny[key] == paper[key]:
+            continue
+        assert "tiny" in CTTConfig.field_doc(key), key
+
+
+def test_unknown_key_names_key_and_valid_choices():
+    with pytest.raises(ConfigError) as e:
+        CTTConfig.from_flat({"method.ema_dcay": 0.9})
+    msg = str(e.value)
+    assert "method.ema_dcay" in msg and "method.ema_decay" in msg and "Valid keys" in msg
+
+
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("method.tau_h", -0.1, "method.tau_h"),
+        ("method.tau_l", 0.0, "method.tau_l"),
+        ("method.ema_decay", 1.0, "[0, 1)"),
+        ("method.ema_decay", -0.5, "method.ema_decay"),
+        ("method.mix", "mixup", "'classmix', 'cutmix', 'none'"),
+        ("method.unsup", "both", "'none', 'self', 'cross'"),
+        ("method.pairs", 3, "method.pairs"),
+        ("model.arch", "unet", "'tiny', 'deeplabv2', 'deeplabv3plus'"),
+        ("method.lambda_h", float("nan"), "finite"),
+        ("method.pairs", "two", "expected an integer"),
+        ("method.shared_aug", "maybe", "expected a bool"),
+    ],
+)
+def test_bad_values_raise_clear_errors(key, value, fragment):
+    with pytest.raises(ConfigError) as e:
+        PRESETS["tiny"].override({key: value})
+    assert key in str(e.value) and fragment in str(e.value)
+
+
+def test_cli_strings_are_coerced():
+    cfg = PRESETS["tiny"].override(parse_set_args(
+        ["method.pairs=2", "method.shared_aug=false", "method.lambda_h=0.25", "run.seed=7"]))
+    assert cfg.method.pairs == 2 and cfg.method.shared_aug is False
+    assert cfg.method.lambda_h == 0.25 and cfg.run.seed == 7
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set_args(["method.pairs"])
+
+
+def test_cross_needs_two_pairs():
+    with pytest.raises(ConfigError, match="pairs=2"):
+        PRESETS["tiny"].override({"method.pairs": 1, "method.unsup": "cross"})
+
+
+def test_variants_are_overrides_only():
+    base = PRESETS["tiny"]
+    for name, overrides in VARIANTS.items():
+        cfg = apply_variant(base, name)
+        changed = {k for k, v in cfg.to_flat().items() if base.to_flat()[k] != v}
+        assert changed <= set(overrides), (name, changed)
+    sup = apply_variant(base, "supervised")
+    assert sup.method.pairs == 1 and sup.method.unsup == "none"
+    assert apply_variant(base, "mean_teacher").method.pairs == 1
+    assert apply_variant(base, "dual_self").method.unsup == "self"
+    assert apply_variant(base, "cross").method.lambda_h == 0.0
+    assert apply_variant(base, "cross_hc").method.lambda_l == 0.0
+    assert apply_variant(base, "cross_hc").method.lambda_h == base.method.lambda_h
+    assert apply_variant(base, "cross_lc").method.lambda_h == 0.0
+    with pytest.raises(ConfigError, match="valid variants"):
+        apply_variant(base, "nope")
+    with pytest.raises(ConfigError, match="valid presets"):
+        get_preset("nope")
+
+
+def test_import_ctt_without_ray_or_optuna():
+    code = (
+        "import sys, importlib, pkgutil\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ray', 'optuna'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import ctt\n"
+        "for m in pkgutil.walk_packages(ctt.__path__, 'ctt.'):\n"
+        "    if m.name.startswith('ctt.tune'):\n"
+        "        continue\n"
+        "    importlib.import_module(m.name)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

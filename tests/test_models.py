@@ -1,0 +1,215 @@
+import copy
+import math
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from ctt.models import MODELS, DeepLabV2, DeepLabV3Plus, TinySegNet, build_model, load_pretrained
+from ctt.models.resnet import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD, InputNorm, ResNetBackbone
+
+NUM_CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def v2_r50():
+    torch.manual_seed(0)
+    return DeepLabV2(NUM_CLASSES, depth=50)
+
+
+def _model_cfg(**model):
+    base = dict(arch="tiny", depth=50, resnet_style="torchvision", pretrained="none",
+                pretrained_peer="none", feat_dim=64, width=8, dropout=0.1)
+    base.update(model)
+    return SimpleNamespace(model=SimpleNamespace(**base), data=SimpleNamespace(num_classes=7))
+
+
+def _factories():
+    return {
+        "tiny": lambda: TinySegNet(NUM_CLASSES, width=8, feat_dim=32),
+        "v2": lambda: DeepLabV2(NUM_CLASSES, depth=50, feat_dim=64),
+        "v3plus_os16": lambda: DeepLabV3Plus(NUM_CLASSES, depth=50, feat_dim=64, output_stride=16),
+        "v3plus_os8": lambda: DeepLabV3Plus(NUM_CLASSES, depth=50, feat_dim=64, output_stride=8),
+    }
+
+
+@pytest.mark.parametrize("name", list(_factories()))
+def test_shapes_norms_and_classifier_input(name):
+    torch.manual_seed(0)
+    model = _factories()[name]()
+    head = model.head
+    seen = {}
+    head.classifier.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
+    sizes = [(33, 47), (65, 65)] if name == "tiny" else [(33, 47)]
+    for train in (True, False):
+        model.train(train)
+        for h, w in sizes:
+            logits, feats = model(torch.rand(2, 3, h, w))
+            os_ = model.output_stride
+            assert logits.shape == (2, NUM_CLASSES, math.ceil(h / os_), math.ceil(w / os_))
+            assert feats.shape == (2, head.classifier.in_channels, *logits.shape[2:])
+            assert torch.allclose(feats.norm(dim=1), torch.ones(()), atol=1e-5)
+            # feats are the normalised version of exactly what the classifier reads
+            assert torch.allclose(feats, F.normalize(seen["x"], dim=1), atol=1e-6)
+            assert not torch.allclose(seen["x"].norm(dim=1), torch.ones(()), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(_factories())[:3])
+def test_param_groups_disjoint_complete_and_trained(name):
+    model = _factories()[name]()
+    bb, hd = model.backbone_parameters(), model.head_parameters()
+    ids_bb, ids_hd = {id(p) for p in bb}, {id(p) for p in hd}
+    assert bb and hd and not ids_bb & ids_hd
+    assert ids_bb | ids_hd == {id(p) for p in model.parameters()}
+    assert ids_bb == {id(p) for p in model.backbone.parameters()}
+    assert id(model.head.classifier.weight) in ids_hd
+    if name == "tiny":  # every parameter takes part in the forward pass
+        logits, feats = model(torch.rand(2, 3, 32, 32))
+        (logits.sum() + feats.sum()).backward()
+        assert all(p.grad is not None for p in model.parameters())
+
+
+def test_tiny_is_small_and_normalises_inputs_without_state():
+    model = TinySegNet(21, width=16, feat_dim=256)
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert not any(k.startswith("input_norm") for k in model.state_dict())
+    assert {n for n, _ in model.named_buffers()} >= {"input_norm.mean", "input_norm.std"}
+
+
+def test_input_norm_styles():
+    x = torch.rand(2, 3, 4, 5)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(InputNorm("torchvision")(x), (x - mean) / std, atol=1e-6)
+    bgr_mean = torch.tensor(CAFFE_MEAN_BGR).view(3, 1, 1)
+    assert torch.allclose(InputNorm("caffe")(x), x[:, [2, 1, 0]] * 255 - bgr_mean, atol=1e-3)
+    with pytest.raises(ValueError, match="resnet_style"):
+        InputNorm("tf")
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        InputNorm()(torch.rand(3, 4, 5))
+
+
+def test_caffe_style_moves_strides_keeps_shapes():
+    tv, caffe = ResNetBackbone(50, 8, "torchvision"), ResNetBackbone(50, 8, "caffe")
+    assert tv.layer2[0].conv1.stride == (1, 1) and tv.layer2[0].conv2.stride == (2, 2)
+    assert caffe.layer2[0].conv1.stride == (2, 2) and caffe.layer2[0].conv2.stride == (1, 1)
+    # the reference dilates every block of a dilated stage, the first one included
+    assert tv.layer3[0].conv2.dilation == (1, 1) and caffe.layer3[0].conv2.dilation == (2, 2)
+    assert caffe.layer4[0].conv2.dilation == (4, 4) and caffe.layer4[0].conv2.padding == (4, 4)
+    assert tv.state_dict().keys() == caffe.state_dict().keys()
+    caffe.load_state_dict(tv.state_dict())
+    for h, w in [(33, 47), (40, 40)]:
+        x = torch.rand(1, 3, h, w)
+        (lt, ht), (lc, hc) = tv(x), caffe(x)
+        assert lt.shape == lc.shape and ht.shape == hc.shape == (1, 2048, math.ceil(h / 8),
+                                                                 math.ceil(w / 8))
+        assert not torch.allclose(ht, hc)  # same weights, different computation
+
+
+def test_r101_builds_quickly():
+    t0 = time.perf_counter()
+    model = DeepLabV2(21, depth=101)
+    assert time.perf_counter() - t0 < 5
+    assert len(model.backbone.layer3) == 23 and model.output_stride == 8
+
+
+def _random_like(state):
+    g = torch.Generator().manual_seed(1)
+    return {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+            for k, v in state.items()}
+
+
+def _assert_backbone_equals(model, state):
+    own = model.backbone.state_dict()
+    for k, v in state.items():
+        assert torch.equal(own[k], v), k
+
+
+def test_load_torchvision_imagenet_state_dict(v2_r50, tmp_path):
+    model = copy.deepcopy(v2_r50)
+    head_before = copy.deepcopy(model.head.state_dict())
+    state = _random_like(torchvision.models.resnet50(weights=None).state_dict())
+    torch.save(state, tmp_path / "r50.pth")
+    report = load_pretrained(model, tmp_path / "r50.pth")
+    assert report["format"] == "backbone" and set(report["dropped"]) == {"fc.weight", "fc.bias"}
+    _assert_backbone_equals(model, {k: v for k, v in state.items() if not k.startswith("fc.")})
+    for k, v in model.head.state_dict().items():
+        assert torch.equal(v, head_before[k]), k
+
+
+@pytest.mark.parametrize("prefix", ["Scale.", "module.Scale.", "module."])
+def test_load_reference_deeplabv2_layout(v2_r50, tmp_path, prefix):
+    model = copy.deepcopy(v2_r50)
+    # The reference checkpoint: torchvision-style names, no num_batches_tracked, a `layer5`
+    # classifier, a prefix from its wrappers, sometimes nested under "state_dict".
+    state = {k: v for k, v in _random_like(v2_r50.backbone.state_dict()).items()
+             if not k.endswith("num_batches_tracked")}
+    file_state = {prefix + k: v for k, v in state.items()}
+    for i in range(4):
+        file_state[f"{prefix}layer5.conv2d_list.{i}.weight"] = torch.randn(21, 2048, 3, 3)
+        file_state[f"{prefix}layer5.conv2d_list.{i}.bias"] = torch.randn(21)
+    torch.save({"state_dict": file_state}, tmp_path / "ref.pth")
+    report = load_pretrained(model, tmp_path / "ref.pth")
+    assert report["format"] == "backbone" and len(report["dropped"]) == 8
+    assert report["loaded"] == len(state)
+    _assert_backbone_equals(model, state)
+
+
+def test_load_own_full_state_dict_and_build_model(tmp_path):
+    torch.manual_seed(1)
+    src = build_model(_model_cfg())
+    torch.save(src.state_dict(), tmp_path / "full.pth")
+    torch.manual_seed(2)
+    cfg = _model_cfg(pretrained_peer=str(tmp_path / "full.pth"))
+    peer, other = build_model(cfg, student=1), build_model(cfg, student=0)
+    for k, v in src.state_dict().items():
+        assert torch.equal(peer.state_dict()[k], v), k
+    assert not torch.equal(other.head.classifier.weight, src.head.classifier.weight)
+    # a 21-class checkpoint for a 7-class model is a shape mismatch on the classifier
+    torch.save(TinySegNet(21, width=8, feat_dim=64).state_dict(), tmp_path / "c21.pth")
+    with pytest.raises(ValueError, match=r"c21\.pth.*head\.classifier\.weight"):
+        build_model(_model_cfg(pretrained=str(tmp_path / "c21.pth")))
+
+
+def test_build_model_registry_and_errors():
+    assert set(MODELS) == {"tiny", "deeplabv2", "deeplabv3plus"}
+    model = build_model(_model_cfg())
+    assert isinstance(model, TinySegNet) and model.head.classifier.out_channels == 7
+    with pytest.raises(ValueError, match="deeplabv2, deeplabv3plus, tiny"):
+        build_model(_model_cfg(arch="unet"))
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        build_model(_model_cfg(pretrained="/nonexistent/nowhere.pth"))
+
+
+def test_load_errors_name_file_and_keys(v2_r50, tmp_path):
+    model = copy.deepcopy(v2_r50)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_pretrained(model, tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth"):
+        load_pretrained(model, tmp_path / "junk.pth")
+
+    good = torchvision.models.resnet50(weights=None).state_dict()
+    bad_shape = dict(good, **{"layer4.2.conv3.weight": torch.zeros(2048, 512, 3, 3)})
+    torch.save(bad_shape, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match=r"shape\.pth.*shape mismatch.*layer4\.2\.conv3\.weight"):
+        load_pretrained(model, tmp_path / "shape.pth")
+    missing = {k: v for k, v in good.items() if not k.startswith("layer4.2.bn3.")}
+    torch.save(missing, tmp_path / "hole.pth")
+    with pytest.raises(ValueError, match=r"hole\.pth.*missing.*layer4\.2\.bn3\.weight"):
+        load_pretrained(model, tmp_path / "hole.pth")
+    # a ResNet-101 file for a ResNet-50 model: nothing missing, but layer3.6+ left over
+    torch.save(torchvision.models.resnet101(weights=None).state_dict(), tmp_path / "r101.pth")
+    with pytest.raises(ValueError, match=r"r101\.pth.*unexpected.*layer3\.6\."):
+        load_pretrained(model, tmp_path / "r101.pth")
+    for k, v in model.state_dict().items():  # failed loads change nothing
+        assert torch.equal(v, before[k]), k
+
+    report = load_pretrained(model, tmp_path / "hole.pth", strict_backbone=False)
+    assert report["missing"] == ["layer4.2.bn3.weight", "layer4.2.bn3.bias",
+                                 "layer4.2.bn3.running_mean", "layer4.2.bn3.running_var"]
+    assert torch.equal(model.backbone.conv1.weight, good["conv1.weight"])
+    assert torch.equal(model.backbone.layer4[2].bn3.weight, before["backbone.layer4.2.bn3.weight"])

@@ -1,0 +1,228 @@
+"""VOC reader on tiny trees written here with PIL: split formats, label dirs, errors, seeding."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ctt.data.transforms import train_transform
+from ctt.data.voc import VOCDataset
+
+SIZE = (20, 24)  # H, W
+IDS = ["2007_000032", "2007_000039", "2008_000001", "2008_000002"]
+PALETTE = [v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256)]
+
+
+def write_label(path: Path, label: np.ndarray, mode: str = "P") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(label.astype(np.uint8), mode="L")
+    if mode == "P":
+        im = im.convert("P")  # L -> P keeps the values as indices
+        im.putpalette(PALETTE)
+    elif mode == "RGB":
+        im = im.convert("RGB")
+    im.save(path)
+
+
+def label_for(k: int, size: tuple[int, int] = SIZE) -> np.ndarray:
+    label = (np.arange(size[0] * size[1]).reshape(size) + k) % 21
+    label[0, :] = 255  # an ignore border, as VOC has
+    return label
+
+
+def write_image(path: Path, k: int, size: tuple[int, int] = SIZE) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size[1], size[0]), (10 * k, 100, 200)).save(path, quality=95)
+
+
+def make_voc(root: Path) -> Path:
+    for k, i in enumerate(IDS):
+        write_image(root / "JPEGImages" / f"{i}.jpg", k)
+        write_label(root / "SegmentationClass" / f"{i}.png", label_for(k))
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("\n".join(IDS) + "\n")
+    (sets / "val.txt").write_text(IDS[0] + "\n")
+    split = root / "splits" / "2"
+    split.mkdir(parents=True)
+    pair = "JPEGImages/{0}.jpg SegmentationClass/{0}.png"
+    # comments, blank lines and a leading slash, as some published files have
+    (split / "labeled.txt").write_text(
+        f"# two labels\n{pair.format(IDS[0])}\n\n/{pair.format(IDS[1])}\n"
+    )
+    (split / "unlabeled.txt").write_text("\n".join(pair.format(i) for i in IDS[2:]) + "\n")
+    return root
+
+
+def test_bare_ids_and_pairs_give_the_same_items(tmp_path: Path) -> None:
+    root = make_voc(tmp_path)
+    train = VOCDataset(root, "train")
+    labeled = VOCDataset(root, "splits/2/labeled")
+    assert len(train) == 4 and len(labeled) == 2
+    assert train.ids == IDS and labeled.ids == IDS[:2]
+    assert train.files[0] == (root / "JPEGImages" / f"{IDS[0]}.jpg",
+                              root / "SegmentationClass" / f"{IDS[0]}.png")
+    for k in range(2):
+        (img_a, lab_a), (img_b, lab_b) = train[k], labeled[k]
+        assert torch.equal(img_a, img_b) and torch.equal(lab_a, lab_b)
+    image, label = train[1]
+    assert image.shape == (3, *SIZE) and image.dtype == torch.float32
+    assert label.shape == SIZE and label.dtype == torch.int64
+    assert torch.equal(label, torch.from_numpy(label_for(1)).long())
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert image[2].mean().item() == pytest.approx(200 / 255, abs=0.02)  # JPEG is lossy
+
+
+def test_split_given_as_path_and_with_txt(tmp_path: Path) -> None:
+    root = make_voc(tmp_path)
+    path = root / "splits" / "2" / "labeled.txt"
+    assert VOCDataset(root, path).ids == IDS[:2]
+    assert VOCDataset(root, "splits/2/labeled.txt").ids == IDS[:2]
+    assert VOCDataset(root, "2/labeled").ids == IDS[:2]  # under splits/
+    assert VOCDataset(root, "val").ids == IDS[:1]
+
+
+def test_unlabeled_is_all_ignore_and_needs_no_labels(tmp_path: Path) -> None:
+    root = make_voc(tmp_path)
+    (root / "SegmentationClass" / f"{IDS[2]}.png").unlink()
+    ds = VOCDataset(root, "splits/2/unlabeled", labeled=False)
+    assert [label for _, label in ds.files] == [None, None]
+    image, label = ds[0]
+    assert label.shape == image.shape[1:] == SIZE
+    assert (label == 255).all() and label.dtype == torch.int64
+
+
+def test_label_dir_auto_and_override(tmp_path: Path) -> None:
+    root = make_voc(tmp_path)
+    aug = label_for(5)
+    write_label(root / "SegmentationClassAug" / f"{IDS[0]}.png", aug, mode="L")
+    auto = VOCDataset(root, "train")  # Aug where the id is there, else SegmentationClass
+    assert auto.files[0][1] == root / "SegmentationClassAug" / f"{IDS[0]}.png"
+    assert auto.files[1][1] == root / "SegmentationClass" / f"{IDS[1]}.png"
+    assert torch.equal(auto[0][1], torch.from_numpy(aug).long())  # "L" labels accepted
+    # pair lines are used as written unless label_dir is given, which replaces their folder
+    assert VOCDataset(root, "splits/2/labeled").files[0][1].parent.name == "SegmentationClass"
+    with pytest.raises(FileNotFoundError, match=f"SegmentationClassAug/{IDS[1]}.png"):
+        VOCDataset(root, "splits/2/labeled", label_dir="SegmentationClassAug")
+    ds = VOCDataset(root, "val", label_dir="SegmentationClassAug")
+    assert torch.equal(ds[0][1], torch.from_numpy(aug).long())
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="--data-root") as e:
+        VOCDataset(tmp_path / "nowhere", "train")
+    assert str(tmp_path / "nowhere") in str(e.value) and "synthetic" in str(e.value)
+
+
+def test_missing_split_lists_searched_paths(tmp_path: Path) -> None:
+    root = make_voc(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        VOCDataset(root, "trainaug")
+    msg = str(e.value)
+    assert str(root / "ImageSets" / "Segmentation" / "trainaug.txt") in msg
+    assert str(root / "trainaug.txt") in msg
+
+
+def test_missing_listed_file_names_file_and_line(tmp_path: Path) -> None:
+    root = make_voc(tmp_path)
+    gone = root / "JPEGImages" / f"{IDS[1]}.jpg"
+    gone.unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        VOCDataset(root, "splits/2/labeled")
+    msg = str(e.value)
+    assert str(gone) in msg and "labeled.txt, line 4" in msg
+    lazy = VOCDataset(root, "splits/2/labeled", validate=False)  # deferred to loading
+    lazy[0]
+    with pytest.raises(FileNotFoundError, match="line 4") as e:
+        lazy[1]
+    assert str(gone) in str(e.value)
+
+
+def test_label_out_of_range_names_file(tmp_path: Path) -> None:
+    root = make_voc(tmp_path)
+    bad = label_for(0)
+    bad[3, 3], bad[4, 4] = 21, 254
+    path = root / "SegmentationClass" / f"{IDS[2]}.png"
+    write_label(path, bad)
+    ds = VOCDataset(root, "train")  # values are checked when read
+    ds[0]
+    with pytest.raises(ValueError, match=r"\[21, 254\]") as e:
+        ds[2]
+    assert str(path) in str(e.value) and "line 3" in str(e.value)
+    with pytest.raises(ValueError, match=str(path)):
+        VOCDataset(root, "train", validate="full")
+    assert VOCDataset(root, "train", num_classes=255)[2][1][3, 3] == 21
+
+
+def test_size_mismatch_names_both_files(tmp_path: Path) -> None:
+    root = make_voc(tmp_path)
+    label = root / "SegmentationClass" / f"{IDS[0]}.png"
+    write_label(label, label_for(0, (SIZE[0], SIZE[1] + 2)))
+    with pytest.raises(ValueError, match="size mismatch") as e:
+        VOCDataset(root, "val")[0]
+    assert str(label) in str(e.value) and str(root / "JPEGImages" / f"{IDS[0]}.jpg") in str(e.value)
+
+
+def test_colour_label_refused(tmp_path: Path) -> None:
+    root = make_voc(tmp_path)
+    path = root / "SegmentationClass" / f"{IDS[0]}.png"
+    write_label(path, label_for(0), mode="RGB")
+    with pytest.raises(ValueError, match="'RGB'") as e:
+        VOCDataset(root, "val")[0]
+    assert str(path) in str(e.value)
+
+
+def test_malformed_split_line(tmp_path: Path) -> None:
+    root = make_voc(tmp_path)
+    (root / "bad.txt").write_text(f"{IDS[0]}\na b c\n")
+    with pytest.raises(ValueError, match="bad.txt:2"):
+        VOCDataset(root, "bad")
+    (root / "empty.txt").write_text("\n# nothing\n")
+    with pytest.raises(ValueError, match="no items"):
+        VOCDataset(root, "empty")
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path: Path) -> None:
+    root = make_voc(tmp_path)
+    t = train_transform(16, 0, scale=(0.5, 1.5), flip=True)
+    ds = VOCDataset(root, "train", transform=t, seed=3)
+    first = [ds[i] for i in range(len(ds))]
+    again = ds[2]
+    assert torch.equal(first[2][0], again[0]) and torch.equal(first[2][1], again[1])
+    ds.set_epoch(1)
+    epoch1 = ds[2]
+    assert not torch.equal(epoch1[0], again[0])
+    ds.set_epoch(0)
+    assert torch.equal(ds[(2, 1)][0], epoch1[0])  # (index, epoch) keys
+    assert not torch.equal(VOCDataset(root, "train", transform=t, seed=4)[2][0], again[0])
+    # worker processes (and their number) do not change what an item is
+    loader = DataLoader(ds, batch_size=1, num_workers=2, shuffle=False)
+    for (img, lab), (ref_img, ref_lab) in zip(loader, first, strict=True):
+        assert torch.equal(img[0], ref_img) and torch.equal(lab[0], ref_lab)
+
+
+def test_reads_generated_synthetic_set(tmp_path: Path) -> None:
+    synthetic = pytest.importorskip("ctt.data.synthetic")
+    root = synthetic.generate(
+        tmp_path / "syn", seed=0, num_train=12, num_val=3, num_test=3, size=32, num_classes=7,
+        label_counts=(4,),
+    )
+    train = VOCDataset(root, "train", num_classes=7)
+    labeled = VOCDataset(root, "splits/4/labeled", num_classes=7)
+    unlabeled = VOCDataset(root, "splits/4/unlabeled", num_classes=7, labeled=False)
+    everything = VOCDataset(root, "splits/all/labeled", num_classes=7)
+    assert len(train) == len(everything) == 12 and len(labeled) == 4 and len(unlabeled) == 8
+    assert sorted(labeled.ids + unlabeled.ids) == sorted(train.ids) == sorted(everything.ids)
+    assert len(VOCDataset(root, "val", num_classes=7)) == 3
+    assert len(VOCDataset(root, "test", num_classes=7)) == 3
+    by_id = dict(zip(train.ids, range(len(train)), strict=True))
+    for k, item_id in enumerate(labeled.ids):  # the two formats give identical items
+        image, label = labeled[k]
+        ref_image, ref_label = train[by_id[item_id]]
+        assert torch.equal(image, ref_image) and torch.equal(label, ref_label)
+        assert image.shape == (3, 32, 32) and label.shape == (32, 32)
+        assert set(label.unique().tolist()) <= set(range(7)) | {255}
+    assert (unlabeled[0][1] == 255).all()
