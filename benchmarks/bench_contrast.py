@@ -1,0 +1,262 @@
+"""Benchmark: vectorised contrastive losses vs a per-class loop transcription.
+
+VOC scale by default (C=21, Q=256, D=256, 4096 anchors, full banks, random unit vectors).
+Times forward+backward of ``ctt.losses.high_level_contrast`` / ``low_level_contrast`` and of
+``loop_high_level`` / ``loop_low_level`` (a loop over classes, vectorised within a class, the
+shape of the reference code), prints times, ratio, max |value difference| and peak memory,
+and writes ``benchmarks/results/contrast.json``.
+
+Peak memory: on CPU each (implementation, loss) pair runs in a fresh subprocess that builds
+its inputs, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs one
+forward+backward and reports ``VmHWM - VmRSS(before)``: the extra resident memory the call
+needed, including the autograd graph and the backward's temporaries (glibc returns large
+blocks to the OS, so freed tensors do not hide later peaks; a fresh process has no cached
+pages from other runs). Without /proc it falls back to the growth of ``ru_maxrss``. On CUDA,
+``torch.cuda.max_memory_allocated`` minus the allocation before the call.
+
+    python benchmarks/bench_contrast.py                       # CPU, float32, 2 threads
+    python benchmarks/bench_contrast.py --device cuda --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ctt.losses import high_level_contrast, low_level_contrast  # noqa: E402
+
+
+def loop_high_level(anchors, anchor_classes, bank, bank_valid, temperature):
+    """Per-class loop transcription of the high-level loss (reference shape, no 0/0 NaN)."""
+    per_class = []
+    for c in range(bank.shape[0]):
+        a = anchors[anchor_classes == c]
+        pos = bank[c][bank_valid[c]]
+        if a.shape[0] == 0 or pos.shape[0] == 0:
+            continue
+        other = torch.ones(bank.shape[0], dtype=torch.bool, device=bank.device)
+        other[c] = False
+        neg = bank[other][bank_valid[other]]
+        s_pos = a @ pos.T / temperature  # [n_c, P]
+        if neg.shape[0] == 0:
+            per_class.append((s_pos * 0).mean())
+            continue
+        lse = torch.logsumexp(a @ neg.T / temperature, dim=1)  # [n_c]
+        per_class.append(F.softplus(lse[:, None] - s_pos).mean())
+    if not per_class:
+        return anchors.sum() * 0
+    return torch.stack(per_class).mean()
+
+
+def loop_low_level(anchors, positives, anchor_classes, bank, bank_valid, temperature):
+    """Per-class loop transcription of the low-level loss."""
+    per_class = []
+    for c in range(bank.shape[0]):
+        sel = anchor_classes == c
+        a = anchors[sel]
+        if a.shape[0] == 0:
+            continue
+        s_pos = (a * positives[sel]).sum(1) / temperature
+        other = torch.ones(bank.shape[0], dtype=torch.bool, device=bank.device)
+        other[c] = False
+        neg = bank[other][bank_valid[other]]
+        if neg.shape[0] == 0:
+            per_class.append((s_pos * 0).mean())
+            continue
+        lse = torch.logsumexp(a @ neg.T / temperature, dim=1)
+        per_class.append(F.softplus(lse - s_pos).mean())
+    if not per_class:
+        return anchors.sum() * 0
+    return torch.stack(per_class).mean()
+
+
+IMPLS = {
+    ("high", "vectorised"): lambda x: high_level_contrast(
+        x["anchors"], x["classes"], x["bank"], x["valid"], 0.1),
+    ("high", "loop"): lambda x: loop_high_level(
+        x["anchors"], x["classes"], x["bank"], x["valid"], 0.1),
+    ("low", "vectorised"): lambda x: low_level_contrast(
+        x["anchors"], x["positives"], x["classes"], x["bank2"], x["valid2"], 0.5),
+    ("low", "loop"): lambda x: loop_low_level(
+        x["anchors"], x["positives"], x["classes"], x["bank2"], x["valid2"], 0.5),
+}
+
+
+def make_inputs(args, device):
+    g = torch.Generator().manual_seed(0)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=g), dim=-1).to(device)
+
+    c, q, d, n = args.classes, args.queue, args.dim, args.anchors
+    bank = unit(c, q, d)
+    return {
+        "anchors": unit(n, d).requires_grad_(True),
+        "positives": unit(n, d),
+        "classes": torch.randint(0, c, (n,), generator=g).to(device),
+        "bank": bank,
+        "valid": torch.ones(c, q, dtype=torch.bool, device=device),
+        "bank2": torch.cat([bank, unit(c, q, d)], dim=1),
+        "valid2": torch.ones(c, 2 * q, dtype=torch.bool, device=device),
+    }
+
+
+def autocast_ctx(args, device):
+    if args.dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def fwd_bwd(fn, x, args, device):
+    x["anchors"].grad = None
+    with autocast_ctx(args, device):
+        loss = fn(x)
+    loss.backward()
+    return loss.detach().float().item(), x["anchors"].grad.detach().float().clone()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_impl(fn, x, args, device):
+    fwd_bwd(fn, x, args, device)  # warm-up
+    times = []
+    for _ in range(args.repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fwd_bwd(fn, x, args, device)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times), sum(times) / len(times)
+
+
+def peak_memory_mb(loss, impl, args, device) -> float:
+    """Extra peak memory of one forward+backward, in MB (see module docstring)."""
+    if device.type == "cuda":
+        x = make_inputs(args, device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fwd_bwd(IMPLS[(loss, impl)], x, args, device)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    cmd = [sys.executable, __file__, "--_probe", f"{loss}:{impl}"] + _passthrough(args)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _passthrough(args) -> list[str]:
+    return [
+        "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+        "--classes", str(args.classes), "--queue", str(args.queue), "--dim", str(args.dim),
+        "--anchors", str(args.anchors),
+    ]
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def probe(args, device) -> None:
+    loss, impl = args._probe.split(":")
+    x = make_inputs(args, device)
+    if _reset_peak_rss() and _proc_status_kib("VmHWM") is not None:
+        # peak during the call minus resident memory before it
+        before = _proc_status_kib("VmRSS")
+        fwd_bwd(IMPLS[(loss, impl)], x, args, device)
+        after = _proc_status_kib("VmHWM")
+    else:
+        # Fallback: growth of the process's lifetime peak; under-reports when the import
+        # peak was higher than what remains resident.
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        fwd_bwd(IMPLS[(loss, impl)], x, args, device)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) / 1024)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 = inputs stay float32, run under torch.autocast(bfloat16)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--classes", type=int, default=21)
+    p.add_argument("--queue", type=int, default=256)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--anchors", type=int, default=4096)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "contrast.json"))
+    p.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args._probe:
+        probe(args, device)
+        return
+
+    x = make_inputs(args, device)
+    results = {
+        "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "torch": torch.__version__,
+        "memory_method": "cuda max_memory_allocated delta" if device.type == "cuda"
+        else "VmHWM - VmRSS before one fwd+bwd, fresh subprocess per implementation",
+    }
+    for loss in ("high", "low"):
+        row = {}
+        values = {}
+        for impl in ("vectorised", "loop"):
+            fn = IMPLS[(loss, impl)]
+            values[impl] = fwd_bwd(fn, x, args, device)
+            best, mean = time_impl(fn, x, args, device)
+            row[impl] = {"best_s": best, "mean_s": mean, "value": values[impl][0],
+                         "peak_mb": peak_memory_mb(loss, impl, args, device)}
+        row["speedup_best"] = row["loop"]["best_s"] / row["vectorised"]["best_s"]
+        row["max_abs_value_diff"] = abs(values["vectorised"][0] - values["loop"][0])
+        row["max_abs_grad_diff"] = float(
+            (values["vectorised"][1] - values["loop"][1]).abs().max())
+        results[loss] = row
+        print(
+            f"{loss:>4}-level: vectorised {row['vectorised']['best_s'] * 1e3:8.1f} ms "
+            f"(peak +{row['vectorised']['peak_mb']:.0f} MB) | loop "
+            f"{row['loop']['best_s'] * 1e3:8.1f} ms (peak +{row['loop']['peak_mb']:.0f} MB) | "
+            f"speedup x{row['speedup_best']:.2f} | |dvalue| {row['max_abs_value_diff']:.2e} "
+            f"|dgrad| {row['max_abs_grad_diff']:.2e}"
+        )
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Datasets from a config, and resumable, deterministic batch streams.
+
+A :class:`BatchStream` serves an endless sequence of batches: epoch ``e`` visits the items in
+a permutation that is a pure function of ``(seed, e)``, and every item's augmentation is a pure
+function of ``(seed, epoch, index)`` (see :mod:`ctt.data.transforms`). The whole position is
+one integer, the number of items consumed, so a checkpoint stores it and a resumed run sees
+exactly the batches the uninterrupted run would have seen, with or without worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ctt.config import CTTConfig
+from ctt.data.transforms import pad_collate, train_transform
+
+__all__ = ["BatchStream", "build_datasets", "dataset_root", "eval_loader"]
+
+# Separate seed streams so the labeled and unlabeled orders are unrelated.
+STREAM_LABELED, STREAM_UNLABELED = 0, 1
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    return int(np.random.SeedSequence([seed, stream, 0xC77]).generate_state(1)[0])
+
+
+class BatchStream:
+    """Endless batches of ``batch_size`` items from ``dataset``; position = items consumed.
+
+    Args:
+        dataset: map-style dataset accepting ``(index, epoch)`` keys (our readers do).
+        batch_size: items per batch; batches run across epoch boundaries (no dropped tail,
+            so a 16-image labeled set works with batch 8 or 10 alike).
+        seed: fixes the per-epoch permutations.
+        num_workers: DataLoader worker processes (0 = load in this process).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0):
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError("BatchStream got an empty dataset")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.consumed = 0
+        self._n = len(dataset)  # type: ignore[arg-type]
+        self._perm_cache: dict[int, np.ndarray] = {}
+        self._iter: Iterator | None = None
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
+                self._n)}
+        return self._perm_cache[epoch]
+
+    def _keys(self, start: int) -> list[tuple[int, int]]:
+        keys = []
+        for i in range(start, start + self.batch_size):
+            epoch, pos = divmod(i, self._n)
+            keys.append((int(self._perm(epoch)[pos]), epoch))
+        return keys
+
+    def _key_batches(self, start: int) -> Iterator[list[tuple[int, int]]]:
+        while True:
+            yield self._keys(start)
+            start += self.batch_size
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(images [B,3,H,W], labels [B,H,W])``."""
+        if self.num_workers == 0:
+            batch = pad_collate([self.dataset[k] for k in self._keys(self.consumed)])
+        else:
+            if self._iter is None:
+                loader = DataLoader(self.dataset, batch_sampler=self._key_batches(self.consumed),
+                                    num_workers=self.num_workers, collate_fn=pad_collate,
+                                    persistent_workers=True)
+                self._iter = iter(loader)
+            batch = next(self._iter)
+        self.consumed += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consumed = int(state["consumed"])
+        self._iter = None  # re-create workers at the restored position
+
+
+def dataset_root(cfg: CTTConfig) -> Path:
+    """The data root: ``data.root``, or the synthetic cache (generated on first use)."""
+    if cfg.data.dataset == "synthetic":
+        from ctt.data import synthetic
+
+        if cfg.data.root == "none":
+            return Path(synthetic.ensure(None, num_classes=cfg.data.num_classes))
+        root = Path(cfg.data.root)
+        marker = root / synthetic.MARKER
+        if not marker.is_file():  # empty or interrupted: generate with the default parameters
+            return Path(synthetic.ensure(root, num_classes=cfg.data.num_classes))
+        # A complete synthetic dataset is used as generated (any size/split counts), but its
+        # class count must match: a mismatch would only surface as a label-range error later.
+        have = json.loads(marker.read_text()).get("params", {}).get("num_classes")
+        if have != cfg.data.num_classes:
+            raise ValueError(f"synthetic dataset {root} has num_classes={have}, but "
+                             f"data.num_classes={cfg.data.num_classes}; set "
+                             f"data.num_classes={have} or use another data.root")
+        return root
+    if cfg.data.root == "none":
+        raise FileNotFoundError(
+            f"data.dataset={cfg.data.dataset!r} needs a dataset root: pass --data-root DIR "
+            "(or --set data.root=DIR)")
+    return Path(cfg.data.root)
+
+
+def _split_path(root: Path, name: str, part: str) -> str:
+    p = Path(name)
+    if p.is_absolute() or (root / p).is_dir():
+        return str(p / f"{part}.txt")
+    return f"splits/{name}/{part}"
+
+
+def _make(cfg: CTTConfig, root: Path, split: str, *, labeled: bool, transform=None,
+          seed: int = 0) -> Dataset:
+    d = cfg.data
+    if d.dataset == "cityscapes":
+        from ctt.data.cityscapes import CityscapesDataset
+
+        resize = None
+        if d.eval_size and transform is None:
+            resize = (d.eval_size, d.eval_size * 2)
+        return CityscapesDataset(root, split, transform=transform, labeled=labeled, seed=seed,
+                                 resize=resize)
+    from ctt.data.voc import VOCDataset
+
+    label_dir = None if d.label_dir == "auto" else d.label_dir
+    return VOCDataset(root, split, num_classes=d.num_classes, transform=transform,
+                      labeled=labeled, label_dir=label_dir, seed=seed)
+
+
+def build_datasets(cfg: CTTConfig, root: Path | None = None, *,
+                   need_unlabeled: bool = True) -> dict[str, Dataset]:
+    """``{"labeled", "unlabeled"?, "val", "test"?}`` datasets for ``cfg`` (train ones augmented).
+
+    ``need_unlabeled=False`` skips the unlabeled split (supervised runs; ``splits/all`` has
+    no unlabeled part)."""
+    root = dataset_root(cfg) if root is None else root
+    d = cfg.data
+    tf = train_transform(d.crop_size, d.crop_width, (d.scale_min, d.scale_max), d.flip)
+    out = {
+        "labeled": _make(cfg, root, _split_path(root, d.labeled_split, "labeled"),
+                         labeled=True, transform=tf,
+                         seed=_stream_seed(cfg.run.seed, STREAM_LABELED)),
+        "val": _make(cfg, root, d.val_split, labeled=True),
+    }
+    if need_unlabeled:
+        out["unlabeled"] = _make(cfg, root, _split_path(root, d.labeled_split, "unlabeled"),
+                                 labeled=False, transform=tf,
+                                 seed=_stream_seed(cfg.run.seed, STREAM_UNLABELED))
+    if d.test_split != "none":
+        out["test"] = _make(cfg, root, d.test_split, labeled=True)
+    return out
+
+
+def eval_loader(dataset: Dataset, batch_size: int = 16, num_workers: int = 0) -> DataLoader:
+    """Whole-image evaluation batches (padded with ignore)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=pad_collate)
