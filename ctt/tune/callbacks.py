@@ -1,0 +1,417 @@
+"""Driver-side logging of a study: per-trial JSON files and TensorBoard (scalars + HParams).
+
+Ray's automatic loggers are turned off (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``); this one
+callback owns all logging, on the driver, so every file of a study is written by one process:
+
+- ``<study_dir>/trials/<trial_id>/metrics.jsonl``: one JSON object per reported result: the
+  trial's metric keys (see architecture.md, "Metric names"; ``time/*`` kept), ``trial_id``,
+  ``step``, ``node_ip``/``hostname``, Ray's ``time_total_s`` as ``time/total_s``, and the
+  ``error``/``pruned`` flags if the trial reported them. Ray's other bookkeeping keys are
+  dropped.
+- ``<study_dir>/trials/<trial_id>/trial.json``: ``trial_id, trial_name, tb_run, variant, seed,
+  status, error, error_detail, pruned, step, wall_s, miou_final, miou_best, node_id,
+  num_failures, config`` (the full flat config as the trial received it). ``status`` is
+  RUNNING from start to end, then TERMINATED or ERROR.
+- ``<study_dir>/tb/<variant>_seed<seed>_<trial_id>/``: scalars (tag = metric name, global
+  step = ``step``) and, when the trial ends, one HParams session.
+
+Status rules:
+- ERROR: Ray reported the trial as failed, or the trial reported ``{"error": "..."}`` (a
+  deterministic failure such as a NaN loss, which the trainable reports and then returns
+  instead of raising so that Ray does not retry it).
+- pruned: status TERMINATED and either a result said ``pruned: True`` or the last step is below
+  ``config["optim.iters"]`` (a scheduler stopped it early).
+
+TensorBoard HParams: every trial (finished, pruned or errored) gets one session with the same
+key set: the full flat config + ``variant`` + ``seed`` + ``status`` (the string TERMINATED,
+PRUNED or ERROR, so the HParams table can filter on it). Its metrics are ``miou_best`` and
+``miou_final``; a trial without any mIoU (errored before the first evaluation) gets 0.0 for
+both, because the HParams plugin mishandles NaN, and is told apart by ``status``. The session
+lives in its own event file (``*.hparams``) in the trial's run directory, so it can be replaced
+wholesale (the plugin keeps the first metadata it sees per tag and run).
+
+Resume (``Tuner.restore`` / ``--resume``, or a trial restarted by ``FailureConfig``): the first
+result a (re)started trial sends truncates its metrics.jsonl to the steps before it and opens
+the TensorBoard writer with ``purge_step`` at it, so replayed steps are neither duplicated in
+the files nor drawn twice; ``ctt.tune.results`` additionally deduplicates by (trial_id, step),
+keeping the last record. Summaries (``miou_best`` ...) are recomputed from metrics.jsonl at the
+end of a trial, so they survive a driver restart.
+
+Robustness: no hook ever raises (Ray would abort the whole study); a failure is logged as a
+warning and the study goes on.
+
+All file access is in small functions (here and in `ctt.tune.results`) so that a pyarrow.fs
+version for S3/GCS study directories replaces only them.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ray.tune import Callback
+
+from ctt.tune.results import (
+    dedupe_by_step,
+    metrics_jsonl_path,
+    read_json,
+    read_metrics_jsonl,
+    summarise_metrics,
+    tb_dir,
+    tb_run_name,
+    trial_json_path,
+    write_text_atomic,
+)
+from ctt.tune.space import resolve_config
+
+log = logging.getLogger(__name__)
+
+# Ray's per-result bookkeeping (ray.tune.result.AUTO_RESULT_KEYS and friends), dropped from
+# metrics.jsonl. node_ip/hostname stay (they identify the node), time_total_s is renamed.
+RAY_BOOKKEEPING_KEYS = frozenset({
+    "done", "training_iteration", "trial_id", "experiment_id", "experiment_tag", "date",
+    "timestamp", "pid", "config", "time_this_iter_s", "time_total_s", "time_since_restore",
+    "timesteps_since_restore", "iterations_since_restore", "timesteps_total",
+    "episodes_total", "timesteps_this_iter", "episodes_this_iter", "checkpoint_dir_name",
+    "should_checkpoint", "trainable_name",
+})
+HPARAMS_SUFFIX = ".hparams"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours "ray::Func()" in tracebacks
+_STATUS_TO_SESSION = {"TERMINATED": "STATUS_SUCCESS", "PRUNED": "STATUS_SUCCESS",
+                      "ERROR": "STATUS_FAILURE"}
+
+
+def clean_result(result: dict, trial_id: str) -> dict:
+    """The record stored in metrics.jsonl for one Ray result (see module docstring)."""
+    rec: dict[str, Any] = {"trial_id": trial_id}
+    step = result.get("step", result.get("training_iteration"))
+    rec["step"] = int(step) if step is not None else 0
+    for k, v in result.items():
+        if k in RAY_BOOKKEEPING_KEYS or k.startswith("__") or k == "step":
+            continue
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            rec[k] = v
+        elif hasattr(v, "item"):  # numpy / torch scalars
+            rec[k] = v.item()
+    if isinstance(result.get("time_total_s"), (int, float)):
+        rec["time/total_s"] = float(result["time_total_s"])
+    return rec
+
+
+def _json_line(rec: dict) -> str:
+    # NaN is written as the JSON extension NaN that Python's json reads back.
+    return json.dumps(rec, sort_keys=False, default=str) + "\n"
+
+
+def _truncate_jsonl(path: str, before_step: int) -> None:
+    """Keep only records with step < before_step (a restarted trial replays the rest)."""
+    records = [r for r in read_metrics_jsonl(path) if int(r["step"]) < before_step]
+    if os.path.exists(path):
+        write_text_atomic(path, "".join(_json_line(r) for r in records))
+
+
+def _append_jsonl(path: str, rec: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(_json_line(rec))
+
+
+def _has_event_files(logdir: str) -> bool:
+    return bool(glob.glob(os.path.join(glob.escape(logdir), "events.out.tfevents.*")))
+
+
+def _remove_hparams_files(logdir: str) -> None:
+    for path in glob.glob(os.path.join(glob.escape(logdir), f"*{HPARAMS_SUFFIX}")):
+        os.remove(path)
+
+
+def _hparam_value(v: Any) -> bool | int | float | str:
+    if v is None:
+        return "none"
+    if isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def write_hparams_session(logdir: str, hparams: dict[str, Any], metrics: dict[str, float],
+                          status: str, step: int) -> None:
+    """Replace the trial's HParams session: experiment + session start/end + metric scalars.
+
+    Written to its own ``*.hparams`` event file in ``logdir`` (the trial's run directory, not
+    a timestamped subdirectory as ``SummaryWriter.add_hparams`` would use).
+    """
+    from tensorboardX import SummaryWriter
+    from tensorboardX.proto.api_pb2 import Status
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
+    from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboardX.summary import hparams as hparams_summaries
+
+    _remove_hparams_files(logdir)
+    exp, ssi, _ = hparams_summaries({k: _hparam_value(v) for k, v in hparams.items()}, metrics)
+    # tensorboardX always marks the session a success; ours says how the trial ended.
+    content = HParamsPluginData(
+        session_end_info=SessionEndInfo(status=Status.Value(_STATUS_TO_SESSION[status]),
+                                        end_time_secs=time.time()),
+        version=0)
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+        plugin_name="hparams", content=content.SerializeToString()))
+    sei = Summary(value=[Summary.Value(tag="_hparams_/session_end_info", metadata=meta)])
+    with SummaryWriter(logdir=logdir, filename_suffix=HPARAMS_SUFFIX) as w:
+        for summary in (exp, ssi, sei):
+            w.file_writer.add_summary(summary)
+        for k, v in metrics.items():
+            w.add_scalar(k, v, step)
+
+
+def _never_raise(hook):
+    """Ray aborts the study when a callback raises; logging must never do that."""
+
+    @functools.wraps(hook)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception:
+            log.warning("StudyLoggerCallback.%s failed; the study continues",
+                        hook.__name__, exc_info=True)
+            return None
+
+    return wrapper
+
+
+def _trial_error_text(trial: Any) -> tuple[str, str]:
+    """(one-line message, full text) of the error Ray recorded for ``trial``.
+
+    Ray 2.60 calls ``trial.handle_error(exc)`` before ``on_trial_error``: it appends
+    "Failure # n (occurred at ...)" + ``str(exc)`` (traceback included) to ``trial.error_file``
+    and, for RayTaskError/RayActorError, pickles the exception to ``trial.pickled_error_file``
+    (both in the driver's staging dir, ``trial.local_path``). ``exc.cause`` of a RayTaskError
+    is the user's exception, which gives the clean one-line message.
+    """
+    detail = ""
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            detail = _ANSI_ESCAPE.sub("", f.read())
+    message = ""
+    pickled = getattr(trial, "pickled_error_file", None)
+    if pickled and os.path.exists(pickled):
+        try:
+            import ray.cloudpickle as cloudpickle
+
+            with open(pickled, "rb") as f:
+                exc = cloudpickle.load(f)
+            cause = getattr(exc, "cause", None) or exc
+            message = f"{type(cause).__name__}: {cause}".strip()
+        except Exception:  # an unpicklable error still has its text file
+            message = ""
+    if not message and detail:
+        lines = [ln.strip() for ln in detail.splitlines() if ln.strip()]
+        message = lines[-1] if lines else ""
+    return message or "unknown error (Ray recorded no error text)", detail[-20000:]
+
+
+@dataclass
+class _TrialLog:
+    """Driver-side state of one trial between its start and its end (not checkpointed)."""
+
+    run_name: str
+    restarted: bool = True  # the next result is the first after a (re)start
+    writer: Any = None
+    started_at: float = 0.0
+
+
+class StudyLoggerCallback(Callback):
+    """Writes trial.json, metrics.jsonl and TensorBoard files of a study (see module doc).
+
+    Args:
+        study_dir: the study directory (local path for now).
+        flush_secs: how often TensorBoard event files are flushed while a trial runs.
+    """
+
+    def __init__(self, study_dir: str | os.PathLike, flush_secs: int = 10) -> None:
+        self.study_dir = os.path.abspath(os.fspath(study_dir))
+        self.flush_secs = flush_secs
+        self._trials: dict[str, _TrialLog] = {}
+
+    # Tune pickles its callbacks with the experiment state; open writers must not travel.
+    def __getstate__(self) -> dict:
+        return {"study_dir": self.study_dir, "flush_secs": self.flush_secs}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["study_dir"], state["flush_secs"])
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _variant_seed(config: dict) -> tuple[str, Any]:
+        variant = str(config.get("variant", "unknown"))
+        seed = config.get("seed", config.get("run.seed"))
+        return variant, seed
+
+    def _log_for(self, trial: Any) -> _TrialLog:
+        tl = self._trials.get(trial.trial_id)
+        if tl is None:
+            variant, seed = self._variant_seed(resolve_config(dict(trial.config)))
+            tl = _TrialLog(run_name=tb_run_name(variant, seed, trial.trial_id),
+                           started_at=time.time())
+            self._trials[trial.trial_id] = tl
+        return tl
+
+    def _close_writer(self, tl: _TrialLog) -> None:
+        if tl.writer is not None:
+            writer, tl.writer = tl.writer, None
+            writer.close()
+
+    def _write_trial_json(self, trial_id: str, info: dict) -> None:
+        write_text_atomic(trial_json_path(self.study_dir, trial_id),
+                          json.dumps(info, indent=2, default=str) + "\n")
+
+    def _mark_restarted(self, trial: Any) -> None:
+        tl = self._log_for(trial)
+        self._close_writer(tl)
+        tl.restarted = True
+
+    # ---- Ray hooks -----------------------------------------------------------------------
+
+    @_never_raise
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._mark_restarted(trial)
+        tl = self._log_for(trial)
+        config = resolve_config(dict(trial.config))
+        variant, seed = self._variant_seed(config)
+        old = read_json(trial_json_path(self.study_dir, trial.trial_id)) or {}
+        self._write_trial_json(trial.trial_id, {
+            "trial_id": trial.trial_id,
+            "trial_name": str(trial),
+            "tb_run": tl.run_name,
+            "variant": variant,
+            "seed": seed,
+            "status": "RUNNING",
+            "error": None,
+            "pruned": False,
+            "step": None,
+            "wall_s": None,
+            "miou_final": None,
+            "miou_best": None,
+            "node_id": None,
+            "num_failures": getattr(trial, "num_failures", 0),
+            "start_time": old.get("start_time", time.time()),
+            "config": config,
+        })
+
+    @_never_raise
+    def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._mark_restarted(trial)
+
+    @_never_raise
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._mark_restarted(trial)
+
+    @_never_raise
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        tl = self._log_for(trial)
+        rec = clean_result(result, trial.trial_id)
+        path = metrics_jsonl_path(self.study_dir, trial.trial_id)
+        logdir = tb_dir(self.study_dir, tl.run_name)
+        purge_step = None
+        if tl.restarted:
+            tl.restarted = False
+            _truncate_jsonl(path, rec["step"])
+            if _has_event_files(logdir):
+                purge_step = rec["step"]
+        _append_jsonl(path, rec)
+        if tl.writer is None:
+            from tensorboardX import SummaryWriter
+
+            # tensorboardX names event files by the second; a trial restarted within the
+            # same second would overwrite its earlier file without a unique suffix.
+            tl.writer = SummaryWriter(logdir=logdir, purge_step=purge_step,
+                                      flush_secs=self.flush_secs,
+                                      filename_suffix=f".{time.time_ns()}")
+        for k, v in rec.items():
+            if k in ("step", "trial_id", "node_ip", "hostname", "error", "pruned"):
+                continue
+            if isinstance(v, (bool, int, float)):
+                tl.writer.add_scalar(k, float(v), rec["step"])
+
+    @_never_raise
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, ray_error=None)
+
+    @_never_raise
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, ray_error=_trial_error_text(trial))
+
+    @_never_raise
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for tl in self._trials.values():
+            self._close_writer(tl)
+
+    # ---- end of a trial ------------------------------------------------------------------
+
+    def _finish(self, trial: Any, ray_error: tuple[str, str] | None) -> None:
+        tl = self._log_for(trial)
+        self._close_writer(tl)
+        config = resolve_config(dict(trial.config))
+        variant, seed = self._variant_seed(config)
+        records = dedupe_by_step(read_metrics_jsonl(
+            metrics_jsonl_path(self.study_dir, trial.trial_id)))
+        s = summarise_metrics(records)
+
+        error = detail = None
+        if s["error"] is not None:  # the trial's own diagnosis is the most precise
+            error, detail = s["error"], ray_error[1] if ray_error else None
+        elif ray_error is not None:
+            error, detail = ray_error
+        status = "ERROR" if error is not None else "TERMINATED"
+        iters = config.get("optim.iters")
+        pruned = status == "TERMINATED" and (
+            s["pruned_flag"]
+            or (isinstance(iters, int) and s["step"] is not None and s["step"] < iters))
+
+        wall_s = s["wall_s"]
+        if wall_s is None:
+            wall_s = time.time() - tl.started_at
+        node_id = s["node_id"] or getattr(trial, "node_ip", None)
+        old = read_json(trial_json_path(self.study_dir, trial.trial_id)) or {}
+        self._write_trial_json(trial.trial_id, {
+            "trial_id": trial.trial_id,
+            "trial_name": str(trial),
+            "tb_run": tl.run_name,
+            "variant": variant,
+            "seed": seed,
+            "status": status,
+            "error": error,
+            "error_detail": detail,
+            "pruned": bool(pruned),
+            "step": s["step"],
+            "wall_s": wall_s,
+            "miou_final": s["miou_final"],
+            "miou_best": s["miou_best"],
+            "node_id": node_id,
+            "num_failures": getattr(trial, "num_failures", 0),
+            "start_time": old.get("start_time"),
+            "end_time": time.time(),
+            "config": config,
+        })
+
+        hp_status = "PRUNED" if pruned else status
+        hparams = {k: config[k] for k in sorted(config) if k not in ("variant", "seed")}
+        hparams.update({"variant": variant, "seed": seed, "status": hp_status})
+        metrics = {
+            "miou_best": s["miou_best"] if s["miou_best"] is not None else 0.0,
+            "miou_final": s["miou_final"] if s["miou_final"] is not None else 0.0,
+        }
+        metrics = {k: (v if math.isfinite(v) else 0.0) for k, v in metrics.items()}
+        write_hparams_session(tb_dir(self.study_dir, tl.run_name), hparams, metrics,
+                              hp_status, s["step"] or 0)
+        del self._trials[trial.trial_id]

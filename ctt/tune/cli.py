@@ -1,0 +1,135 @@
+"""Command-line plumbing shared by ``studies/*.py``: common flags, smoke tests, ``--dry-run``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from ctt.config import PRESETS, VARIANTS, apply_variant, parse_set_args
+from ctt.tune.study import StudyOptions
+
+__all__ = ["SMOKE_OVERRIDES", "add_common_args", "estimate_seconds_per_step", "options_from_args",
+           "print_dry_run"]
+
+# --smoke-test: a few iterations on a tiny synthetic set, every code path (warm-up fork,
+# contrast on, checkpoints, evaluation) exercised in seconds.
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "optim.iters": 6, "method.warmup_iters": 2, "run.eval_every": 3, "run.checkpoint_every": 3,
+    "run.log_every": 1, "method.bank_size": 8, "method.bank_min_fill": 1, "method.tau_bank": 0.0,
+    "model.width": 8, "data.batch_size": 2, "data.batch_size_u": 2,
+}
+
+
+def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
+                    default_seeds: str = "0,1,2") -> None:
+    g = p.add_argument_group("common study options")
+    g.add_argument("--preset", default=default_preset, choices=sorted(PRESETS))
+    g.add_argument("--data-root", help="dataset root (default for tiny: synthetic data, "
+                   "generated on first use)")
+    g.add_argument("--split", help="labeled split name (data.labeled_split)")
+    g.add_argument("--seeds", default=default_seeds, help="comma-separated seeds")
+    g.add_argument("--iters", type=int, help="total iterations per trial (optim.iters)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any flat config key (repeatable)")
+    g.add_argument("--cpus-per-trial", type=float, default=1.0)
+    g.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="fractional values pack several trials on one GPU")
+    g.add_argument("--max-concurrent", type=int, default=0, help="0 = as resources allow")
+    g.add_argument("--max-failures", type=int, default=2,
+                   help="restarts of a crashed trial from its last checkpoint")
+    g.add_argument("--storage", default="studies_out",
+                   help="local directory, NFS path or URI (s3://bucket/prefix)")
+    g.add_argument("--storage-shared", action="store_true",
+                   help="the local --storage path is a mount shared by every node")
+    g.add_argument("--out", help="study name (directory under --storage)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    g.add_argument("--address", help="join a running Ray cluster (e.g. auto)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the trials and a compute estimate, launch nothing")
+    g.add_argument("--smoke-test", type=float, metavar="SECONDS", nargs="?", const=60.0,
+                   help="tiny, fast run of every code path (tests)")
+
+
+def options_from_args(a: argparse.Namespace, default_name: str) -> StudyOptions:
+    overrides: dict[str, Any] = {}
+    if a.smoke_test:
+        overrides.update(SMOKE_OVERRIDES)
+    overrides.update(parse_set_args(a.overrides))
+    seeds = [int(s) for s in str(a.seeds).split(",") if s.strip()]
+    if a.smoke_test:
+        seeds = seeds[:1]
+    return StudyOptions(
+        name=a.out or default_name, preset=a.preset, data_root=a.data_root, split=a.split,
+        seeds=seeds, iters=a.iters, overrides=overrides, cpus_per_trial=a.cpus_per_trial,
+        gpus_per_trial=a.gpus_per_trial, max_concurrent=a.max_concurrent,
+        max_failures=a.max_failures, storage=a.storage, storage_shared=a.storage_shared,
+        resume=a.resume, address=a.address)
+
+
+def estimate_seconds_per_step(cfg, repeats: int = 3) -> float:
+    """Median seconds of ``train_step`` for ``cfg`` on its device, with random inputs at the
+    crop size and every term on (contrast forced on, banks full)."""
+    import torch
+
+    from ctt.state import TrainState
+    from ctt.step import train_step
+
+    torch.set_num_threads(cfg.run.num_threads)
+    cfg = cfg.override({"method.warmup_iters": 0})
+    state = TrainState(cfg)
+    d = cfg.data
+    h, w = d.crop_size, d.crop_width or d.crop_size
+    gen = torch.Generator().manual_seed(0)
+    batch = {"x_l": torch.rand(d.batch_size, 3, h, w, generator=gen),
+             "y_l": torch.randint(0, d.num_classes, (d.batch_size, h, w), generator=gen),
+             "x_u": torch.rand(d.batch_size_u, 3, h, w, generator=gen)}
+    batch = {k: v.to(state.device) for k, v in batch.items()}
+    for bank in state.banks:
+        feats = torch.nn.functional.normalize(torch.randn(d.num_classes * bank.size,
+                                                          bank.dim, generator=gen), dim=1)
+        bank.push(feats.to(state.device),
+                  torch.arange(d.num_classes).repeat_interleave(bank.size).to(state.device))
+        state.contrast_on = True
+    train_step(state, batch)
+    times = []
+    for _ in range(repeats):
+        if state.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(state, batch)
+        if state.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def print_dry_run(trials: list[dict[str, Any]], opts: StudyOptions, *, slots: int,
+                  warmup_fork: bool) -> float:
+    """Print the trial list and trials x iterations x measured s/step; return the estimate (s)."""
+    base = opts.base_config()
+    print(f"{len(trials)} trials (preset {opts.preset}, device {base.run.device}):")
+    per_variant: dict[str, float] = {}
+    total = 0.0
+    warm = base.method.warmup_iters if warmup_fork else 0
+    sup_s = None
+    for t in trials:
+        v = t["variant"]
+        if v not in per_variant:
+            cfg = apply_variant(base, v) if v in VARIANTS else base
+            per_variant[v] = estimate_seconds_per_step(cfg)
+            if sup_s is None:
+                sup_s = estimate_seconds_per_step(apply_variant(base, "supervised"))
+        iters = int(t["optim.iters"])
+        secs = (iters - warm) * per_variant[v]
+        total += secs
+        print(f"  {v:14s} seed {t['seed']}: {iters} iters x {per_variant[v] * 1000:.1f} ms "
+              f"= {secs / 60:.1f} min")
+    if warm:
+        warm_s = len(opts.seeds) * warm * 2 * (sup_s or 0.0)
+        print(f"  shared warm-up: {len(opts.seeds)} x {warm} iters (2 students) "
+              f"= {warm_s / 60:.1f} min")
+        total += warm_s
+    print(f"total compute {total / 60:.1f} min; about {total / 60 / max(slots, 1):.1f} min wall "
+          f"on {slots} concurrent slot(s) (plus Ray start-up and evaluation)")
+    return total

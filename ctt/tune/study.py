@@ -1,0 +1,383 @@
+"""Studies: an ablation grid (variants x seeds) or an Optuna sweep, run by Ray Tune.
+
+Study directory ``<storage>/<name>/`` (local path; with a URI storage the same tree is staged
+locally and uploaded through ``pyarrow.fs`` at the end, while Tune writes its experiment and
+checkpoints straight to the URI)::
+
+    study.json        resolved definition, command, package versions, git commit
+    ray/              the Tune experiment (trial checkpoints; resumable with --resume)
+    warmup/           the shared supervised warm-up of each seed (ablations)
+    trials/<id>/      trial.json and metrics.jsonl, written by the driver callback
+    tb/<run>/         TensorBoard scalars + one HParams entry per trial
+    trials.parquet, metrics.parquet, report.md, *.png
+    optuna.db         the sweep's Optuna study (sqlite, copied from the driver's disk)
+
+Ray runs in-process on loopback (no dashboard, small object store) unless ``address`` joins a
+running cluster. Environment defaults set here: Ray's automatic loggers off (our callback writes
+TensorBoard and HParams), the classic progress table (its custom columns show on Ray 2.60).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.search import BasicVariantGenerator  # noqa: E402
+
+from ctt.config import CTTConfig, apply_variant, get_preset  # noqa: E402
+from ctt.envinfo import environment  # noqa: E402
+from ctt.tune.callbacks import StudyLoggerCallback  # noqa: E402
+from ctt.tune.results import build_results, summary_table  # noqa: E402
+from ctt.tune.schedulers import PruningAwareOptunaSearch, make_scheduler  # noqa: E402
+from ctt.tune.space import ONE_MINUS, resolve_config  # noqa: E402
+from ctt.tune.trainable import CHECKPOINT_FILE, train_ctt, trial_resources  # noqa: E402
+
+__all__ = ["StudyOptions", "StorageError", "init_ray", "run_ablation", "run_sweep"]
+
+EXPERIMENT = "ray"
+WARMUP = "warmup"
+OBJECT_STORE_BYTES = 300 * 1024**2
+
+
+class StorageError(RuntimeError):
+    """Study storage is unusable for this cluster (e.g. node-local storage, several nodes)."""
+
+
+@dataclass
+class StudyOptions:
+    """Options shared by every study (the common CLI flags of ``studies/*.py``)."""
+
+    name: str
+    preset: str = "tiny"
+    data_root: str | None = None
+    split: str | None = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    iters: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 0
+    max_failures: int = 2
+    storage: str = "studies_out"
+    storage_shared: bool = False
+    resume: bool = False
+    address: str | None = None
+    num_cpus: int | None = None
+    device: str | None = None
+    fork_warmup: bool = True
+    verbose: int = 1
+
+    def base_config(self) -> CTTConfig:
+        """Preset + data root/split/iters/device + ``--set`` overrides."""
+        flat: dict[str, Any] = {}
+        if self.data_root:
+            flat["data.root"] = self.data_root
+        if self.split:
+            flat["data.labeled_split"] = self.split
+        if self.iters:
+            flat["optim.iters"] = self.iters
+        device = self.device or ("cuda" if self.gpus_per_trial > 0 else None)
+        if device:
+            flat["run.device"] = device
+        flat.update(self.overrides)
+        return get_preset(self.preset).override(flat)
+
+
+# --- Ray and storage ---
+
+def init_ray(opts: StudyOptions) -> None:
+    """Join ``opts.address`` or start Ray in-process on 127.0.0.1 (never a bare ``ray.init()``,
+    which would attach to any running cluster)."""
+    if ray.is_initialized():
+        return
+    if opts.address:
+        ray.init(address=opts.address, log_to_driver=opts.verbose > 1)
+        return
+    ray.init(address="local", _node_ip_address="127.0.0.1",
+             num_cpus=opts.num_cpus or os.cpu_count(),
+             num_gpus=None if opts.gpus_per_trial else 0,
+             object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+             log_to_driver=opts.verbose > 1)
+
+
+def alive_nodes() -> int:
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_storage(storage: str, shared: bool) -> None:
+    """Refuse a plain local path on a multi-node cluster unless declared shared: trials that
+    move between nodes must find their checkpoints (this cannot be probed on one machine)."""
+    if "://" in storage or shared:
+        return
+    n = alive_nodes()
+    if n > 1:
+        raise StorageError(
+            f"--storage {storage!r} is a node-local path but the cluster has {n} alive nodes; "
+            "trials restarted on another node would lose their checkpoints. Pass shared "
+            "storage (--storage s3://bucket/prefix, gs://..., or an NFS path with "
+            "--storage-shared).")
+
+
+def study_paths(opts: StudyOptions) -> tuple[Path, str]:
+    """(local study dir for driver files, Tune storage path for experiments)."""
+    if "://" in opts.storage:
+        local = Path(os.environ.get("CTT_STAGING", Path.home() / ".cache" / "ctt" / "studies"))
+        return (local / opts.name).resolve(), f"{opts.storage.rstrip('/')}/{opts.name}"
+    study_dir = (Path(opts.storage) / opts.name).resolve()
+    return study_dir, str(study_dir)
+
+
+def _upload(study_dir: Path, opts: StudyOptions) -> None:
+    if "://" not in opts.storage:
+        return
+    import pyarrow.fs
+
+    dest = f"{opts.storage.rstrip('/')}/{opts.name}"
+    fs, path = pyarrow.fs.FileSystem.from_uri(dest)
+    pyarrow.fs.copy_files(str(study_dir), path, destination_filesystem=fs)
+
+
+def _write_study_json(study_dir: Path, payload: dict[str, Any]) -> None:
+    study_dir.mkdir(parents=True, exist_ok=True)
+    path = study_dir / "study.json"
+    if path.exists():  # keep the original definition; record the resume
+        old = json.loads(path.read_text())
+        old.setdefault("resumed", []).append({"time": time.time(), "command": sys.argv})
+        payload = old
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# --- Tune plumbing ---
+
+def _reporter(extra_params: list[str]) -> tune.ProgressReporter:
+    return tune.CLIReporter(
+        metric_columns={"step": "step", "loss/total": "loss", "miou": "mIoU"},
+        parameter_columns={"variant": "variant", "seed": "seed",
+                           **{p: p.replace("method.", "") for p in extra_params}},
+        max_report_frequency=30, sort_by_metric=False)
+
+
+def _run_config(opts: StudyOptions, storage_path: str, name: str, callbacks: list,
+                extra_params: list[str] | None = None) -> tune.RunConfig:
+    # Ray's auto loggers are off (our callback owns TensorBoard); keep its JSON results so the
+    # ResultGrid (best trial, restore) has metrics.
+    from ray.tune.logger import JsonLoggerCallback
+
+    return tune.RunConfig(
+        name=name, storage_path=storage_path, callbacks=[*callbacks, JsonLoggerCallback()],
+        failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+        sync_config=tune.SyncConfig(sync_artifacts=True, sync_period=60),
+        progress_reporter=_reporter(extra_params or []), verbose=opts.verbose)
+
+
+def _trainable(opts: StudyOptions):
+    return tune.with_resources(train_ctt, trial_resources(opts.cpus_per_trial,
+                                                          opts.gpus_per_trial))
+
+
+def _trial_config(cfg: CTTConfig, variant: str, **meta: Any) -> dict[str, Any]:
+    return {**cfg.to_flat(), "variant": variant, "seed": cfg.run.seed, **meta}
+
+
+def _points(configs: list[dict[str, Any]]) -> tuple[dict[str, Any], BasicVariantGenerator]:
+    """A param space and generator that yield exactly ``configs`` (Tune requires every preset
+    key in the space: keys that vary become a ``tune.choice`` the points override)."""
+    space: dict[str, Any] = {}
+    for key in dict.fromkeys(k for c in configs for k in c):
+        values = list(dict.fromkeys(c.get(key) for c in configs))
+        space[key] = values[0] if len(values) == 1 else tune.choice(values)
+    return space, BasicVariantGenerator(points_to_evaluate=configs)
+
+
+def _experiment_dir(storage_path: str, name: str) -> str:
+    return f"{storage_path.rstrip('/')}/{name}"
+
+
+def _can_restore(path: str) -> bool:
+    try:
+        return tune.Tuner.can_restore(path)
+    except Exception:  # noqa: BLE001 - missing bucket/dir means "nothing to restore"
+        return False
+
+
+# --- ablation ---
+
+def ablation_trials(opts: StudyOptions, variants: list[str]) -> list[dict[str, Any]]:
+    """Every (variant, seed) trial config, seed-major so paired trials run close together."""
+    base = opts.base_config()
+    return [_trial_config(apply_variant(base.override({"run.seed": s}), v), v)
+            for s in opts.seeds for v in variants]
+
+
+def _run_warmups(opts: StudyOptions, storage_path: str, study_dir: Path) -> dict[int, str]:
+    """One supervised warm-up per seed (2 pairs, banks on), checkpointed at warmup_iters."""
+    record = study_dir / "warmup.json"
+    done: dict[int, str] = ({int(k): v for k, v in json.loads(record.read_text()).items()}
+                            if record.exists() else {})
+    todo = [s for s in opts.seeds if s not in done]
+    if not todo:
+        return done
+    base = opts.base_config()
+    configs = [_trial_config(apply_variant(base.override({"run.seed": s}), "ctt"), "warmup",
+                             _until=base.method.warmup_iters) for s in todo]
+    space, gen = _points(configs)
+    tuner = tune.Tuner(
+        _trainable(opts), param_space=space,
+        tune_config=tune.TuneConfig(
+            search_alg=gen, num_samples=len(configs),
+            max_concurrent_trials=opts.max_concurrent or None, reuse_actors=True),
+        run_config=_run_config(opts, storage_path, f"{WARMUP}-{int(time.time())}", []))
+    grid = tuner.fit()
+    for res in grid:
+        if res.error is not None or res.checkpoint is None:
+            raise RuntimeError(f"warm-up trial failed: {res.error}")
+        ckpt = res.checkpoint
+        scheme = "" if "://" not in opts.storage else opts.storage.split("://")[0] + "://"
+        done[int(res.config["seed"])] = scheme + ckpt.path
+    record.write_text(json.dumps({str(k): v for k, v in sorted(done.items())}, indent=2))
+    return done
+
+
+def run_ablation(opts: StudyOptions, variants: list[str]) -> Path:
+    """Run (or resume) the variants x seeds grid; return the local study directory."""
+    init_ray(opts)
+    check_storage(opts.storage, opts.storage_shared)
+    study_dir, storage_path = study_paths(opts)
+    base = opts.base_config()
+    configs = ablation_trials(opts, variants)
+    _write_study_json(study_dir, {
+        "name": opts.name, "kind": "ablation", "variants": variants, "seeds": opts.seeds,
+        "preset": opts.preset, "options": asdict(opts), "base_config": base.to_flat(),
+        "command": sys.argv, "created": time.time(), "env": environment()})
+    t0 = time.time()
+    exp_dir = _experiment_dir(storage_path, EXPERIMENT)
+    callbacks = [StudyLoggerCallback(study_dir)]
+    if opts.resume and _can_restore(exp_dir):
+        tuner = tune.Tuner.restore(exp_dir, _trainable(opts), resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        if opts.resume:
+            print(f"nothing to resume at {exp_dir}; starting the study", flush=True)
+        fork = (opts.fork_warmup and base.method.warmup_iters > 0
+                and base.method.warmup_iters < base.optim.iters and len(variants) > 1)
+        if fork:
+            warm = _run_warmups(opts, storage_path, study_dir)
+            configs = [{**c, "_fork_from": warm[int(c["seed"])]} for c in configs]
+        space, gen = _points(configs)
+        tuner = tune.Tuner(
+            _trainable(opts), param_space=space,
+            tune_config=tune.TuneConfig(
+                search_alg=gen, num_samples=len(configs),
+                max_concurrent_trials=opts.max_concurrent or None, reuse_actors=True),
+            run_config=_run_config(opts, storage_path, EXPERIMENT, callbacks))
+    tuner.fit()
+    _finish(study_dir, opts, time.time() - t0)
+    return study_dir
+
+
+def _finish(study_dir: Path, opts: StudyOptions, wall_s: float, extra: dict | None = None
+            ) -> None:
+    info = json.loads((study_dir / "study.json").read_text())
+    info.setdefault("wall_s_runs", []).append(wall_s)
+    info.update(extra or {})
+    (study_dir / "study.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    build_results(study_dir)
+    print(summary_table(study_dir), flush=True)
+    print(f"study wall time {wall_s / 60:.1f} min; results in {study_dir}", flush=True)
+    _upload(study_dir, opts)
+
+
+# --- sweep ---
+
+def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_samples: int,
+              scheduler: str = "optuna-median", metric: str = "miou", grace_period: int = 0,
+              sampler_seed: int = 0) -> Path:
+    """Optuna TPE search over ``space`` (Tune domains keyed by flat config keys) with pruning;
+    the best trial is re-evaluated on the held-out test split."""
+    import optuna
+
+    init_ray(opts)
+    check_storage(opts.storage, opts.storage_shared)
+    study_dir, storage_path = study_paths(opts)
+    base = apply_variant(opts.base_config().override({"run.seed": opts.seeds[0]}), variant)
+    for key in space:
+        real = key.removeprefix(ONE_MINUS)
+        if real not in base.to_flat():
+            CTTConfig.from_flat({real: 0})  # raises the unknown-key error with valid keys
+    _write_study_json(study_dir, {
+        "name": opts.name, "kind": "sweep", "variant": variant, "seeds": opts.seeds[:1],
+        "space": {k: repr(v) for k, v in space.items()}, "metric": metric,
+        "scheduler": scheduler, "num_samples": num_samples, "preset": opts.preset,
+        "options": asdict(opts), "base_config": base.to_flat(), "command": sys.argv,
+        "created": time.time(), "env": environment()})
+    db_local = Path(os.environ.get("CTT_OPTUNA_DIR", Path.home() / ".cache" / "ctt" / "optuna"))
+    db_local.mkdir(parents=True, exist_ok=True)
+    db_path = db_local / f"{opts.name}.db"  # sqlite must not live on S3/NFS
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db_path}")
+    searcher = PruningAwareOptunaSearch(
+        metric=metric, mode="max", sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+        storage=storage, study_name=opts.name, time_attr="step")
+    sched = make_scheduler(scheduler, metric=metric, mode="max", time_attr="step",
+                           max_t=base.optim.iters,
+                           grace_period=grace_period or base.run.eval_every,
+                           searcher=searcher if scheduler.startswith("optuna") else None)
+    param_space = {**_trial_config(base, variant), **space}
+    exp_dir = _experiment_dir(storage_path, EXPERIMENT)
+    callbacks = [StudyLoggerCallback(study_dir)]
+    t0 = time.time()
+    if opts.resume and _can_restore(exp_dir):
+        tuner = tune.Tuner.restore(exp_dir, _trainable(opts), resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            _trainable(opts), param_space=param_space,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=sched, num_samples=num_samples,
+                max_concurrent_trials=opts.max_concurrent or None, reuse_actors=True),
+            run_config=_run_config(opts, storage_path, EXPERIMENT, callbacks, list(space)))
+    grid = tuner.fit()
+    best = _evaluate_best(grid, metric, base)
+    shutil.copyfile(db_path, study_dir / "optuna.db")
+    _finish(study_dir, opts, time.time() - t0, {"best": best})
+    return study_dir
+
+
+def _evaluate_best(grid: Any, metric: str, base: CTTConfig) -> dict[str, Any] | None:
+    """The best finished trial by ``metric`` (its best value), re-evaluated on the test split."""
+    from ctt.state import TrainState
+    from ctt.train import Trainer
+    from ctt.tune.trainable import split_config
+
+    try:
+        res = grid.get_best_result(metric=metric, mode="max", scope="all")
+    except RuntimeError:
+        return None
+    out: dict[str, Any] = {"trial_id": res.metrics.get("trial_id"),
+                           "val_" + metric: res.metrics.get(metric),
+                           "config": {k: v for k, v in resolve_config(res.config).items()
+                                      if k in base.to_flat() and base.to_flat()[k] != v}}
+    if res.checkpoint is None or base.data.test_split == "none":
+        return out
+    cfg, _ = split_config(res.config)
+    with res.checkpoint.as_directory() as d:
+        state = TrainState.load(Path(d) / CHECKPOINT_FILE, cfg)
+    trainer = Trainer(cfg, state)
+    if "test" in trainer.datasets:
+        out["test"] = trainer.evaluate("test")
+    return out

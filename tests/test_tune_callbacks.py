@@ -1,0 +1,295 @@
+"""StudyLoggerCallback driven by hand with fake trials (no Ray actors); event files parsed with
+a small TFRecord reader and the protobuf classes shipped in tensorboardX."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+
+import pytest
+
+pytest.importorskip("ray")
+
+from tensorboardX.proto.event_pb2 import Event  # noqa: E402
+from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData  # noqa: E402
+
+from ctt.tune.callbacks import StudyLoggerCallback, clean_result  # noqa: E402
+from ctt.tune.results import tb_run_name  # noqa: E402
+
+ITERS = 4
+
+
+def flat_config(variant: str, seed: int, **extra) -> dict:
+    """A Tune param space point: flat config keys + variant + seed."""
+    cfg = {
+        "method.unsup": "none" if variant == "supervised" else "cross",
+        "method.pairs": 1 if variant == "supervised" else 2,
+        "method.ema_decay": 0.99,
+        "method.shared_aug": False,
+        "optim.iters": ITERS,
+        "run.seed": seed,
+        "variant": variant,
+        "seed": seed,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+class FakeTrial:
+    """The attributes of ray.tune.experiment.Trial that the callback reads."""
+
+    def __init__(self, trial_id: str, config: dict, error_file: str | None = None):
+        self.trial_id = trial_id
+        self.config = config
+        self.error_file = error_file
+        self.pickled_error_file = None
+        self.num_failures = 1 if error_file else 0
+        self.node_ip = "10.0.0.9"
+
+    def __str__(self) -> str:
+        return f"fake_{self.trial_id}"
+
+
+def result(step: int, miou: float | None = None, **extra) -> dict:
+    """A result dict as Ray delivers it: our metrics plus Ray's bookkeeping keys."""
+    r = {"step": step, "loss/total": 1.0 / step, "loss/sup": 0.5, "contrast_on": step > 2,
+         "time/step_s": 0.01, "training_iteration": step // 2, "time_total_s": 0.5 * step,
+         "timestamp": 123, "pid": 42, "date": "today", "done": False, "config": {"a": 1},
+         "node_ip": "10.0.0.7", "hostname": "nodeA", "time_this_iter_s": 0.5,
+         "experiment_tag": "x", "trial_id": "ignored"}
+    if miou is not None:
+        r["miou"] = miou
+    r.update(extra)
+    return r
+
+
+def read_events(logdir: str) -> list[tuple[str, Event]]:
+    """All events of all event files in logdir: TFRecord = len u64, crc u32, data, crc u32."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = Event()
+            ev.ParseFromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            out.append((path, ev))
+    return out
+
+
+def scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] in write order, honouring TensorBoard's purge-on-restart rule."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for _, ev in read_events(logdir):
+        if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+            # TensorBoard drops earlier points at or after the restart step.
+            out = {k: [(s, v) for s, v in pts if s < ev.step] for k, pts in out.items()}
+        for v in ev.summary.value:
+            if v.HasField("simple_value"):
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
+
+
+def hparams_session(logdir: str) -> dict:
+    """The experiment, session start/end of a run dir (asserting there is exactly one)."""
+    found: dict[str, list] = {"experiment": [], "start": [], "end": []}
+    for _, ev in read_events(logdir):
+        for v in ev.summary.value:
+            if v.metadata.plugin_data.plugin_name != "hparams":
+                continue
+            data = HParamsPluginData()
+            data.ParseFromString(v.metadata.plugin_data.content)
+            if data.HasField("experiment"):
+                found["experiment"].append(data.experiment)
+            if data.HasField("session_start_info"):
+                found["start"].append(data.session_start_info)
+            if data.HasField("session_end_info"):
+                found["end"].append(data.session_end_info)
+    assert all(len(v) == 1 for v in found.values()), {k: len(v) for k, v in found.items()}
+    ssi = found["start"][0]
+    hp = {}
+    for k, val in ssi.hparams.items():
+        hp[k] = getattr(val, val.WhichOneof("kind"))
+    return {"hparams": hp,
+            "metrics": [m.name.tag for m in found["experiment"][0].metric_infos],
+            "end_status": found["end"][0].status}
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture()
+def study(tmp_path):
+    """Four trials through the callback: finished, pruned, Ray error, reported NaN error."""
+    cb = StudyLoggerCallback(tmp_path)
+    ok = FakeTrial("t_ok", flat_config("supervised", 0))
+    pruned = FakeTrial("t_pruned", flat_config("cross", 0))
+    err_file = tmp_path / "error.txt"
+    err_file.write_text("Failure # 1 (occurred at 2025-01-01)\nray::f()\n  File x, line 3\n"
+                        "ValueError: boom in step 3\n")
+    err = FakeTrial("t_err", flat_config("cross", 1), error_file=str(err_file))
+    nan = FakeTrial("t_nan", flat_config("cross", 2))
+    trials = [ok, pruned, err, nan]
+    for t in trials:
+        cb.on_trial_start(iteration=0, trials=trials, trial=t)
+    cb.on_trial_result(0, trials, ok, result(2, 40.0))
+    cb.on_trial_result(0, trials, ok, result(4, 38.0))
+    cb.on_trial_result(0, trials, pruned, result(2, 30.0))
+    cb.on_trial_result(0, trials, err, result(2))
+    cb.on_trial_result(0, trials, nan, result(2, 10.0, error="loss is NaN at step 2"))
+    cb.on_trial_complete(0, trials, ok)
+    cb.on_trial_complete(0, trials, pruned)
+    cb.on_trial_error(0, trials, err)
+    cb.on_trial_complete(0, trials, nan)
+    cb.on_experiment_end(trials)
+    return tmp_path, cb, trials
+
+
+def test_clean_result_drops_ray_bookkeeping_keeps_metrics_and_node():
+    rec = clean_result(result(4, 38.0), "tid")
+    assert rec == {"trial_id": "tid", "step": 4, "loss/total": 0.25, "loss/sup": 0.5,
+                   "contrast_on": True, "time/step_s": 0.01, "node_ip": "10.0.0.7",
+                   "hostname": "nodeA", "miou": 38.0, "time/total_s": 2.0}
+
+
+def test_metrics_jsonl_and_trial_json(study):
+    root, _, _ = study
+    lines = read_jsonl(root / "trials" / "t_ok" / "metrics.jsonl")
+    assert [r["step"] for r in lines] == [2, 4]
+    assert [r["miou"] for r in lines] == [40.0, 38.0]
+    assert all(r["trial_id"] == "t_ok" and "timestamp" not in r and "config" not in r
+               for r in lines)
+
+    ok = load_json(root / "trials" / "t_ok" / "trial.json")
+    assert ok["status"] == "TERMINATED" and ok["pruned"] is False and ok["error"] is None
+    assert ok["step"] == 4 and ok["miou_final"] == 38.0 and ok["miou_best"] == 40.0
+    assert ok["node_id"] == "10.0.0.7" and ok["wall_s"] == 2.0
+    assert ok["variant"] == "supervised" and ok["seed"] == 0
+    assert ok["config"] == flat_config("supervised", 0)
+
+    pruned = load_json(root / "trials" / "t_pruned" / "trial.json")
+    assert pruned["status"] == "TERMINATED" and pruned["pruned"] is True
+    assert pruned["step"] == 2 and pruned["miou_best"] == 30.0
+
+    err = load_json(root / "trials" / "t_err" / "trial.json")
+    assert err["status"] == "ERROR" and err["pruned"] is False
+    assert err["error"] == "ValueError: boom in step 3"
+    assert "Failure # 1" in err["error_detail"]
+    assert err["miou_final"] is None and err["miou_best"] is None
+
+    nan = load_json(root / "trials" / "t_nan" / "trial.json")
+    assert nan["status"] == "ERROR" and nan["error"] == "loss is NaN at step 2"
+    assert nan["pruned"] is False  # step 2 < iters, but an error is not a pruning
+
+
+def test_trial_json_running_after_start(tmp_path):
+    cb = StudyLoggerCallback(tmp_path)
+    t = FakeTrial("t1", flat_config("cross", 3))
+    cb.on_trial_start(0, [t], t)
+    info = load_json(tmp_path / "trials" / "t1" / "trial.json")
+    assert info["status"] == "RUNNING" and info["variant"] == "cross" and info["seed"] == 3
+    assert info["config"]["method.ema_decay"] == 0.99
+
+
+def test_explicit_pruned_flag(tmp_path):
+    cb = StudyLoggerCallback(tmp_path)
+    t = FakeTrial("t1", flat_config("cross", 0, **{"optim.iters": 2}))
+    cb.on_trial_start(0, [t], t)
+    cb.on_trial_result(0, [t], t, result(2, 5.0, pruned=True))
+    cb.on_trial_complete(0, [t], t)
+    assert load_json(tmp_path / "trials" / "t1" / "trial.json")["pruned"] is True
+
+
+def test_tensorboard_scalars_per_trial_dir(study):
+    root, _, _ = study
+    logdir = root / "tb" / tb_run_name("supervised", 0, "t_ok")
+    assert logdir.name == "supervised_seed0_t_ok"
+    sc = scalars(str(logdir))
+    assert sc["miou"] == [(2, 40.0), (4, 38.0)]
+    assert sc["loss/total"] == [(2, 0.5), (4, 0.25)]
+    assert sc["contrast_on"] == [(2, 0.0), (4, 1.0)]
+    assert sc["time/step_s"][0][0] == 2
+    assert sc["miou_best"] == [(4, 40.0)] and sc["miou_final"] == [(4, 38.0)]
+    assert "node_ip" not in sc and "step" not in sc
+    assert sorted(os.listdir(root / "tb")) == sorted(
+        ["supervised_seed0_t_ok", "cross_seed0_t_pruned", "cross_seed1_t_err",
+         "cross_seed2_t_nan"])
+
+
+def test_hparams_same_keys_full_config_every_trial(study):
+    root, _, trials = study
+    sessions = {}
+    for t in trials:
+        variant, seed = t.config["variant"], t.config["seed"]
+        sessions[t.trial_id] = hparams_session(str(root / "tb" / tb_run_name(variant, seed,
+                                                                             t.trial_id)))
+    expected_keys = (set(flat_config("supervised", 0)) - {"variant", "seed"}
+                     | {"variant", "seed", "status"})
+    for tid, s in sessions.items():
+        assert set(s["hparams"]) == expected_keys, tid
+        assert s["metrics"] == ["miou_best", "miou_final"], tid
+    ok = sessions["t_ok"]["hparams"]
+    assert ok["method.ema_decay"] == pytest.approx(0.99) and ok["method.unsup"] == "none"
+    assert ok["method.shared_aug"] is False and ok["seed"] == 0.0
+    assert ok["variant"] == "supervised" and ok["status"] == "TERMINATED"
+    assert sessions["t_pruned"]["hparams"]["status"] == "PRUNED"
+    assert sessions["t_err"]["hparams"]["status"] == "ERROR"
+    assert sessions["t_nan"]["hparams"]["status"] == "ERROR"
+    # STATUS_SUCCESS = 1, STATUS_FAILURE = 2 in the HParams api proto.
+    assert sessions["t_ok"]["end_status"] == 1 and sessions["t_err"]["end_status"] == 2
+    # An errored trial without any mIoU shows 0.0 (HParams mishandles NaN).
+    err_sc = scalars(str(root / "tb" / tb_run_name("cross", 1, "t_err")))
+    assert err_sc["miou_best"] == [(2, 0.0)] and err_sc["miou_final"] == [(2, 0.0)]
+
+
+def test_resume_replays_without_duplicates(study):
+    """A trial restarted from its step-2 checkpoint re-reports step 4: files keep one copy."""
+    root, cb, _ = study
+    ok = FakeTrial("t_ok", flat_config("supervised", 0))
+    fresh = StudyLoggerCallback(root)  # a restarted driver has no in-memory state
+    fresh.on_trial_start(0, [ok], ok)
+    fresh.on_trial_result(0, [ok], ok, result(4, 41.0))
+    fresh.on_trial_complete(0, [ok], ok)
+    lines = read_jsonl(root / "trials" / "t_ok" / "metrics.jsonl")
+    assert [(r["step"], r["miou"]) for r in lines] == [(2, 40.0), (4, 41.0)]
+    info = load_json(root / "trials" / "t_ok" / "trial.json")
+    assert info["miou_final"] == 41.0 and info["miou_best"] == 41.0
+    logdir = root / "tb" / "supervised_seed0_t_ok"
+    assert scalars(str(logdir))["miou"] == [(2, 40.0), (4, 41.0)]
+    assert len(glob.glob(str(logdir / "*.hparams"))) == 1
+    assert hparams_session(str(logdir))["hparams"]["status"] == "TERMINATED"
+
+
+def test_hooks_never_raise(tmp_path, caplog):
+    blocker = tmp_path / "study"
+    blocker.write_text("a file where the study directory should be")
+    cb = StudyLoggerCallback(blocker)
+    t = FakeTrial("t1", flat_config("cross", 0))
+    cb.on_trial_start(0, [t], t)
+    cb.on_trial_result(0, [t], t, result(2, 1.0))
+    cb.on_trial_error(0, [t], t)
+    cb.on_trial_complete(0, [t], t)
+    assert "StudyLoggerCallback.on_trial_result failed" in caplog.text
+
+
+def test_callback_pickles_without_open_writers(tmp_path):
+    import pickle
+
+    cb = StudyLoggerCallback(tmp_path)
+    t = FakeTrial("t1", flat_config("cross", 0))
+    cb.on_trial_start(0, [t], t)
+    cb.on_trial_result(0, [t], t, result(2, 1.0))
+    clone = pickle.loads(pickle.dumps(cb))
+    assert clone.study_dir == cb.study_dir and clone._trials == {}
+    cb.on_experiment_end([t])
