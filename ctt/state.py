@@ -42,6 +42,11 @@ FORKABLE_KEYS = frozenset({
     "data.num_workers", "data.test_split", "data.val_split",
 })
 
+# Keys a resumed run may change: run-only settings, and the total iteration count (extending a
+# run; the poly schedule follows the new total from the resumed step on).
+RESUMABLE_KEYS = frozenset({"run.eval_every", "run.checkpoint_every", "run.log_every",
+                            "run.device", "data.num_workers", "optim.iters"})
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, foreign or does not match the config."""
@@ -189,13 +194,11 @@ class TrainState:
     def load(cls, path: str | os.PathLike, cfg: CTTConfig | None = None,
              device: torch.device | str | None = None) -> TrainState:
         """Restore a state saved by :meth:`save`. ``cfg`` (optional) must equal the saved
-        config except for run-only keys (device, logging cadence)."""
+        config except for :data:`RESUMABLE_KEYS` (device, cadence, ``optim.iters``)."""
         obj = cls.read_checkpoint(path)
         saved = CTTConfig.from_flat(obj["config"])
         if cfg is not None:
-            diff = _config_diff(saved, cfg, ignore={"run.eval_every", "run.checkpoint_every",
-                                                    "run.log_every", "run.device",
-                                                    "data.num_workers"})
+            diff = _config_diff(saved, cfg, ignore=RESUMABLE_KEYS)
             if diff:
                 raise CheckpointError(f"checkpoint {path} was written with a different config: "
                                       f"{diff}")

@@ -213,5 +213,5 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor],
 
     state.step += 1
     acc.update({"bank/fill": sum(b.fill for b in banks) / len(banks) if banks else 0.0,
-                "contrast_on": float(state.contrast_on), "lr": lr, "step": float(state.step)})
+                "contrast_on": float(state.contrast_on), "lr": lr, "step": state.step})
     return acc

@@ -28,7 +28,7 @@ from ctt.config import PRESETS, CTTConfig, apply_variant, get_preset, parse_set_
 from ctt.data.loader import BatchStream, build_datasets, eval_loader
 from ctt.envinfo import environment
 from ctt.evaluate import evaluate
-from ctt.state import CheckpointError, TrainState
+from ctt.state import CheckpointError, TrainState, derive_seed
 from ctt.step import NonFiniteLossError, train_step
 
 __all__ = ["Trainer", "latest_checkpoint", "main", "resolve_config"]
@@ -72,10 +72,11 @@ class Trainer:
         self.state.num_labeled = len(self.datasets["labeled"])
         d = cfg.data
         self.streams = {"labeled": BatchStream(self.datasets["labeled"], d.batch_size,
-                                               seed=cfg.run.seed, num_workers=d.num_workers)}
+                                               seed=derive_seed(cfg.run.seed, 10),
+                                               num_workers=d.num_workers)}
         if cfg.method.unsup != "none":
             self.streams["unlabeled"] = BatchStream(self.datasets["unlabeled"], d.batch_size_u,
-                                                    seed=cfg.run.seed + 1,
+                                                    seed=derive_seed(cfg.run.seed, 11),
                                                     num_workers=d.num_workers)
         for name, stream in self.streams.items():
             stream.load_state_dict(self.state.streams.get(name, {"consumed": 0}))
@@ -106,7 +107,9 @@ class Trainer:
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16,
                              enabled=self.cfg.run.amp == "bf16")
         out: dict[str, float] = {}
-        with torch.no_grad(), amp:
+        # DataLoader iterators draw a seed from the global RNG; fork it so that the evaluation
+        # cadence (which may change on resume) cannot shift anything that trains.
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), amp:
             for role, nets in (("student", self.state.students),
                                ("teacher", self.state.teachers)):
                 for k, net in enumerate(nets):
@@ -231,9 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     state = None
     if a.resume and files_existed:
         ckpt = latest_checkpoint(files.ckpt_dir)
-        state = TrainState.load(ckpt, cfg)
+        try:
+            saved_iters = TrainState.read_checkpoint(ckpt)["config"]["optim.iters"]
+            state = TrainState.load(ckpt, cfg)
+        except CheckpointError as e:
+            print(f"error: {e}. Resume with the run's original --variant/--set options "
+                  f"(see {out / 'config.json'}).", file=sys.stderr)
+            return 1
         files.truncate_after(state.step)
         print(f"resumed from {ckpt} (step {state.step})")
+        if saved_iters != cfg.optim.iters:
+            print(f"note: optim.iters changed from {saved_iters} to {cfg.optim.iters}; the poly "
+                  "lr schedule follows the new total from here on")
     cfg.to_json(out / "config.json", variant=a.variant, preset=a.preset, env=environment())
     trainer = Trainer(cfg, state)
     total = cfg.optim.iters

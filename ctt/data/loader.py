@@ -31,6 +31,31 @@ def _stream_seed(seed: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, stream, 0xC77]).generate_state(1)[0])
 
 
+def _epoch_keys(n: int, seed: int, start: int, batch_size: int,
+                cache: dict[int, np.ndarray]) -> list[tuple[int, int]]:
+    """``(index, epoch)`` of items ``start .. start+batch_size-1`` of the endless stream; epoch
+    ``e`` is the permutation seeded by ``(seed, e)``. ``cache`` keeps the latest permutation."""
+    keys = []
+    for i in range(start, start + batch_size):
+        epoch, pos = divmod(i, n)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        keys.append((int(cache[epoch][pos]), epoch))
+    return keys
+
+
+def _key_batches(n: int, seed: int, batch_size: int, start: int
+                 ) -> Iterator[list[tuple[int, int]]]:
+    # A free function, not a method: a generator holding ``self`` would make a reference cycle
+    # (stream -> DataLoader iterator -> sampler -> stream) that keeps worker processes alive
+    # until a garbage collection, or stalls interpreter exit for seconds.
+    cache: dict[int, np.ndarray] = {}
+    while True:
+        yield _epoch_keys(n, seed, start, batch_size, cache)
+        start += batch_size
+
+
 class BatchStream:
     """Endless batches of ``batch_size`` items from ``dataset``; position = items consumed.
 
@@ -54,31 +79,16 @@ class BatchStream:
         self._perm_cache: dict[int, np.ndarray] = {}
         self._iter: Iterator | None = None
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
-                self._n)}
-        return self._perm_cache[epoch]
-
-    def _keys(self, start: int) -> list[tuple[int, int]]:
-        keys = []
-        for i in range(start, start + self.batch_size):
-            epoch, pos = divmod(i, self._n)
-            keys.append((int(self._perm(epoch)[pos]), epoch))
-        return keys
-
-    def _key_batches(self, start: int) -> Iterator[list[tuple[int, int]]]:
-        while True:
-            yield self._keys(start)
-            start += self.batch_size
-
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``(images [B,3,H,W], labels [B,H,W])``."""
         if self.num_workers == 0:
-            batch = pad_collate([self.dataset[k] for k in self._keys(self.consumed)])
+            keys = _epoch_keys(self._n, self.seed, self.consumed, self.batch_size,
+                               self._perm_cache)
+            batch = pad_collate([self.dataset[k] for k in keys])
         else:
             if self._iter is None:
-                loader = DataLoader(self.dataset, batch_sampler=self._key_batches(self.consumed),
+                keys = _key_batches(self._n, self.seed, self.batch_size, self.consumed)
+                loader = DataLoader(self.dataset, batch_sampler=keys,
                                     num_workers=self.num_workers, collate_fn=pad_collate,
                                     persistent_workers=True)
                 self._iter = iter(loader)
@@ -91,7 +101,11 @@ class BatchStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consumed = int(state["consumed"])
-        self._iter = None  # re-create workers at the restored position
+        self.close()  # workers restart at the restored position
+
+    def close(self) -> None:
+        """Stop the worker processes (if any); the next :meth:`next` starts new ones."""
+        self._iter = None
 
 
 def dataset_root(cfg: CTTConfig) -> Path:

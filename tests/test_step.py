@@ -1,0 +1,266 @@
+"""ctt.step.train_step: who teaches whom, which terms each variant switches on, the NaN guard,
+the teachers' mode and gradients. Batches are random tensors; the model is a tiny network."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ctt.step
+from ctt.config import PRESETS, VARIANTS, apply_variant
+from ctt.state import TrainState
+from ctt.step import PEER, NonFiniteLossError, train_step
+
+C, D, S = 7, 32, 32  # classes, feature dim, crop side
+
+BASE = {
+    "data.crop_size": S, "data.batch_size": 2, "data.batch_size_u": 2, "model.width": 8,
+    "model.feat_dim": D, "method.bank_size": 8, "method.bank_min_fill": 1,
+    "method.warmup_iters": 0, "optim.iters": 10, "run.device": "cpu",
+}
+
+
+def make_cfg(variant: str = "ctt", **flat):
+    cfg = apply_variant(PRESETS["tiny"].override(BASE), variant)
+    return cfg.override({k.replace("__", "."): v for k, v in flat.items()})
+
+
+def make_batch(seed: int = 0, b: int = 2, b_u: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y_l = torch.randint(0, C, (b, S, S), generator=g)
+    y_l[:, :3] = 255  # an ignored band, as padding would give
+    return {"x_l": torch.rand(b, 3, S, S, generator=g), "y_l": y_l,
+            "x_u": torch.rand(b_u, 3, S, S, generator=g)}
+
+
+def fill_banks(state: TrainState, per_class: int = 4) -> None:
+    """Put random unit features of every class into every bank and latch contrast on."""
+    g = torch.Generator().manual_seed(123)
+    for bank in state.banks:
+        feats = F.normalize(torch.randn(C * per_class, D, generator=g), dim=1)
+        bank.push(feats, torch.arange(C).repeat(per_class))
+    state.contrast_on = bool(state.banks)
+
+
+def snapshot(state: TrainState) -> dict[str, torch.Tensor]:
+    """Every tensor of the state (parameters, buffers, banks, optimiser moments), cloned."""
+    out = {}
+    for role, nets in (("s", state.students), ("t", state.teachers), ("b", state.banks)):
+        for k, net in enumerate(nets):
+            for name, v in net.state_dict().items():
+                out[f"{role}{k}.{name}"] = v.clone()
+    for k, opt in enumerate(state.optimizers):
+        for pid, st in opt.state_dict()["state"].items():
+            for name, v in st.items():
+                if torch.is_tensor(v):
+                    out[f"o{k}.{pid}.{name}"] = v.clone()
+    out["aug_rng"] = state.generator.get_state()
+    return out
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# --- who teaches whom --------------------------------------------------------------------------
+
+def _fake_teacher(cls: int):
+    """A teacher forward that predicts class ``cls`` everywhere with probability ~1."""
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = x.shape
+        logits = torch.full((b, C, h // 4, w // 4), -30.0)
+        logits[:, cls] = 30.0
+        return logits, F.normalize(torch.ones(b, D, h // 4, w // 4), dim=1)
+    return forward
+
+
+@pytest.mark.parametrize("mix", ["none", "classmix", "cutmix"])
+@pytest.mark.parametrize("shared_aug", [True, False])
+@pytest.mark.parametrize("variant", ["ctt", "dual_self", "mean_teacher"])
+def test_student_learns_from_peer_teacher_under_cross_and_own_under_self(
+        monkeypatch, variant, shared_aug, mix):
+    cfg = make_cfg(variant, method__mix=mix, method__shared_aug=shared_aug)
+    state = TrainState(cfg)
+    for k, teacher in enumerate(state.teachers):
+        teacher.forward = _fake_teacher(1 + k)  # T_0 says class 1, T_1 says class 2
+    calls = []
+    real = ctt.step.pseudo_label_ce
+
+    def spy(logits, pseudo, conf, **kw):
+        calls.append((pseudo.clone(), conf.clone()))
+        return real(logits, pseudo, conf, **kw)
+
+    monkeypatch.setattr(ctt.step, "pseudo_label_ce", spy)
+    train_step(state, make_batch())
+    pairs = cfg.method.pairs
+    assert len(calls) == pairs  # one call per student, in student order
+    for k, (pseudo, conf) in enumerate(calls):
+        source = PEER[k] if cfg.method.unsup == "cross" else k
+        assert pseudo.shape == (2, S, S)
+        assert (pseudo == 1 + source).all(), f"student {k}: labels {pseudo.unique().tolist()}"
+        assert conf.min() > 0.999
+
+
+# --- each variant changes only what it names ---------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_builds_its_networks_and_switches_its_terms(variant):
+    base = make_cfg("ctt", method__tau_p=0.0)
+    cfg = apply_variant(base, variant)
+    changed = {k for k, v in cfg.to_flat().items() if base.to_flat()[k] != v}
+    assert changed <= set(VARIANTS[variant])
+    m = cfg.method
+    state = TrainState(cfg)
+    assert len(state.students) == len(state.optimizers) == m.pairs
+    assert len(state.teachers) == (0 if m.unsup == "none" else m.pairs)
+    contrast = m.unsup != "none" and (m.lambda_h > 0 or m.lambda_l > 0)
+    assert len(state.banks) == (m.pairs if contrast else 0)
+    fill_banks(state)
+
+    batch = make_batch()
+    if m.unsup == "none":
+        del batch["x_u"]  # supervised needs no unlabeled batch
+    else:
+        with pytest.raises(ValueError, match="x_u"):
+            train_step(state, {"x_l": batch["x_l"], "y_l": batch["y_l"]})
+    out = train_step(state, batch)
+
+    assert out["loss/sup"] > 0
+    assert (out["loss/unsup"] > 0) == (m.unsup != "none")
+    assert (out["pl/weight"] == 1.0) == (m.unsup != "none")  # tau_p = 0: every pixel counts
+    assert (out["loss/hc"] > 0) == (m.lambda_h > 0 and m.unsup != "none")
+    assert (out["n/anchors_hc"] > 0) == (m.lambda_h > 0 and m.unsup != "none")
+    assert (out["loss/lc"] > 0) == (m.lambda_l > 0 and m.pairs == 2 and m.unsup != "none")
+    assert (out["n/anchors_lc"] > 0) == (m.lambda_l > 0 and m.pairs == 2 and m.unsup != "none")
+    assert out["contrast_on"] == float(contrast)
+    expected = (out["loss/sup"] + m.lambda_u * out["loss/unsup"] + m.lambda_h * out["loss/hc"]
+                + m.lambda_l * out["loss/lc"])
+    assert out["loss/total"] == pytest.approx(expected, rel=1e-6)
+    assert out["step"] == 1.0 and state.step == 1
+
+
+def test_warmup_is_supervised_only_and_needs_no_unlabeled_batch():
+    state = TrainState(make_cfg("ctt", method__warmup_iters=2, method__tau_p=0.0))
+    fill_banks(state)
+    batch = make_batch()
+    del batch["x_u"]
+    for _ in range(2):
+        out = train_step(state, batch)
+        assert out["loss/unsup"] == out["loss/hc"] == out["loss/lc"] == 0.0
+        assert out["loss/total"] == out["loss/sup"]
+    with pytest.raises(ValueError, match="step 2.*x_u"):
+        train_step(state, batch)
+    out = train_step(state, make_batch())
+    assert out["loss/unsup"] > 0 and out["loss/hc"] > 0 and out["loss/lc"] > 0
+
+
+def test_contrast_latches_when_banks_ready():
+    cfg = make_cfg("ctt", method__tau_bank=0.0, method__bank_ready="min_fill")
+    state = TrainState(cfg)
+    assert not state.contrast_on
+    out = train_step(state, make_batch())
+    assert all(int(b.counts.sum()) > 0 for b in state.banks)
+    assert out["bank/fill"] == pytest.approx(sum(b.fill for b in state.banks) / 2)
+    # tau_bank = 0 keeps every correctly predicted pixel; readiness follows bank_ready().
+    from ctt.memory_bank import bank_ready
+
+    assert state.contrast_on == bank_ready(list(state.banks), "min_fill", 1)
+    state.contrast_on = True
+    for bank in state.banks:  # empty banks do not switch the latch off
+        bank.count.zero_()
+    train_step(state, make_batch(1))
+    assert state.contrast_on
+
+
+# --- teachers ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_teachers_are_ema_copies_without_grads_in_configured_mode(mode):
+    state = TrainState(make_cfg("ctt", method__teacher_mode=mode))
+    fill_banks(state)
+    before = [p.clone() for p in state.teachers[0].parameters()]
+    for i in range(3):
+        train_step(state, make_batch(i))
+        if i == 0:  # a = 0 at t = 0: the teacher equals its student after the first step
+            for s, t in zip(state.students, state.teachers):
+                for ps, pt in zip(s.parameters(), t.parameters()):
+                    assert torch.equal(ps, pt)
+    for s, t in zip(state.students, state.teachers):
+        assert all(m.training == (mode == "train") for m in t.modules())
+        assert all(not p.requires_grad and p.grad is None for p in t.parameters())
+        assert all(m.training for m in s.modules())
+        assert any(p.grad is not None for p in s.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, state.teachers[0].parameters()))
+
+
+def test_students_are_independent():
+    """Student 0's update does not depend on student 1 during warm-up (paired design)."""
+    two = TrainState(make_cfg("ctt", method__warmup_iters=5))
+    one = TrainState(make_cfg("supervised", method__warmup_iters=5))
+    batch = make_batch()
+    del batch["x_u"]
+    for _ in range(2):
+        train_step(two, batch)
+        train_step(one, batch)
+    for a, b in zip(two.students[0].state_dict().values(), one.students[0].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_same_state_and_batch_give_same_result_other_seed_differs():
+    runs = []
+    for seed in (0, 0, 1):
+        state = TrainState(make_cfg("ctt", run__seed=seed, method__tau_p=0.0))
+        fill_banks(state)
+        metrics = [train_step(state, make_batch(i)) for i in range(2)]
+        runs.append((metrics, snapshot(state)))
+    assert runs[0][0] == runs[1][0]
+    assert_same(runs[0][1], runs[1][1])
+    assert runs[0][0][-1]["loss/total"] != runs[2][0][-1]["loss/total"]
+
+
+# --- NaN guard --------------------------------------------------------------------------------
+
+def test_nan_images_raise_and_leave_state_untouched():
+    state = TrainState(make_cfg("ctt", method__teacher_mode="train"))
+    fill_banks(state)
+    train_step(state, make_batch(0))
+    before = snapshot(state)
+    batch = make_batch(1)
+    batch["x_l"][0, :, 5, 5] = math.nan
+    with pytest.raises(NonFiniteLossError, match=r"loss/sup \(student 0\).* at step 1") as e:
+        train_step(state, batch)
+    assert e.value.step == 1 and e.value.term == "loss/sup (student 0)"
+    assert math.isnan(e.value.value)
+    assert state.step == 1 and state.contrast_on
+    assert_same(before, snapshot(state))  # parameters, BN statistics, banks, moments, aug RNG
+    train_step(state, make_batch(1))  # and the run can go on from there
+    assert state.step == 2
+
+
+@pytest.mark.parametrize("term, fn, student", [
+    ("loss/unsup", "pseudo_label_ce", 1), ("loss/hc", "high_level_contrast", 0),
+    ("loss/lc", "low_level_contrast", 1)])
+def test_nan_in_any_term_is_named(monkeypatch, term, fn, student):
+    state = TrainState(make_cfg("ctt"))
+    fill_banks(state)
+    real = getattr(ctt.step, fn)
+    calls = []
+
+    def poisoned(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(1)
+        if len(calls) - 1 != student:
+            return out
+        return ((out[0] * math.inf, out[1]) if isinstance(out, tuple) else out * math.nan)
+
+    monkeypatch.setattr(ctt.step, fn, poisoned)
+    before = snapshot(state)
+    with pytest.raises(NonFiniteLossError, match=f"{term} \\(student {student}\\)"):
+        train_step(state, make_batch())
+    assert_same(before, snapshot(state))
+    assert state.step == 0
