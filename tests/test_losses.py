@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ctt.losses as losses
 from ctt.losses import (
     high_level_contrast,
     low_level_contrast,
@@ -371,3 +372,21 @@ def test_benchmark_loop_transcriptions_agree():
     low = low_level_contrast(anchors, positives, classes, bank, valid, 0.5)
     assert low.item() == pytest.approx(
         bench.loop_low_level(anchors, positives, classes, bank, valid, 0.5).item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("fn", ["high", "low"])
+def test_row_blocks_give_the_same_values_and_grads(fn, monkeypatch):
+    anchors, classes, bank, valid, positives = contrast_case(n=23)
+
+    def run():
+        if fn == "high":
+            loss = high_level_contrast(anchors, classes, bank, valid, 0.1)
+        else:
+            loss = low_level_contrast(anchors, positives, classes, bank, valid, 0.5)
+        return (loss, *grads(loss, anchors, bank))
+
+    whole = run()
+    monkeypatch.setitem(losses.CHUNK_ELEMENTS, "cpu", 3 * bank.shape[0] * bank.shape[1])
+    blocks = run()  # 8 blocks of <= 3 anchor rows
+    for a, b in zip(whole, blocks):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
