@@ -1,0 +1,545 @@
+"""Study-system benchmarks: ``python -m ctt.tune.bench [--what efficiency,pruning]``.
+
+Two measurements of the Ray Tune layer, on CPU, with the real study plumbing
+(:func:`ctt.tune.study._points`, the ``train_ctt`` trainable with ``reuse_actors=True``, the
+study's ``RunConfig`` and its driver-side :class:`~ctt.tune.callbacks.StudyLoggerCallback`):
+
+**(a) Efficiency.** ``n_trials`` (8) tiny trials (variant ``mean_teacher``, seeds 0..7, 300
+iterations of which the first 40 % are the supervised warm-up, evaluation and checkpoint every
+100) on ``num_cpus`` (2) CPUs with ``cpus_per_trial=1`` and ``run.num_threads=1``::
+
+    ratio = sum_i compute_i / (wall x slots)
+
+``compute_i`` is the last ``time/trial_compute_s`` trial *i* reports: the time inside the
+trainable from its entry to the final evaluation (dataset build, training, evaluations,
+checkpoints; the ~5 ms blocking of each ``tune.report`` is included, see the report).
+``wall`` is measured around ``Tuner.fit()`` only, after ``ray.init`` (which is ~3 s and paid
+once per study). ``slots = min(n_trials, max_concurrent, cluster CPUs / cpus_per_trial)``.
+What the ratio misses is Tune's own cost: actor start-up and imports in the worker, scheduling
+between trials, result and checkpoint handling on the driver (which shares the two cores), and
+the tail where one slot idles while the last trial finishes. Target >= 0.90. At the default
+size this part takes about 2 minutes on an idle 2-core machine.
+
+**(b) Pruning.** ``optuna-median``, ``asha`` and ``none`` on the *same* fixed list of
+``n_configs`` (12) configurations, pre-sampled once by :func:`sample_configs` from a seeded
+NumPy RNG (no TPE: its suggestions depend on completion order under concurrency, see
+``shared/design/ray-notes.md``). Each scheduler is fed the list in the same order through a
+points-to-evaluate generator, with ``max_concurrent_trials=2``. Repeat ``r`` uses
+``run.seed = r`` and the order ``r`` (the identity for ``r = 0``, a seeded permutation
+otherwise), the same for every scheduler. Trials: tiny ``mean_teacher``, 450 iterations (40 %
+supervised warm-up), evaluation every 50; ``grace_period`` 50 (ASHA: rungs at 50 and 150 with
+reduction factor 3; median: ``n_warmup_steps=50``); the median pruner's ``n_startup_trials`` is
+2, the number of concurrent slots (the first wave runs before any reference exists anyway).
+Per scheduler and repeat: iterations used (sum over trials of the last step) and compute
+seconds (sum of the last ``time/trial_compute_s``), each relative to ``none`` of the same
+repeat; the best mIoU found (``miou_best`` of the best trial) and its gap to ``none``'s best.
+Target: gap <= 1 mIoU using <= 35 % of ``none``'s compute (checked on both iterations and
+seconds). At the default size one repeat costs about 12 trial-minutes for ``none``, so the
+whole part takes roughly 10-15 minutes on an idle 2-core machine.
+
+Output: a summary on stdout and one JSON file (``--json``, default
+``benchmarks/results/tune.json``); the Tune experiments go to a temporary directory unless
+``--out-dir`` is given. Run it on an otherwise idle machine: other processes on the same cores
+stretch the trials and the Ray driver differently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune import Callback  # noqa: E402
+
+from ctt.config import CTTConfig, apply_variant, get_preset, parse_set_args  # noqa: E402
+from ctt.data.loader import dataset_root  # noqa: E402
+from ctt.envinfo import environment  # noqa: E402
+from ctt.tune.callbacks import StudyLoggerCallback  # noqa: E402
+from ctt.tune.schedulers import make_scheduler  # noqa: E402
+from ctt.tune.study import StudyOptions, _points, _run_config, _trainable, init_ray  # noqa: E402
+
+__all__ = [
+    "EFFICIENCY_TARGET",
+    "PRUNING_COMPUTE_TARGET",
+    "PRUNING_GAP_TARGET",
+    "SAMPLED_KEYS",
+    "bench_efficiency",
+    "bench_pruning",
+    "main",
+    "sample_configs",
+    "source_hash",
+    "summarise_pruning",
+]
+
+EFFICIENCY_TARGET = 0.90
+PRUNING_GAP_TARGET = 1.0  # mIoU points below none's best
+PRUNING_COMPUTE_TARGET = 0.35  # fraction of none's compute
+SAMPLED_KEYS = ("optim.lr", "method.ema_decay", "method.lambda_u", "method.tau_p")
+DEFAULT_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "tune.json"
+COMPUTE_KEY = "time/trial_compute_s"
+
+
+# --- trial configs -------------------------------------------------------------------------
+
+def _base_config(preset: str, variant: str, iters: int, eval_every: int,
+                 overrides: dict[str, Any] | None) -> CTTConfig:
+    """Preset + variant + bench sizes (40 % warm-up, checkpoint at every evaluation), then the
+    caller's overrides (which win, so smoke sizes can shrink everything)."""
+    sizes = {"optim.iters": iters, "run.eval_every": eval_every,
+             "run.checkpoint_every": eval_every, "run.log_every": eval_every,
+             "method.warmup_iters": int(0.4 * iters), "run.num_threads": 1, "run.device": "cpu"}
+    cfg = apply_variant(get_preset(preset).override(sizes), variant)
+    return cfg.override(dict(overrides or {}))
+
+
+def _trial(cfg: CTTConfig, variant: str) -> dict[str, Any]:
+    return {**cfg.to_flat(), "variant": variant, "seed": cfg.run.seed}
+
+
+def sample_configs(n: int = 12, seed: int = 0) -> list[dict[str, float]]:
+    """``n`` hyperparameter sets drawn once from ``numpy.random.default_rng(seed)``.
+
+    Ranges are deliberately wide so that some draws are clearly bad (a learning rate near
+    1e-4 barely trains in a few hundred iterations; a large ``lambda_u`` with a loose
+    ``tau_p`` trains on wrong pseudo-labels):
+
+    - ``optim.lr``: log-uniform [1e-4, 2e-2]
+    - ``method.ema_decay``: ``1 - 10**u``, u uniform [-3, -1] (0.9 ... 0.999)
+    - ``method.lambda_u``: uniform [0, 3]
+    - ``method.tau_p``: uniform [0.5, 0.99]
+
+    Returns a list of dicts keyed by :data:`SAMPLED_KEYS` (plain floats, rounded to 6
+    significant digits so they print and compare cleanly).
+    """
+    if n < 1:
+        raise ValueError(f"sample_configs: n must be >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        draw = {
+            "optim.lr": 10 ** rng.uniform(math.log10(1e-4), math.log10(2e-2)),
+            "method.ema_decay": 1.0 - 10 ** rng.uniform(-3.0, -1.0),
+            "method.lambda_u": rng.uniform(0.0, 3.0),
+            "method.tau_p": rng.uniform(0.5, 0.99),
+        }
+        out.append({k: float(f"{v:.6g}") for k, v in draw.items()})
+    return out
+
+
+# --- Tune plumbing -------------------------------------------------------------------------
+
+class _Recorder(Callback):
+    """Driver-side record of every trial: last step, last compute time, best/final mIoU."""
+
+    def __init__(self) -> None:
+        self.trials: dict[str, dict[str, Any]] = {}
+        self.t0 = time.perf_counter()  # reset by _fit just before Tuner.fit
+
+    def _now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _rec(self, trial: Any) -> dict[str, Any]:
+        if trial.trial_id not in self.trials:
+            self.trials[trial.trial_id] = {
+                "trial_id": trial.trial_id, "config": dict(trial.config), "step": 0,
+                "compute_s": 0.0, "miou_best": None, "miou_final": None, "error": None,
+                "status": "RUNNING", "t_start": None, "t_first_result": None, "t_end": None}
+        return self.trials[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._rec(trial)["t_start"] = self._now()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        rec = self._rec(trial)
+        if rec["t_first_result"] is None:
+            rec["t_first_result"] = self._now()
+        if "step" in result:
+            rec["step"] = max(rec["step"], int(result["step"]))
+        if COMPUTE_KEY in result:
+            rec["compute_s"] = float(result[COMPUTE_KEY])
+        if result.get("miou") is not None:
+            miou = float(result["miou"])
+            rec["miou_final"] = miou
+            rec["miou_best"] = miou if rec["miou_best"] is None else max(rec["miou_best"], miou)
+        if result.get("error"):
+            rec["error"] = str(result["error"])
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        rec = self._rec(trial)
+        rec["status"], rec["t_end"] = "TERMINATED", self._now()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        rec = self._rec(trial)
+        rec["status"], rec["t_end"] = "ERROR", self._now()
+        rec["error"] = rec["error"] or "trial raised (see the Ray experiment directory)"
+
+
+def _options(num_cpus: int) -> StudyOptions:
+    # max_failures=0: a crash in a benchmark is a bug to see, not to retry (retries would
+    # double-count compute).
+    return StudyOptions(name="bench", num_cpus=num_cpus, max_failures=0, verbose=0)
+
+
+def _slots(n_trials: int, max_concurrent: int, cpus_per_trial: float) -> int:
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(1, min(n_trials, max_concurrent, int(cpus // cpus_per_trial)))
+
+
+def _fit(configs: list[dict[str, Any]], storage: Path, name: str, opts: StudyOptions, *,
+         max_concurrent: int, scheduler: Any = None, study_logger: bool = False
+         ) -> tuple[float, _Recorder]:
+    """Run ``configs`` exactly, in order; return (wall seconds of ``Tuner.fit``, recorder)."""
+    recorder = _Recorder()
+    callbacks: list = [recorder]
+    if study_logger:
+        callbacks.append(StudyLoggerCallback(storage / f"{name}-study"))
+    space, gen = _points(configs)
+    # Tune ignores TuneConfig(max_concurrent_trials) for a SearchGenerator such as
+    # BasicVariantGenerator (it warns and runs as many trials as resources allow): the limit
+    # must be set on the generator itself.
+    gen.max_concurrent = max_concurrent
+    tuner = tune.Tuner(
+        _trainable(opts), param_space=space,
+        tune_config=tune.TuneConfig(search_alg=gen, scheduler=scheduler,
+                                    num_samples=len(configs), reuse_actors=True),
+        run_config=_run_config(opts, str(storage), name, callbacks))
+    t0 = time.perf_counter()
+    recorder.t0 = t0
+    tuner.fit()
+    wall = time.perf_counter() - t0
+    if len(recorder.trials) != len(configs):
+        raise RuntimeError(f"{name}: {len(configs)} trials submitted but {len(recorder.trials)} "
+                           f"reported; see {storage / name}")
+    return wall, recorder
+
+
+def _ensure_data(cfg: CTTConfig) -> None:
+    """Generate the synthetic data set (a one-time cache) before any timed region."""
+    dataset_root(cfg)
+
+
+# --- (a) efficiency ------------------------------------------------------------------------
+
+def bench_efficiency(storage: str | os.PathLike, *, n_trials: int = 8, num_cpus: int = 2,
+                     cpus_per_trial: float = 1.0, preset: str = "tiny",
+                     variant: str = "mean_teacher", iters: int = 300, eval_every: int = 100,
+                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``n_trials`` trials (seeds ``0..n_trials-1``) and measure the compute/wall ratio.
+
+    Starts in-process Ray with ``num_cpus`` CPUs unless Ray is already running (then its CPUs
+    decide the slots). Returns the ``efficiency`` record of the JSON (see :func:`main`).
+    """
+    if n_trials < 1:
+        raise ValueError(f"bench_efficiency: n_trials must be >= 1, got {n_trials}")
+    base = _base_config(preset, variant, iters, eval_every, overrides)
+    configs = [_trial(base.override({"run.seed": s}), variant) for s in range(n_trials)]
+    _ensure_data(base)
+    opts = _options(num_cpus)
+    opts.cpus_per_trial = cpus_per_trial
+    t0 = time.perf_counter()
+    init_ray(opts)
+    ray_init_s = time.perf_counter() - t0
+    slots = _slots(n_trials, n_trials, cpus_per_trial)
+    wall, rec = _fit(configs, Path(storage), "efficiency", opts, max_concurrent=slots,
+                     study_logger=True)
+    trials = sorted(rec.trials.values(), key=lambda t: int(t["config"]["seed"]))
+    compute = [t["compute_s"] for t in trials]
+    ratio = sum(compute) / (wall * slots)
+    return {
+        "n_trials": n_trials, "slots": slots, "cpus_per_trial": cpus_per_trial,
+        "cluster_cpus": float(ray.cluster_resources().get("CPU", 0.0)), "preset": preset,
+        "variant": variant, "iters": base.optim.iters, "eval_every": base.run.eval_every,
+        "warmup_iters": base.method.warmup_iters, "overrides": dict(overrides or {}),
+        "ray_init_s": ray_init_s, "wall_s": wall, "trial_compute_s": compute,
+        "sum_compute_s": sum(compute), "steps": [t["step"] for t in trials],
+        "errors": [t["error"] for t in trials if t["error"]],
+        "timeline": _timeline(trials, wall),
+        "ratio": ratio, "target": EFFICIENCY_TARGET, "meets_target": ratio >= EFFICIENCY_TARGET,
+    }
+
+
+def _timeline(trials: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """Where the wall time went, on the driver's clock (seconds from the start of ``fit``).
+
+    ``entry_s`` = trial end - its own compute: about when the trainable was entered (the first
+    trial of each slot pays the actor start and the worker's imports before it); ``end_s`` =
+    when the driver saw the trial finish; ``after_last_s`` = wall - the last end (shutdown).
+    """
+    rows = []
+    for t in trials:
+        end = t["t_end"]
+        rows.append({"seed": int(t["config"]["seed"]), "start_s": t["t_start"],
+                     "first_result_s": t["t_first_result"], "end_s": end,
+                     "entry_s": None if end is None else end - t["compute_s"],
+                     "compute_s": t["compute_s"]})
+    ends = [r["end_s"] for r in rows if r["end_s"] is not None]
+    entries = [r["entry_s"] for r in rows if r["entry_s"] is not None]
+    return {"trials": rows, "first_entry_s": min(entries, default=None),
+            "after_last_s": wall - max(ends) if ends else None}
+
+
+# --- (b) pruning ---------------------------------------------------------------------------
+
+def _order(n: int, repeat: int) -> list[int]:
+    """Repeat 0 keeps the sampled order; later repeats use a seeded permutation."""
+    if repeat == 0:
+        return list(range(n))
+    return [int(i) for i in np.random.default_rng(1000 + repeat).permutation(n)]
+
+
+def _index_of(config: dict[str, Any], params: list[dict[str, float]]) -> int:
+    for i, p in enumerate(params):
+        if all(config.get(k) == v for k, v in p.items()):
+            return i
+    raise KeyError(f"trial config matches none of the sampled configs: "
+                   f"{ {k: config.get(k) for k in SAMPLED_KEYS} }")
+
+
+def bench_pruning(storage: str | os.PathLike, *, params: list[dict[str, float]] | None = None,
+                  schedulers: tuple[str, ...] = ("none", "asha", "optuna-median"),
+                  repeats: int = 2, num_cpus: int = 2, max_concurrent: int = 2,
+                  preset: str = "tiny", variant: str = "mean_teacher", iters: int = 450,
+                  eval_every: int = 50, grace_period: int = 50, median_startup: int = 2,
+                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every scheduler on the same pre-sampled ``params`` (default
+    :func:`sample_configs`) for ``repeats`` repeats; return the ``pruning`` record.
+
+    ``none`` must be among ``schedulers``: every fraction and gap is relative to it.
+    """
+    if "none" not in schedulers:
+        raise ValueError(f"bench_pruning: schedulers must include 'none' (the reference), "
+                         f"got {list(schedulers)}")
+    if repeats < 1:
+        raise ValueError(f"bench_pruning: repeats must be >= 1, got {repeats}")
+    params = sample_configs() if params is None else params
+    base = _base_config(preset, variant, iters, eval_every, overrides)
+    _ensure_data(base)
+    opts = _options(num_cpus)
+    init_ray(opts)
+    runs: list[dict[str, Any]] = []
+    for r in range(repeats):
+        order = _order(len(params), r)
+        seeded = base.override({"run.seed": r})
+        configs = [_trial(seeded.override(params[i]), variant) for i in order]
+        for name in schedulers:
+            kw = {"n_startup_trials": median_startup} if name in (
+                "optuna-median", "optuna-percentile") else {}
+            sched = make_scheduler(name, metric="miou", mode="max", time_attr="step",
+                                   max_t=base.optim.iters, grace_period=grace_period,
+                                   seed=r, **kw)
+            wall, rec = _fit(configs, Path(storage), f"prune-{name}-r{r}", opts,
+                             max_concurrent=max_concurrent, scheduler=sched)
+            trials = []
+            for t in rec.trials.values():
+                trials.append({"index": _index_of(t["config"], params), "step": t["step"],
+                               "compute_s": t["compute_s"], "miou_best": t["miou_best"],
+                               "miou_final": t["miou_final"], "status": t["status"],
+                               "error": t["error"],
+                               "stopped_early": t["step"] < base.optim.iters})
+            trials.sort(key=lambda t: order.index(t["index"]))
+            runs.append({"repeat": r, "seed": r, "order": order, "scheduler": name,
+                         "wall_s": wall, "trials": trials})
+            print(f"[pruning] repeat {r} {name}: {_run_line(runs[-1], base.optim.iters)}",
+                  flush=True)
+    out = {
+        "preset": preset, "variant": variant, "iters": base.optim.iters,
+        "eval_every": base.run.eval_every, "warmup_iters": base.method.warmup_iters,
+        "grace_period": grace_period, "median_n_startup_trials": median_startup,
+        "asha_reduction_factor": 3, "max_concurrent": max_concurrent, "repeats": repeats,
+        "schedulers": list(schedulers), "overrides": dict(overrides or {}),
+        "sampled_keys": list(SAMPLED_KEYS), "params": params, "runs": runs,
+    }
+    out.update(summarise_pruning(runs))
+    return out
+
+
+def _run_line(run: dict[str, Any], iters: int) -> str:
+    ts = run["trials"]
+    best = max((t["miou_best"] for t in ts if t["miou_best"] is not None), default=float("nan"))
+    n_early = sum(t["stopped_early"] for t in ts)
+    return (f"{sum(t['step'] for t in ts)} iters ({n_early}/{len(ts)} stopped early), "
+            f"{sum(t['compute_s'] for t in ts):.0f} s compute, {run['wall_s']:.0f} s wall, "
+            f"best mIoU {best:.2f}")
+
+
+def _best(trials: list[dict[str, Any]]) -> tuple[float, int | None]:
+    scored = [(t["miou_best"], t["index"]) for t in trials if t["miou_best"] is not None]
+    if not scored:
+        return float("nan"), None
+    return max(scored)
+
+
+def summarise_pruning(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (repeat, scheduler) fractions and gaps relative to ``none`` of the same repeat, and
+    their means per scheduler.
+
+    Each run is ``{"repeat", "scheduler", "trials": [{"index", "step", "compute_s",
+    "miou_best"}, ...]}``. Returns ``{"per_repeat": [...], "summary": {scheduler: {...}}}``
+    where ``iters_frac = sum(step) / sum(step of none)``, ``compute_frac`` the same for
+    ``compute_s``, ``gap = best(none) - best(scheduler)`` (positive: the scheduler found less)
+    and ``meets_target`` = mean gap <= 1 and both mean fractions <= 0.35 (``none`` itself is
+    the reference and is not judged).
+    """
+    ref = {r["repeat"]: r for r in runs if r["scheduler"] == "none"}
+    per_repeat = []
+    for run in runs:
+        if run["repeat"] not in ref:
+            raise ValueError(f"repeat {run['repeat']} has no 'none' run to compare against")
+        base = ref[run["repeat"]]["trials"]
+        iters, iters_ref = sum(t["step"] for t in run["trials"]), sum(t["step"] for t in base)
+        comp = sum(t["compute_s"] for t in run["trials"])
+        comp_ref = sum(t["compute_s"] for t in base)
+        best, best_index = _best(run["trials"])
+        best_ref, _ = _best(base)
+        per_repeat.append({
+            "repeat": run["repeat"], "scheduler": run["scheduler"], "iters": iters,
+            "compute_s": comp, "iters_frac": iters / iters_ref if iters_ref else float("nan"),
+            "compute_frac": comp / comp_ref if comp_ref else float("nan"),
+            "best_miou": best, "best_index": best_index, "none_best_miou": best_ref,
+            "gap": best_ref - best,
+            "n_stopped_early": sum(bool(t.get("stopped_early")) for t in run["trials"]),
+            "n_trials": len(run["trials"])})
+    summary: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(p["scheduler"] for p in per_repeat):
+        rows = [p for p in per_repeat if p["scheduler"] == name]
+
+        def mean(key: str, rows: list[dict[str, Any]] = rows) -> float:
+            return float(np.mean([p[key] for p in rows]))
+
+        s = {"repeats": len(rows), "iters_frac": mean("iters_frac"),
+             "compute_frac": mean("compute_frac"), "best_miou": mean("best_miou"),
+             "gap": mean("gap"), "gap_max": float(max(p["gap"] for p in rows)),
+             "iters_frac_max": float(max(p["iters_frac"] for p in rows))}
+        if name != "none":
+            s["meets_target"] = bool(s["gap"] <= PRUNING_GAP_TARGET
+                                     and s["iters_frac"] <= PRUNING_COMPUTE_TARGET
+                                     and s["compute_frac"] <= PRUNING_COMPUTE_TARGET)
+        summary[name] = s
+    return {"per_repeat": per_repeat, "summary": summary,
+            "target": {"gap": PRUNING_GAP_TARGET, "compute_frac": PRUNING_COMPUTE_TARGET}}
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+def _print_efficiency(e: dict[str, Any]) -> None:
+    print(f"efficiency: {e['n_trials']} trials x {e['iters']} iters ({e['variant']}) on "
+          f"{e['slots']} slots: sum compute {e['sum_compute_s']:.1f} s / (wall "
+          f"{e['wall_s']:.1f} s x {e['slots']}) = {e['ratio']:.3f} (target >= "
+          f"{e['target']:.2f}: {'met' if e['meets_target'] else 'NOT met'}); ray.init "
+          f"{e['ray_init_s']:.1f} s not counted", flush=True)
+
+
+def _print_pruning(p: dict[str, Any]) -> None:
+    print(f"pruning: {len(p['params'])} configs x {p['iters']} iters ({p['variant']}), "
+          f"{p['repeats']} repeat(s); fractions and gaps vs 'none' of the same repeat")
+    print(f"  {'scheduler':15s} {'iters':>7s} {'seconds':>8s} {'best mIoU':>10s} {'gap':>6s} "
+          f"{'target':>7s}")
+    for name, s in p["summary"].items():
+        verdict = "ref" if name == "none" else ("met" if s["meets_target"] else "NOT met")
+        print(f"  {name:15s} {s['iters_frac']:7.1%} {s['compute_frac']:8.1%} "
+              f"{s['best_miou']:10.2f} {s['gap']:6.2f} {verdict:>7s}")
+    sys.stdout.flush()
+
+
+def source_hash() -> str:
+    """SHA-256 over the package's ``*.py`` files: a bench whose code changed while it ran
+    (a shared working tree) compares two programs; :func:`main` records it before and after."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ctt.tune.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", default="efficiency,pruning",
+                   help="comma-separated: efficiency, pruning")
+    p.add_argument("--repeats", type=int, default=2, help="pruning repeats (>= 2 for figures)")
+    p.add_argument("--json", default=str(DEFAULT_JSON), help="output JSON file")
+    p.add_argument("--out-dir", help="keep the Tune experiments here (default: a temporary "
+                   "directory, deleted at the end)")
+    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--variant", default="mean_teacher")
+    p.add_argument("--eff-trials", type=int, default=8)
+    p.add_argument("--eff-iters", type=int, default=300)
+    p.add_argument("--eff-eval-every", type=int, default=100)
+    p.add_argument("--configs", type=int, default=12, help="pruning: number of sampled configs")
+    p.add_argument("--sample-seed", type=int, default=0)
+    p.add_argument("--prune-iters", type=int, default=450)
+    p.add_argument("--prune-eval-every", type=int, default=50)
+    p.add_argument("--grace-period", type=int, default=50)
+    p.add_argument("--median-startup", type=int, default=2,
+                   help="optuna-median n_startup_trials")
+    p.add_argument("--schedulers", default="none,asha,optuna-median")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any flat config key in every trial (repeatable)")
+    a = p.parse_args(argv)
+    what = [w.strip() for w in a.what.split(",") if w.strip()]
+    unknown = sorted(set(what) - {"efficiency", "pruning"})
+    if unknown or not what:
+        p.error(f"--what: unknown part(s) {unknown}; choose from efficiency, pruning")
+    overrides = parse_set_args(a.overrides)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    out: dict[str, Any] = {"bench": "ctt.tune.bench", "created": time.time(),
+                           "command": [sys.executable, "-m", "ctt.tune.bench", *(argv or
+                                                                               sys.argv[1:])],
+                           "load_avg_1m_before": load, "source_hash_before": source_hash(),
+                           "env": environment()}
+    tmp = None if a.out_dir else tempfile.mkdtemp(prefix="ctt-tune-bench-")
+    storage = Path(a.out_dir or tmp).resolve()
+    try:
+        if "efficiency" in what:
+            out["efficiency"] = bench_efficiency(
+                storage, n_trials=a.eff_trials, num_cpus=a.num_cpus, preset=a.preset,
+                variant=a.variant, iters=a.eff_iters, eval_every=a.eff_eval_every,
+                overrides=overrides)
+            _print_efficiency(out["efficiency"])
+        if "pruning" in what:
+            out["pruning"] = bench_pruning(
+                storage, params=sample_configs(a.configs, a.sample_seed),
+                schedulers=tuple(s.strip() for s in a.schedulers.split(",") if s.strip()),
+                repeats=a.repeats, num_cpus=a.num_cpus, preset=a.preset, variant=a.variant,
+                iters=a.prune_iters, eval_every=a.prune_eval_every,
+                grace_period=a.grace_period, median_startup=a.median_startup,
+                overrides=overrides)
+            _print_pruning(out["pruning"])
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    out["load_avg_1m_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    out["source_hash_after"] = source_hash()
+    if out["source_hash_after"] != out["source_hash_before"]:
+        print("WARNING: ctt/*.py changed while the bench ran; the runs compare different code "
+              "(source_hash_before != source_hash_after in the JSON)", flush=True)
+    path = Path(a.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
