@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -34,18 +36,31 @@ def search_space() -> dict:
 
 
 def main(argv: list[str] | None = None, *, default_name: str = "voc_sweep",
-         default_preset: str = "tiny") -> int:
+         default_preset: str = "tiny", description: str | None = None,
+         defaults: dict[str, Any] | None = None,
+         check_data: Callable[[Any], str | None] | None = None) -> int:
+    """Parse ``argv`` and run (or ``--dry-run``) the sweep; other sweeps reuse this.
+
+    Args:
+        defaults: config overrides of this study (below ``--smoke-test`` and ``--set``).
+        check_data: ``base CTTConfig -> None`` if its data is usable, else the error message;
+            bad data exits with status 2 before Ray starts (``--dry-run`` needs no data).
+    """
     from ctt.tune.schedulers import SCHEDULERS
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     add_common_args(p, default_preset=default_preset, default_seeds="0")
     p.add_argument("--variant", default="ctt", choices=sorted(VARIANTS))
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--scheduler", default="optuna-median", choices=SCHEDULERS)
     p.add_argument("--metric", default="miou", help="reported metric to maximise")
     a = p.parse_args(argv)
-    opts = options_from_args(a, default_name + ("_smoke" if a.smoke_test else ""))
+    opts = options_from_args(a, default_name + ("_smoke" if a.smoke_test else ""), defaults)
     num_samples = min(a.num_samples, 3) if a.smoke_test else a.num_samples
+    if check_data is not None and not a.dry_run:
+        problem = check_data(opts.base_config())
+        if problem:
+            p.error(problem)  # exits 2
 
     from ctt.tune.study import run_sweep
 

@@ -6,11 +6,11 @@ import argparse
 import time
 from typing import Any
 
-from ctt.config import PRESETS, VARIANTS, apply_variant, parse_set_args
+from ctt.config import PRESETS, VARIANTS, apply_variant, get_preset, parse_set_args
 from ctt.tune.study import StudyOptions
 
-__all__ = ["SMOKE_OVERRIDES", "add_common_args", "estimate_seconds_per_step", "options_from_args",
-           "print_dry_run"]
+__all__ = ["SMOKE_OVERRIDES", "SMOKE_SYNTHETIC_OVERRIDES", "add_common_args",
+           "estimate_seconds_per_step", "options_from_args", "print_dry_run"]
 
 # --smoke-test: a few iterations on a tiny synthetic set, every code path (warm-up fork,
 # contrast on, checkpoints, evaluation) exercised in seconds.
@@ -18,6 +18,11 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "optim.iters": 6, "method.warmup_iters": 2, "run.eval_every": 3, "run.checkpoint_every": 3,
     "run.log_every": 1, "method.bank_size": 8, "method.bank_min_fill": 1, "method.tau_bank": 0.0,
     "model.width": 8, "data.batch_size": 2, "data.batch_size_u": 2,
+}
+# ... and on the generated synthetic set, evaluation on 16/32 images instead of the 200-image
+# val/test splits (which would take most of a smoke trial's time). The numbers mean nothing.
+SMOKE_SYNTHETIC_OVERRIDES: dict[str, Any] = {
+    "data.val_split": "splits/16/labeled", "data.test_split": "splits/32/labeled",
 }
 
 
@@ -51,11 +56,20 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
                    help="tiny, fast run of every code path (tests)")
 
 
-def options_from_args(a: argparse.Namespace, default_name: str) -> StudyOptions:
-    overrides: dict[str, Any] = {}
+def options_from_args(a: argparse.Namespace, default_name: str,
+                      defaults: dict[str, Any] | None = None) -> StudyOptions:
+    """StudyOptions from the common flags. Overrides, later winning: the study's ``defaults``,
+    the smoke-test settings, ``--set``."""
+    overrides: dict[str, Any] = dict(defaults or {})
+    sets = parse_set_args(a.overrides)
     if a.smoke_test:
         overrides.update(SMOKE_OVERRIDES)
-    overrides.update(parse_set_args(a.overrides))
+        generated = not a.data_root and sets.get("data.root", "none") == "none"
+        if generated and get_preset(a.preset).data.dataset == "synthetic":
+            overrides.update(SMOKE_SYNTHETIC_OVERRIDES)
+        if a.iters:  # an explicit --iters beats the smoke default
+            overrides["optim.iters"] = a.iters
+    overrides.update(sets)
     seeds = [int(s) for s in str(a.seeds).split(",") if s.strip()]
     if a.smoke_test:
         seeds = seeds[:1]
@@ -64,7 +78,9 @@ def options_from_args(a: argparse.Namespace, default_name: str) -> StudyOptions:
         seeds=seeds, iters=a.iters, overrides=overrides, cpus_per_trial=a.cpus_per_trial,
         gpus_per_trial=a.gpus_per_trial, max_concurrent=a.max_concurrent,
         max_failures=a.max_failures, storage=a.storage, storage_shared=a.storage_shared,
-        resume=a.resume, address=a.address)
+        resume=a.resume, address=a.address,
+        # only the default throwaway "<study>_smoke" directory is ever deleted
+        replace_existing=bool(a.smoke_test) and not a.out)
 
 
 def estimate_seconds_per_step(cfg, repeats: int = 3) -> float:

@@ -6,19 +6,25 @@ checkpoints straight to the URI)::
 
     study.json        resolved definition, command, package versions, git commit
     ray/              the Tune experiment (trial checkpoints; resumable with --resume)
-    warmup/           the shared supervised warm-up of each seed (ablations)
+    warmup-<t>/       the shared supervised warm-up of each seed (ablations; warmup.json maps
+                      seed -> its checkpoint)
     trials/<id>/      trial.json and metrics.jsonl, written by the driver callback
     tb/<run>/         TensorBoard scalars + one HParams entry per trial
     trials.parquet, metrics.parquet, report.md, *.png
     optuna.db         the sweep's Optuna study (sqlite, copied from the driver's disk)
 
-Ray runs in-process on loopback (no dashboard, small object store) unless ``address`` joins a
+A fresh start refuses a directory that already holds a study (``StudyExistsError``: the trials
+would mix); ``--resume`` continues it, and ``--smoke-test`` replaces its own ``*_smoke`` directory.
+
+Ray runs in-process on loopback (no dashboard, small object store, every server bound to
+127.0.0.1; tests/test_tune_study.py checks the listening sockets) unless ``address`` joins a
 running cluster. Environment defaults set here: Ray's automatic loggers off (our callback writes
 TensorBoard and HParams), the classic progress table (its custom columns show on Ray 2.60).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -45,7 +51,8 @@ from ctt.tune.schedulers import PruningAwareOptunaSearch, make_scheduler  # noqa
 from ctt.tune.space import ONE_MINUS, resolve_config  # noqa: E402
 from ctt.tune.trainable import CHECKPOINT_FILE, train_ctt, trial_resources  # noqa: E402
 
-__all__ = ["StudyOptions", "StorageError", "init_ray", "run_ablation", "run_sweep"]
+__all__ = ["StorageError", "StudyExistsError", "StudyOptions", "check_storage", "init_ray",
+           "run_ablation", "run_sweep"]
 
 EXPERIMENT = "ray"
 WARMUP = "warmup"
@@ -54,6 +61,10 @@ OBJECT_STORE_BYTES = 300 * 1024**2
 
 class StorageError(RuntimeError):
     """Study storage is unusable for this cluster (e.g. node-local storage, several nodes)."""
+
+
+class StudyExistsError(RuntimeError):
+    """A fresh (not ``--resume``) study would mix its trials with an existing study's."""
 
 
 @dataclass
@@ -79,6 +90,12 @@ class StudyOptions:
     device: str | None = None
     fork_warmup: bool = True
     verbose: int = 1
+    # variant -> private trainable keys (``_crash_at``, ``_nan_at``) merged into that variant's
+    # trials (not the shared warm-ups); used by tests of the failure paths.
+    trial_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A fresh start deletes an existing local study directory of this name instead of refusing
+    # (--smoke-test: throwaway results).
+    replace_existing: bool = False
 
     def base_config(self) -> CTTConfig:
         """Preset + data root/split/iters/device + ``--set`` overrides."""
@@ -106,6 +123,15 @@ def init_ray(opts: StudyOptions) -> None:
     if opts.address:
         ray.init(address=opts.address, log_to_driver=opts.verbose > 1)
         return
+    # Ray "resolves" _node_ip_address=127.0.0.1 to the machine's routable IP, and then GCS,
+    # raylet and workers listen on every interface ("::"). With cluster support off (the
+    # macOS/Windows default) the node IP stays 127.0.0.1 and every gRPC server binds loopback.
+    # The constant is read when Ray is imported, so set it on the module for this process and
+    # in the environment for the processes Ray spawns.
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local", _node_ip_address="127.0.0.1",
              num_cpus=opts.num_cpus or os.cpu_count(),
              num_gpus=None if opts.gpus_per_trial else 0,
@@ -169,7 +195,10 @@ def _reporter(extra_params: list[str]) -> tune.ProgressReporter:
         metric_columns={"step": "step", "loss/total": "loss", "miou": "mIoU"},
         parameter_columns={"variant": "variant", "seed": "seed",
                            **{p: p.replace("method.", "") for p in extra_params}},
-        max_report_frequency=30, sort_by_metric=False)
+        max_report_frequency=30, sort_by_metric=False,
+        # Ray decides this from the global verbosity when the reporter is built, which is the
+        # previous fit's (warm-up) setting: without it the tables vanish after the first fit.
+        print_intermediate_tables=True)
 
 
 def _run_config(opts: StudyOptions, storage_path: str, name: str, callbacks: list,
@@ -195,14 +224,21 @@ def _trial_config(cfg: CTTConfig, variant: str, **meta: Any) -> dict[str, Any]:
     return {**cfg.to_flat(), "variant": variant, "seed": cfg.run.seed, **meta}
 
 
-def _points(configs: list[dict[str, Any]]) -> tuple[dict[str, Any], BasicVariantGenerator]:
+def _points(configs: list[dict[str, Any]], max_concurrent: int = 0
+            ) -> tuple[dict[str, Any], BasicVariantGenerator]:
     """A param space and generator that yield exactly ``configs`` (Tune requires every preset
-    key in the space: keys that vary become a ``tune.choice`` the points override)."""
+    key in the space: keys that vary become a ``tune.choice`` the points override).
+    ``max_concurrent`` (0 = no limit) lives here: Tune ignores ``max_concurrent_trials`` with a
+    ``BasicVariantGenerator``."""
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    # A point missing a key would get a random sample of that key's choice: fill with None.
+    configs = [{k: c.get(k) for k in keys} for c in configs]
     space: dict[str, Any] = {}
-    for key in dict.fromkeys(k for c in configs for k in c):
+    for key in keys:
         values = list(dict.fromkeys(c.get(key) for c in configs))
         space[key] = values[0] if len(values) == 1 else tune.choice(values)
-    return space, BasicVariantGenerator(points_to_evaluate=configs)
+    return space, BasicVariantGenerator(points_to_evaluate=configs,
+                                        max_concurrent=max_concurrent)
 
 
 def _experiment_dir(storage_path: str, name: str) -> str:
@@ -216,12 +252,31 @@ def _can_restore(path: str) -> bool:
         return False
 
 
+def _start_or_resume(opts: StudyOptions, study_dir: Path, exp_dir: str) -> bool:
+    """True to restore the Tune experiment. A fresh start needs an unused study directory:
+    Tune would add trials to the old experiment and the results would mix both studies."""
+    restorable = _can_restore(exp_dir)
+    if opts.resume:
+        if not restorable:
+            print(f"nothing to resume at {exp_dir}; starting the study", flush=True)
+        return restorable
+    if (study_dir / "study.json").exists() or restorable:
+        if opts.replace_existing and "://" not in opts.storage:
+            shutil.rmtree(study_dir)
+        else:
+            raise StudyExistsError(
+                f"study directory {study_dir} already holds a study; pass --resume to continue "
+                "it, --out NAME to start another one, or delete the directory")
+    return False
+
+
 # --- ablation ---
 
 def ablation_trials(opts: StudyOptions, variants: list[str]) -> list[dict[str, Any]]:
     """Every (variant, seed) trial config, seed-major so paired trials run close together."""
     base = opts.base_config()
-    return [_trial_config(apply_variant(base.override({"run.seed": s}), v), v)
+    return [_trial_config(apply_variant(base.override({"run.seed": s}), v), v,
+                          **opts.trial_meta.get(v, {}))
             for s in opts.seeds for v in variants]
 
 
@@ -236,12 +291,11 @@ def _run_warmups(opts: StudyOptions, storage_path: str, study_dir: Path) -> dict
     base = opts.base_config()
     configs = [_trial_config(apply_variant(base.override({"run.seed": s}), "ctt"), "warmup",
                              _until=base.method.warmup_iters) for s in todo]
-    space, gen = _points(configs)
+    space, gen = _points(configs, opts.max_concurrent)
     tuner = tune.Tuner(
         _trainable(opts), param_space=space,
         tune_config=tune.TuneConfig(
-            search_alg=gen, num_samples=len(configs),
-            max_concurrent_trials=opts.max_concurrent or None, reuse_actors=True),
+            search_alg=gen, num_samples=len(configs), reuse_actors=True),
         run_config=_run_config(opts, storage_path, f"{WARMUP}-{int(time.time())}", []))
     grid = tuner.fit()
     for res in grid:
@@ -256,9 +310,11 @@ def _run_warmups(opts: StudyOptions, storage_path: str, study_dir: Path) -> dict
 
 def run_ablation(opts: StudyOptions, variants: list[str]) -> Path:
     """Run (or resume) the variants x seeds grid; return the local study directory."""
+    study_dir, storage_path = study_paths(opts)
+    exp_dir = _experiment_dir(storage_path, EXPERIMENT)
+    restoring = _start_or_resume(opts, study_dir, exp_dir)
     init_ray(opts)
     check_storage(opts.storage, opts.storage_shared)
-    study_dir, storage_path = study_paths(opts)
     base = opts.base_config()
     configs = ablation_trials(opts, variants)
     _write_study_json(study_dir, {
@@ -266,25 +322,21 @@ def run_ablation(opts: StudyOptions, variants: list[str]) -> Path:
         "preset": opts.preset, "options": asdict(opts), "base_config": base.to_flat(),
         "command": sys.argv, "created": time.time(), "env": environment()})
     t0 = time.time()
-    exp_dir = _experiment_dir(storage_path, EXPERIMENT)
     callbacks = [StudyLoggerCallback(study_dir)]
-    if opts.resume and _can_restore(exp_dir):
+    if restoring:
         tuner = tune.Tuner.restore(exp_dir, _trainable(opts), resume_unfinished=True,
                                    resume_errored=True)
     else:
-        if opts.resume:
-            print(f"nothing to resume at {exp_dir}; starting the study", flush=True)
         fork = (opts.fork_warmup and base.method.warmup_iters > 0
                 and base.method.warmup_iters < base.optim.iters and len(variants) > 1)
         if fork:
             warm = _run_warmups(opts, storage_path, study_dir)
             configs = [{**c, "_fork_from": warm[int(c["seed"])]} for c in configs]
-        space, gen = _points(configs)
+        space, gen = _points(configs, opts.max_concurrent)
         tuner = tune.Tuner(
             _trainable(opts), param_space=space,
             tune_config=tune.TuneConfig(
-                search_alg=gen, num_samples=len(configs),
-                max_concurrent_trials=opts.max_concurrent or None, reuse_actors=True),
+                search_alg=gen, num_samples=len(configs), reuse_actors=True),
             run_config=_run_config(opts, storage_path, EXPERIMENT, callbacks))
     tuner.fit()
     _finish(study_dir, opts, time.time() - t0)
@@ -312,9 +364,11 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
     the best trial is re-evaluated on the held-out test split."""
     import optuna
 
+    study_dir, storage_path = study_paths(opts)
+    exp_dir = _experiment_dir(storage_path, EXPERIMENT)
+    restoring = _start_or_resume(opts, study_dir, exp_dir)
     init_ray(opts)
     check_storage(opts.storage, opts.storage_shared)
-    study_dir, storage_path = study_paths(opts)
     base = apply_variant(opts.base_config().override({"run.seed": opts.seeds[0]}), variant)
     for key in space:
         real = key.removeprefix(ONE_MINUS)
@@ -328,7 +382,13 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
         "created": time.time(), "env": environment()})
     db_local = Path(os.environ.get("CTT_OPTUNA_DIR", Path.home() / ".cache" / "ctt" / "optuna"))
     db_local.mkdir(parents=True, exist_ok=True)
-    db_path = db_local / f"{opts.name}.db"  # sqlite must not live on S3/NFS
+    # sqlite must not live on S3/NFS. One file per study directory (the same name under another
+    # --storage is another study), reset on a fresh start: OptunaSearch loads an existing study
+    # of that name, and old trials would steer TPE and the importances.
+    key = hashlib.sha1(storage_path.encode()).hexdigest()[:10]
+    db_path = db_local / f"{opts.name}-{key}.db"
+    if not restoring:
+        db_path.unlink(missing_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{db_path}")
     searcher = PruningAwareOptunaSearch(
         metric=metric, mode="max", sampler=optuna.samplers.TPESampler(seed=sampler_seed),
@@ -338,10 +398,9 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
                            grace_period=grace_period or base.run.eval_every,
                            searcher=searcher if scheduler.startswith("optuna") else None)
     param_space = {**_trial_config(base, variant), **space}
-    exp_dir = _experiment_dir(storage_path, EXPERIMENT)
     callbacks = [StudyLoggerCallback(study_dir)]
     t0 = time.time()
-    if opts.resume and _can_restore(exp_dir):
+    if restoring:
         tuner = tune.Tuner.restore(exp_dir, _trainable(opts), resume_unfinished=True,
                                    resume_errored=True)
     else:

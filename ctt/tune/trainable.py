@@ -9,6 +9,8 @@ A trial's ``config`` is a flat dict: every ``CTTConfig.to_flat()`` key plus ``va
 - ``_until``: stop at this iteration instead of ``optim.iters`` (the warm-up trials).
 - ``_crash_at``: raise once at this iteration when the trial was not restored (tests of the
   crash-resume path).
+- ``_nan_at``: poison the labeled images of this iteration with NaN, so its loss is NaN
+  (tests of the deterministic-failure path: recorded as an error, never retried).
 
 Reporting: one ``tune.report`` per evaluation (``run.eval_every``), with a ``Checkpoint`` attached
 whenever the step is a multiple of ``run.checkpoint_every`` and at the end. A NaN/inf loss is a
@@ -37,7 +39,7 @@ from ctt.tune.space import resolve_config
 __all__ = ["CHECKPOINT_FILE", "META_KEYS", "split_config", "train_ctt"]
 
 CHECKPOINT_FILE = "state.pt"
-META_KEYS = ("variant", "seed", "_fork_from", "_until", "_crash_at")
+META_KEYS = ("variant", "seed", "_fork_from", "_until", "_crash_at", "_nan_at")
 
 
 def split_config(config: dict[str, Any]) -> tuple[CTTConfig, dict[str, Any]]:
@@ -102,6 +104,17 @@ def train_ctt(config: dict[str, Any]) -> None:
         cfg_log = cfg.run.log_every
         if crash_at % cfg_log:
             raise ValueError(f"_crash_at={crash_at} must be a multiple of run.log_every={cfg_log}")
+    nan_at = int(meta.get("_nan_at") or 0)
+    if nan_at:
+        clean_batch = trainer.next_batch
+
+        def poisoned_batch() -> dict[str, torch.Tensor]:
+            batch = clean_batch()
+            if trainer.state.step + 1 == nan_at:  # state.step counts completed iterations
+                batch["x_l"] = torch.full_like(batch["x_l"], float("nan"))
+            return batch
+
+        trainer.next_batch = poisoned_batch  # type: ignore[method-assign]
     try:
         trainer.fit(until=until, on_eval=on_eval, on_log=on_log)
     except NonFiniteLossError as e:
