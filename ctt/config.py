@@ -79,8 +79,9 @@ class DataConfig:
                           lo=0)
     label_dir: str = _f("auto", "VOC label directory for bare-id split files: `auto` prefers "
                         "SegmentationClassAug (SBD) when present.")
-    eval_size: int = _f(0, "Resize (short side) for evaluation; 0 = native size (VOC, synthetic). "
-                        "Cityscapes: 512 (512x1024 as in the reference).", lo=0)
+    eval_size: int = _f(0, "Cityscapes only: resize every image to eval_size x 2*eval_size "
+                        "before training crops and evaluation (reference: 512, i.e. 512x1024); "
+                        "0 = native size.", lo=0)
 
 
 @dataclass(frozen=True)
@@ -396,6 +397,7 @@ _CITYSCAPES: dict[str, Any] = {
     "data.batch_size": 2,
     "data.batch_size_u": 2,
     "data.eval_size": 512,
+    "data.test_split": "none",  # Cityscapes test labels are not public
     "optim.iters": 16_000,
 }
 

@@ -36,14 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     opts = options_from_args(a, "voc_ablation" + ("_smoke" if a.smoke_test else ""))
     opts.fork_warmup = not a.no_fork
 
-    from ctt.tune.study import ablation_trials, run_ablation
+    from ctt.tune.study import StorageError, StudyExistsError, ablation_trials, run_ablation
 
     if a.dry_run:
         slots = max(1, int((opts.num_cpus or os.cpu_count() or 1) // opts.cpus_per_trial))
         print_dry_run(ablation_trials(opts, variants), opts, slots=slots,
                       warmup_fork=opts.fork_warmup)
         return 0
-    run_ablation(opts, variants)
+    try:
+        run_ablation(opts, variants)
+    except (StorageError, StudyExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

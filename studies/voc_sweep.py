@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None, *, default_name: str = "voc_sweep",
         if problem:
             p.error(problem)  # exits 2
 
-    from ctt.tune.study import run_sweep
+    from ctt.tune.study import StorageError, StudyExistsError, run_sweep
 
     if a.dry_run:
         base = opts.base_config()
@@ -71,8 +71,12 @@ def main(argv: list[str] | None = None, *, default_name: str = "voc_sweep",
         print(f"search space: {', '.join(search_space())}")
         print_dry_run([trial] * num_samples, opts, slots=slots, warmup_fork=False)
         return 0
-    run_sweep(opts, a.variant, search_space(), num_samples=num_samples,
-              scheduler=a.scheduler, metric=a.metric)
+    try:
+        run_sweep(opts, a.variant, search_space(), num_samples=num_samples,
+                  scheduler=a.scheduler, metric=a.metric)
+    except (StorageError, StudyExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

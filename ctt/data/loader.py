@@ -147,9 +147,8 @@ def _make(cfg: CTTConfig, root: Path, split: str, *, labeled: bool, transform=No
     if d.dataset == "cityscapes":
         from ctt.data.cityscapes import CityscapesDataset
 
-        resize = None
-        if d.eval_size and transform is None:
-            resize = (d.eval_size, d.eval_size * 2)
+        # The reference resizes every Cityscapes image to 512x1024 before cropping/evaluating.
+        resize = (d.eval_size, d.eval_size * 2) if d.eval_size else None
         return CityscapesDataset(root, split, transform=transform, labeled=labeled, seed=seed,
                                  resize=resize)
     from ctt.data.voc import VOCDataset

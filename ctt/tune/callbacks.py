@@ -338,7 +338,7 @@ class StudyLoggerCallback(Callback):
                                       flush_secs=self.flush_secs,
                                       filename_suffix=f".{time.time_ns()}")
         for k, v in rec.items():
-            if k in ("step", "trial_id", "node_ip", "hostname", "error", "pruned"):
+            if k in ("step", "trial_id", "node_id", "node_ip", "hostname", "error", "pruned"):
                 continue
             if isinstance(v, (bool, int, float)):
                 tl.writer.add_scalar(k, float(v), rec["step"])

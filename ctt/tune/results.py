@@ -59,7 +59,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "contrast_on",
 )
 # Keys of a metrics.jsonl record that are not metrics (identity, placement, flags).
-NON_METRIC_KEYS = frozenset({"trial_id", "step", "node_ip", "hostname", "error", "pruned"})
+NON_METRIC_KEYS = frozenset({"trial_id", "step", "node_id", "node_ip", "hostname", "error",
+                             "pruned"})
 # Columns after the flat config keys in trials.parquet, in this order.
 TRIAL_COLUMNS: tuple[str, ...] = (
     "trial_id",
@@ -216,7 +217,7 @@ def summarise_metrics(records: Sequence[dict]) -> dict[str, Any]:
     node = None
     error = None
     for r in records:
-        node = r.get("node_ip") or r.get("hostname") or node
+        node = r.get("node_id") or r.get("node_ip") or r.get("hostname") or node
         if isinstance(r.get("error"), str) and r["error"]:
             error = r["error"]
     return {

@@ -411,18 +411,30 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
                 max_concurrent_trials=opts.max_concurrent or None, reuse_actors=True),
             run_config=_run_config(opts, storage_path, EXPERIMENT, callbacks, list(space)))
     grid = tuner.fit()
-    best = _evaluate_best(grid, metric, base)
+    best = _evaluate_best(grid, metric, base, opts)
     shutil.copyfile(db_path, study_dir / "optuna.db")
     _finish(study_dir, opts, time.time() - t0, {"best": best})
     return study_dir
 
 
-def _evaluate_best(grid: Any, metric: str, base: CTTConfig) -> dict[str, Any] | None:
-    """The best finished trial by ``metric`` (its best value), re-evaluated on the test split."""
+def _test_eval(config: dict[str, Any], checkpoint: tune.Checkpoint) -> dict[str, float]:
+    """Load a trial checkpoint and evaluate every network on the test split (runs as a Ray
+    task with the trial's resources, so a GPU study evaluates on a GPU worker, not the head)."""
     from ctt.state import TrainState
     from ctt.train import Trainer
     from ctt.tune.trainable import split_config
 
+    cfg, _ = split_config(config)
+    with checkpoint.as_directory() as d:
+        state = TrainState.load(Path(d) / CHECKPOINT_FILE, cfg)
+    trainer = Trainer(cfg, state)
+    return trainer.evaluate("test") if "test" in trainer.datasets else {}
+
+
+def _evaluate_best(grid: Any, metric: str, base: CTTConfig, opts: StudyOptions
+                   ) -> dict[str, Any] | None:
+    """The best trial by ``metric`` (its best reported value); its final checkpoint is
+    re-evaluated on the held-out test split."""
     try:
         res = grid.get_best_result(metric=metric, mode="max", scope="all")
     except RuntimeError:
@@ -433,10 +445,6 @@ def _evaluate_best(grid: Any, metric: str, base: CTTConfig) -> dict[str, Any] | 
                                       if k in base.to_flat() and base.to_flat()[k] != v}}
     if res.checkpoint is None or base.data.test_split == "none":
         return out
-    cfg, _ = split_config(res.config)
-    with res.checkpoint.as_directory() as d:
-        state = TrainState.load(Path(d) / CHECKPOINT_FILE, cfg)
-    trainer = Trainer(cfg, state)
-    if "test" in trainer.datasets:
-        out["test"] = trainer.evaluate("test")
+    task = ray.remote(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial)(_test_eval)
+    out["test"] = ray.get(task.remote(res.config, res.checkpoint))
     return out

@@ -21,12 +21,14 @@ exception propagates, and Tune restarts the trial from its last checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -39,6 +41,7 @@ from ctt.tune.space import resolve_config
 __all__ = ["CHECKPOINT_FILE", "META_KEYS", "split_config", "train_ctt"]
 
 CHECKPOINT_FILE = "state.pt"
+META_FILE = "trial_meta.json"
 META_KEYS = ("variant", "seed", "_fork_from", "_until", "_crash_at", "_nan_at")
 
 
@@ -71,8 +74,13 @@ def train_ctt(config: dict[str, Any]) -> None:
     cfg, meta = split_config(config)
     torch.set_num_threads(cfg.run.num_threads)
     restored = tune.get_checkpoint()
+    compute_s = 0.0  # trial compute before this (re)start, carried in the checkpoint
     if restored is not None:
         state = _checkpoint_state(restored, cfg, fork=False)
+        with restored.as_directory() as d:
+            meta_file = Path(d) / META_FILE
+            if meta_file.exists():
+                compute_s = float(json.loads(meta_file.read_text()).get("compute_s", 0.0))
     elif meta.get("_fork_from"):
         state = _checkpoint_state(_fork_checkpoint(str(meta["_fork_from"])), cfg, fork=True)
     else:
@@ -80,18 +88,20 @@ def train_ctt(config: dict[str, Any]) -> None:
     trainer = Trainer(cfg, state)
     until = int(meta.get("_until") or cfg.optim.iters)
     crash_at = int(meta.get("_crash_at") or 0) if restored is None else 0
-    compute_s = 0.0
+    # Ray's node id (not the IP: several nodes may share one address, e.g. in tests).
+    node_id = ray.get_runtime_context().get_node_id()
 
     def on_eval(metrics: dict[str, float]) -> None:
-        nonlocal compute_s
         step = int(metrics["step"])
         report = {**metrics, "step": step, "variant": meta.get("variant", ""),
-                  "seed": int(meta.get("seed", cfg.run.seed))}
+                  "seed": int(meta.get("seed", cfg.run.seed)), "node_id": node_id}
         report["time/trial_compute_s"] = compute_s + time.perf_counter() - t_start
         if step % cfg.run.checkpoint_every == 0 or step >= until:
             with tempfile.TemporaryDirectory(prefix="ctt-ckpt-") as tmp:
                 trainer.sync_streams()
                 trainer.state.save(Path(tmp) / CHECKPOINT_FILE)
+                (Path(tmp) / META_FILE).write_text(json.dumps(
+                    {"compute_s": report["time/trial_compute_s"], "step": step}))
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
         else:
             tune.report(report)
@@ -120,7 +130,8 @@ def train_ctt(config: dict[str, Any]) -> None:
     except NonFiniteLossError as e:
         tune.report({"step": e.step, "error": str(e), "nan_step": e.step,
                      "variant": meta.get("variant", ""), "seed": int(meta.get("seed", 0)),
-                     "time/trial_compute_s": time.perf_counter() - t_start})
+                     "node_id": node_id,
+                     "time/trial_compute_s": compute_s + time.perf_counter() - t_start})
         return
 
 
