@@ -306,7 +306,11 @@ def test_study_refuses_node_local_storage_on_multi_node_cluster(two_nodes, tmp_p
 @pytest.mark.slow
 def test_study_runs_on_both_nodes(two_nodes, tmp_path):
     storage = tmp_path / "shared"
-    proc = _run_study(_study_cmd(two_nodes.address, storage, "--storage-shared"), tmp_path)
+    # No shared warm-up (its finishing actor may still hold a node's CPU when the variants
+    # start) and trials long enough that both are running at once, one per node.
+    proc = _run_study(_study_cmd(two_nodes.address, storage, "--storage-shared", "--no-fork",
+                                 "--set", "optim.iters=24", "--set", "run.eval_every=6",
+                                 "--set", "run.checkpoint_every=6"), tmp_path)
     assert proc.returncode == 0, _tail(proc)
     study = storage / "mn"
     trials = _trials(study)
