@@ -304,7 +304,7 @@ def test_ablation_smoke_outputs(smoke_ablation):
         assert t["status"] == "TERMINATED" and t["error"] is None and not t["pruned"]
         assert t["step"] == ITERS and t["seed"] == 0 and t["optim.iters"] == ITERS
         assert 0.0 <= t["miou_final"] <= 100.0 and t["miou_best"] >= t["miou_final"]
-        assert t["node_id"] == "127.0.0.1"
+        assert isinstance(t["node_id"], str) and len(t["node_id"]) >= 16  # Ray node id
         # variants really differ where they should (the grid is not one config seven times)
     by = {t["variant"]: t for t in trials}
     assert by["supervised"]["method.pairs"] == 1 and by["supervised"]["method.unsup"] == "none"
