@@ -15,7 +15,12 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ctt.config import VARIANTS  # noqa: E402
-from ctt.tune.cli import add_common_args, options_from_args, print_dry_run  # noqa: E402
+from ctt.tune.cli import (  # noqa: E402
+    add_common_args,
+    options_from_args,
+    print_dry_run,
+    run_study,
+)
 
 VARIANT_ORDER = ["supervised", "mean_teacher", "dual_self", "cross", "cross_hc", "cross_lc", "ctt"]
 assert set(VARIANT_ORDER) == set(VARIANTS)
@@ -36,19 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     opts = options_from_args(a, "voc_ablation" + ("_smoke" if a.smoke_test else ""))
     opts.fork_warmup = not a.no_fork
 
-    from ctt.tune.study import StorageError, StudyExistsError, ablation_trials, run_ablation
+    from ctt.tune.study import ablation_trials, run_ablation
 
     if a.dry_run:
         slots = max(1, int((opts.num_cpus or os.cpu_count() or 1) // opts.cpus_per_trial))
         print_dry_run(ablation_trials(opts, variants), opts, slots=slots,
                       warmup_fork=opts.fork_warmup)
         return 0
-    try:
-        run_ablation(opts, variants)
-    except (StorageError, StudyExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_study(run_ablation, opts, variants)
 
 
 if __name__ == "__main__":

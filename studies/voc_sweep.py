@@ -17,7 +17,12 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ctt.config import VARIANTS  # noqa: E402
-from ctt.tune.cli import add_common_args, options_from_args, print_dry_run  # noqa: E402
+from ctt.tune.cli import (  # noqa: E402
+    add_common_args,
+    options_from_args,
+    print_dry_run,
+    run_study,
+)
 
 
 def search_space() -> dict:
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None, *, default_name: str = "voc_sweep",
         if problem:
             p.error(problem)  # exits 2
 
-    from ctt.tune.study import StorageError, StudyExistsError, run_sweep
+    from ctt.tune.study import run_sweep
 
     if a.dry_run:
         base = opts.base_config()
@@ -71,13 +76,8 @@ def main(argv: list[str] | None = None, *, default_name: str = "voc_sweep",
         print(f"search space: {', '.join(search_space())}")
         print_dry_run([trial] * num_samples, opts, slots=slots, warmup_fork=False)
         return 0
-    try:
-        run_sweep(opts, a.variant, search_space(), num_samples=num_samples,
-                  scheduler=a.scheduler, metric=a.metric)
-    except (StorageError, StudyExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_study(run_sweep, opts, a.variant, search_space(), num_samples=num_samples,
+                     scheduler=a.scheduler, metric=a.metric)
 
 
 if __name__ == "__main__":

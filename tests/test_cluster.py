@@ -193,12 +193,12 @@ def _trials_at_once(cfg: dict, n_trials: int, cpus: float, gpus: float) -> tuple
 
 def test_gpu_yaml_capacity_matches_readme():
     """The autoscaler's own bin packing: a 3-trial study gets three 1-GPU nodes; the full VOC
-    ablation (21 trials, 4 CPUs + 1 GPU each) 14 trials at once, as cluster/README.md says."""
+    ablation (21 trials, 4 CPUs + 1 GPU each) 14 trials at once, as README.md says."""
     cfg = _prepared(GPU_YAML)
     assert _trials_at_once(cfg, 3, 4, 1) == ({"gpu1": 3}, 0)
     add, left = _trials_at_once(cfg, 21, 4, 1)
     assert add == {"gpu4": 2, "gpu1": 6} and left == 7
-    readme = (ROOT / "cluster" / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     assert "14 trials at once" in readme
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ctt.config import PRESETS, VARIANTS, apply_variant, get_preset, parse_set_args
@@ -81,6 +83,19 @@ def options_from_args(a: argparse.Namespace, default_name: str,
         resume=a.resume, address=a.address,
         # only the default throwaway "<study>_smoke" directory is ever deleted
         replace_existing=bool(a.smoke_test) and not a.out)
+
+
+def run_study(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Run ``run_ablation``/``run_sweep``; refusals (storage, existing study) become a one-line
+    error and exit code 2 instead of a traceback."""
+    from ctt.tune.study import StorageError, StudyExistsError
+
+    try:
+        fn(*args, **kwargs)
+    except (StorageError, StudyExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def estimate_seconds_per_step(cfg, repeats: int = 3) -> float:
