@@ -59,7 +59,15 @@ from ctt.memory_bank import bank_ready, select_bank_candidates
 from ctt.state import TrainState, resolve_device
 
 # The step's own resize/gather helpers, so the parts do exactly the work the step does.
-from ctt.step import IGNORE, PEER, _down, _pixels, _up, train_step
+from ctt.step import (
+    IGNORE,
+    PEER,
+    _down,
+    _up,
+    high_level_anchors,
+    low_level_anchors,
+    train_step,
+)
 
 __all__ = ["COMPONENTS", "bench_config", "bench_step", "bench_variants", "main",
            "make_batch", "make_state", "peak_memory", "step_components"]
@@ -208,7 +216,6 @@ def step_components(state: TrainState, batch: dict[str, torch.Tensor],
     use_contrast = semi and state.contrast_on
     for k in range(pairs):
         logits, feats = outs[k]
-        h, w = logits.shape[-2:]
         with timer("loss_sup"):
             supervised_ce(_up(logits[:B].float(), (H, W)), y_l).backward()
         if not semi:
@@ -223,26 +230,16 @@ def step_components(state: TrainState, batch: dict[str, torch.Tensor],
         max_anchors = m.max_anchors or None
         if m.lambda_h > 0:
             with timer("loss_hc"):
-                conf_f, yhat_f = _down(conf, (h, w)), _down(yhat, (h, w))
-                y_f = _down(y_l, (h, w))
-                lab, high = y_f != IGNORE, conf_f >= m.tau_high_conf
-                anchors = torch.cat([_pixels(feats[:B], lab), _pixels(feats[B:], high)])
-                classes = torch.cat([y_f[lab], yhat_f[high]])
+                anchors, classes = high_level_anchors(feats, y_l, conf, yhat, m.tau_high_conf)
                 loss = high_level_contrast(anchors, classes, banks[k].features, banks[k].valid,
                                            m.tau_h, max_anchors=max_anchors, generator=generator)
                 (m.lambda_h * loss).backward()
         if m.lambda_l > 0 and pairs == 2:
             with timer("loss_lc"):
-                conf_f = _down(conf, (h, w))
-                j = PEER[k]
-                peer_logits, peer_feats = outs[j][0][B:].detach(), outs[j][1][B:].detach()
-                peer_conf, peer_cls = torch.softmax(peer_logits.float(), dim=1).max(dim=1)
-                low = conf_f < m.tau_high_conf
-                if m.low_gate:
-                    own_conf = torch.softmax(logits[B:].detach().float(), dim=1).amax(dim=1)
-                    low &= (peer_conf > own_conf) & (peer_conf >= m.tau_high_conf)
+                anchors, positives, classes = low_level_anchors(
+                    outs[k], outs[PEER[k]], conf, m.tau_high_conf, m.low_gate)
                 loss = low_level_contrast(
-                    _pixels(feats[B:], low), _pixels(peer_feats, low), peer_cls[low],
+                    anchors, positives, classes,
                     torch.cat([b.features for b in banks], dim=1),
                     torch.cat([b.valid for b in banks], dim=1), m.tau_l,
                     max_anchors=max_anchors, generator=generator)

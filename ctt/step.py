@@ -66,6 +66,39 @@ def _pixels(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return feats.permute(0, 2, 3, 1)[mask]
 
 
+def high_level_anchors(feats: torch.Tensor, y_l: torch.Tensor, conf: torch.Tensor,
+                       yhat: torch.Tensor, tau_high_conf: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 6 anchors: labeled pixels (class = label) and confident strong-view pixels (class =
+    pseudo-label). ``feats [B+B_u, D, h, w]`` of one student on ``[x_l; x_s]``; ``y_l [B, H, W]``,
+    ``conf, yhat [B_u, H, W]``. Returns ``anchors [N, D]``, ``classes [N]``."""
+    B = y_l.shape[0]
+    size = feats.shape[-2:]
+    y_f, conf_f, yhat_f = _down(y_l, size), _down(conf, size), _down(yhat, size)
+    lab, high = y_f != IGNORE, conf_f >= tau_high_conf
+    anchors = torch.cat([_pixels(feats[:B], lab), _pixels(feats[B:], high)])
+    return anchors, torch.cat([y_f[lab], yhat_f[high]])
+
+
+def low_level_anchors(out: tuple[torch.Tensor, torch.Tensor],
+                      peer: tuple[torch.Tensor, torch.Tensor], conf: torch.Tensor,
+                      tau_high_conf: float, low_gate: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 7 anchors: unconfident strong-view pixels of one student, the peer student's feature
+    at the same pixel as positive (detached) and the peer's argmax as class. ``out``/``peer``
+    are ``(logits, feats)`` on ``[x_l; x_s]``; ``conf [B_u, H, W]``. Returns ``anchors [N, D]``,
+    ``positives [N, D]``, ``classes [N]``."""
+    B = out[0].shape[0] - conf.shape[0]
+    logits, feats = out[0][B:], out[1][B:]
+    peer_logits, peer_feats = peer[0][B:].detach(), peer[1][B:].detach()
+    peer_conf, peer_cls = torch.softmax(peer_logits.float(), dim=1).max(dim=1)
+    low = _down(conf, feats.shape[-2:]) < tau_high_conf
+    if low_gate:  # reference DeepLab-v3+ script: only where the peer knows better
+        own_conf = torch.softmax(logits.detach().float(), dim=1).amax(dim=1)
+        low &= (peer_conf > own_conf) & (peer_conf >= tau_high_conf)
+    return _pixels(feats, low), _pixels(peer_feats, low), peer_cls[low]
+
+
 class _Rollback:
     """What the forwards change before the NaN guard runs: BN statistics (students, and
     train-mode teachers) and the augmentation RNG. Restored when a term is non-finite, so the
@@ -144,7 +177,6 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor],
     use_contrast = semi and state.contrast_on
     for k in range(pairs):
         logits, feats = outs[k]
-        h, w = logits.shape[-2:]
         terms = {"loss/sup": supervised_ce(_up(logits[:B].float(), (H, W)), y_l)}
         loss_k = terms["loss/sup"]
         if semi:
@@ -154,33 +186,23 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor],
             acc["pl/weight"] += acc_w / pairs
             loss_k = loss_k + m.lambda_u * terms["loss/unsup"]
         if use_contrast:
-            conf_f, yhat_f = _down(conf, (h, w)), _down(yhat, (h, w))  # [B_u, h, w]
-            f_l, f_u = feats[:B], feats[B:]
             max_anchors = m.max_anchors or None
             if m.lambda_h > 0:  # 6. labeled pixels + confident unlabeled pixels vs own bank
-                y_f = _down(y_l, (h, w))
-                lab, high = y_f != IGNORE, conf_f >= m.tau_high_conf
-                anchors = torch.cat([_pixels(f_l, lab), _pixels(f_u, high)])
-                classes = torch.cat([y_f[lab], yhat_f[high]])
+                anchors, classes = high_level_anchors(feats, y_l, conf, yhat, m.tau_high_conf)
                 terms["loss/hc"] = high_level_contrast(
                     anchors, classes, banks[k].features, banks[k].valid, m.tau_h,
                     max_anchors=max_anchors, generator=state.generator)
                 acc["n/anchors_hc"] += float(classes.numel())
                 loss_k = loss_k + m.lambda_h * terms["loss/hc"]
             if m.lambda_l > 0 and pairs == 2:  # 7. unconfident pixels vs the peer student
-                j = PEER[k]
-                peer_logits, peer_feats = outs[j][0][B:].detach(), outs[j][1][B:].detach()
-                peer_conf, peer_cls = torch.softmax(peer_logits.float(), dim=1).max(dim=1)
-                low = conf_f < m.tau_high_conf
-                if m.low_gate:
-                    own_conf = torch.softmax(logits[B:].detach().float(), dim=1).amax(dim=1)
-                    low &= (peer_conf > own_conf) & (peer_conf >= m.tau_high_conf)
+                anchors, positives, classes = low_level_anchors(
+                    outs[k], outs[PEER[k]], conf, m.tau_high_conf, m.low_gate)
                 terms["loss/lc"] = low_level_contrast(
-                    _pixels(f_u, low), _pixels(peer_feats, low), peer_cls[low],
+                    anchors, positives, classes,
                     torch.cat([b.features for b in banks], dim=1),
                     torch.cat([b.valid for b in banks], dim=1), m.tau_l,
                     max_anchors=max_anchors, generator=state.generator)
-                acc["n/anchors_lc"] += float(low.sum())
+                acc["n/anchors_lc"] += float(classes.numel())
                 loss_k = loss_k + m.lambda_l * terms["loss/lc"]
         terms["loss/total"] = loss_k
         for name, value in terms.items():  # NaN guard before anything is updated
