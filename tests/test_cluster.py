@@ -327,7 +327,7 @@ def test_study_runs_on_both_nodes(two_nodes, tmp_path):
 @pytest.mark.slow
 def test_worker_node_failure_resumes_trials_from_checkpoints(tmp_path):
     pytest.importorskip("psutil")
-    every, iters = 3, 24
+    every, iters = 3, 90  # long enough that the kill lands mid-trial
     cluster = LocalCluster()
     proc = None
     try:
