@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MIX_TYPES = ("classmix", "cutmix", "none")
+COLOR_AUGS = ("jitter", "permute")
 
 # ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale uses.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -379,6 +380,74 @@ def gaussian_blur(
 
 
 # ---------------------------------------------------------------------------------------------
+# Channel permutation (label-safe only where colour carries no class information)
+# ---------------------------------------------------------------------------------------------
+
+
+def permute_with_params(
+    x: Tensor, order: Tensor, gain: Tensor, offset: Tensor, grey: Tensor, noise: Tensor
+) -> Tensor:
+    """Deterministic colour scramble: channel permutation, gain/offset, greyscale, noise.
+
+    Args:
+        x: ``[B, 3, H, W]`` in ``[0, 1]``.
+        order: ``[B, 3]`` long, a permutation of ``(0, 1, 2)`` per image (output channel ``c``
+            is input channel ``order[b, c]``).
+        gain, offset: ``[B]``; ``y = x * gain + offset``.
+        grey: ``[B]`` bool; those images are replaced by their luma in all three channels.
+        noise: ``[B, 3, H, W]`` added last.
+
+    Returns:
+        ``[B, 3, H, W]`` clamped to ``[0, 1]``.
+    """
+    _check_images(x)
+    b = x.shape[0]
+    order = order.to(x.device)
+    y = torch.gather(x, 1, order.view(b, 3, 1, 1).expand_as(x))
+    y = y * gain.to(x).view(-1, 1, 1, 1) + offset.to(x).view(-1, 1, 1, 1)
+    y = torch.where(grey.to(x.device).view(-1, 1, 1, 1), _grayscale(y).expand_as(y), y)
+    return (y + noise.to(x)).clamp(0.0, 1.0)
+
+
+def color_permute(
+    x: Tensor,
+    generator: torch.Generator,
+    *,
+    gain: tuple[float, float] = (0.7, 1.3),
+    offset: float = 0.1,
+    grey_p: float = 0.2,
+    noise_std: float = 0.03,
+) -> Tensor:
+    """Per-image random channel permutation, ``gain ~ U(gain)``, ``offset ~ U(-offset,
+    offset)``, greyscale with probability ``grey_p``, then Gaussian noise of ``noise_std``.
+
+    Far stronger than :func:`color_jitter`, and label-safe only where colour carries no class
+    information: the synthetic task draws every object's colours from one shared palette, so
+    a network that memorised colours from a few labels can be taught, through the
+    pseudo-labels, that colour does not matter. On natural images (a red stop sign, green
+    grass) keep ``jitter``. Draws ``B * 6`` uniforms, then ``B * 3 * H * W`` normals.
+
+    Args:
+        x: ``[B, 3, H, W]`` in ``[0, 1]``.
+
+    Returns:
+        ``[B, 3, H, W]`` in ``[0, 1]``.
+    """
+    _check_generator(generator)
+    _check_images(x)
+    lo, hi = gain
+    if not 0.0 < lo <= hi or offset < 0 or not 0.0 <= grey_p <= 1.0 or noise_std < 0:
+        raise ValueError(f"bad colour_permute parameters: gain={gain}, offset={offset}, "
+                         f"grey_p={grey_p}, noise_std={noise_std}")
+    b = x.shape[0]
+    u = torch.rand(b, 6, generator=generator)  # [B, 6]: 3 sort keys, gain, offset, grey
+    order = u[:, :3].argsort(dim=1)  # uniform over the 6 permutations
+    noise = noise_std * torch.randn(x.shape, generator=generator)
+    return permute_with_params(x, order, lo + (hi - lo) * u[:, 3],
+                               offset * (2.0 * u[:, 4] - 1.0), u[:, 5] < grey_p, noise)
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole strong view
 # ---------------------------------------------------------------------------------------------
 
@@ -394,20 +463,24 @@ def strong_augment(
     jitter_strength: float = 0.25,
     blur_p: float = 0.5,
     blur_sigma: tuple[float, float] = (0.15, 1.15),
+    color: str = "jitter",
 ) -> Augmented:
-    """Strong view of an unlabeled batch: mix, then colour jitter, then blur (images only).
+    """Strong view of an unlabeled batch: mix, then colour jitter and blur (``color="jitter"``,
+    the ClassMix/CTT recipe) or :func:`color_permute` (``color="permute"``), images only.
 
     Args:
         x: ``[B, 3, H, W]`` clean unlabeled images in ``[0, 1]``.
         probs_list: teacher probability maps ``[B, C, H, W]`` to mix with the same masks (one
             map per teacher whose pseudo-labels are used with this view).
         mix: ``"classmix"``, ``"cutmix"`` or ``"none"``.
-        generator: CPU generator; draws happen in the order masks, jitter, blur.
+        generator: CPU generator; draws happen in the order masks, jitter, blur (or masks,
+            permutation).
         class_probs: ``[B, C, H, W]`` map whose argmax picks the ClassMix classes; defaults to
             the mean of ``probs_list`` (with shared augmentation that is the mean of both
             teachers; with a one-element list, that teacher's map).
         jitter_p, jitter_strength, blur_p, blur_sigma: see :func:`color_jitter` and
-            :func:`gaussian_blur`.
+            :func:`gaussian_blur` (unused with ``color="permute"``).
+        color: ``"jitter"`` or ``"permute"``.
 
     Returns:
         :class:`Augmented` ``(images, probs, masks)``; ``probs[j]`` and anything else passed
@@ -417,6 +490,8 @@ def strong_augment(
     _check_images(x)
     if mix not in MIX_TYPES:
         raise ValueError(f"unknown mix type {mix!r}; choose one of {MIX_TYPES}")
+    if color not in COLOR_AUGS:
+        raise ValueError(f"unknown colour augmentation {color!r}; choose one of {COLOR_AUGS}")
     b, _, h, w = x.shape
     probs_list = list(probs_list)
     for j, pr in enumerate(probs_list):
@@ -449,6 +524,9 @@ def strong_augment(
     else:
         images = mix_batch(x, masks)
         probs = [mix_batch(pr, masks) for pr in probs_list]
-    images = color_jitter(images, generator, strength=jitter_strength, p=jitter_p)
-    images = gaussian_blur(images, generator, p=blur_p, sigma=blur_sigma)
+    if color == "permute":
+        images = color_permute(images, generator)
+    else:
+        images = color_jitter(images, generator, strength=jitter_strength, p=jitter_p)
+        images = gaussian_blur(images, generator, p=blur_p, sigma=blur_sigma)
     return Augmented(images, probs, masks)

@@ -154,11 +154,13 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor],
             with torch.no_grad(), amp, _own_rng(state, ROLE_LABEL, k):
                 p_t.append(torch.softmax(_up(teacher(x_u)[0].float(), (H, W)), dim=1))
         if m.shared_aug:  # one mask for both students; ClassMix classes from the mean map
-            aug = strong_augment(x_u, p_t, mix=m.mix, generator=state.generator)
+            aug = strong_augment(x_u, p_t, mix=m.mix, generator=state.generator,
+                                 color=m.strong_color)
             views = [(aug.images, aug.probs[src[k]]) for k in range(pairs)]
         else:  # reference: own mask per student, classes from the teacher it learns from
             for k in range(pairs):
-                aug = strong_augment(x_u, [p_t[src[k]]], mix=m.mix, generator=state.generator)
+                aug = strong_augment(x_u, [p_t[src[k]]], mix=m.mix, generator=state.generator,
+                                     color=m.strong_color)
                 views.append((aug.images, aug.probs[0]))
 
     # 3. One student forward per pair on [labeled; strong view].

@@ -8,11 +8,13 @@ from ctt.augment import (
     blur_with_sigma,
     classmix_masks,
     color_jitter,
+    color_permute,
     cutmix_masks,
     gaussian_blur,
     jitter_with_factors,
     mix_batch,
     mix_probs_to_labels,
+    permute_with_params,
     strong_augment,
 )
 
@@ -219,6 +221,64 @@ def test_blur_identity_cases_and_seed():
     assert torch.equal(out, gaussian_blur(x, gen(9), p=1.0))
     with pytest.raises(ValueError, match="sigma"):
         gaussian_blur(x, gen(0), sigma=(0.0, 1.0))
+
+
+# --- channel permutation ----------------------------------------------------------------------
+
+
+def test_permute_with_params_matches_per_pixel_loop():
+    x = torch.rand(3, 3, 5, 4, generator=gen(0))
+    order = torch.tensor([[2, 0, 1], [0, 1, 2], [1, 2, 0]])
+    gain, offset = torch.tensor([0.8, 1.2, 1.0]), torch.tensor([0.05, -0.1, 0.0])
+    grey = torch.tensor([False, True, False])
+    noise = 0.02 * torch.randn(x.shape, generator=gen(1))
+    out = permute_with_params(x, order, gain, offset, grey, noise)
+    ref = torch.empty_like(x)
+    for b in range(3):
+        for i in range(5):
+            for j in range(4):
+                rgb = [float(x[b, order[b, c], i, j]) * float(gain[b]) + float(offset[b])
+                       for c in range(3)]
+                if grey[b]:
+                    luma = 0.2989 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+                    rgb = [luma] * 3
+                for c in range(3):
+                    ref[b, c, i, j] = min(max(rgb[c] + float(noise[b, c, i, j]), 0.0), 1.0)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_color_permute_draws_every_permutation_and_is_seeded():
+    # Distinct constant channels, no gain/offset/grey/noise: the output is the permutation.
+    x = torch.tensor([0.1, 0.5, 0.9]).view(1, 3, 1, 1).expand(600, 3, 2, 2).contiguous()
+    out = color_permute(x, gen(4), gain=(1.0, 1.0), offset=0.0, grey_p=0.0, noise_std=0.0)
+    seen = {tuple(round(float(v), 1) for v in out[b, :, 0, 0]) for b in range(600)}
+    assert seen == {(0.1, 0.5, 0.9), (0.1, 0.9, 0.5), (0.5, 0.1, 0.9), (0.5, 0.9, 0.1),
+                    (0.9, 0.1, 0.5), (0.9, 0.5, 0.1)}
+    full = color_permute(x, gen(4))
+    assert torch.equal(full, color_permute(x, gen(4)))
+    assert not torch.equal(full, color_permute(x, gen(5)))
+    assert full.min() >= 0 and full.max() <= 1
+    grey = color_permute(x, gen(4), grey_p=1.0, noise_std=0.0)
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
+    with pytest.raises(ValueError, match="grey_p"):
+        color_permute(x, gen(0), grey_p=1.5)
+
+
+def test_strong_augment_permute_changes_images_only():
+    x = torch.rand(4, 3, 16, 16, generator=gen(0))
+    p = teacher_probs(seed=1)
+    plain = strong_augment(x, [p], mix="cutmix", generator=gen(3), jitter_p=0.0, blur_p=0.0)
+    perm = strong_augment(x, [p], mix="cutmix", generator=gen(3), color="permute")
+    assert torch.equal(perm.masks, plain.masks) and torch.equal(perm.probs[0], plain.probs[0])
+    expected = color_permute(mix_batch(x, plain.masks), _after_cutmix(gen(3), 4, 16, 16))
+    assert torch.equal(perm.images, expected)
+    with pytest.raises(ValueError, match="jitter.*permute"):
+        strong_augment(x, [p], mix="cutmix", generator=gen(3), color="hsv")
+
+
+def _after_cutmix(g: torch.Generator, b: int, h: int, w: int) -> torch.Generator:
+    cutmix_masks(b, h, w, g)
+    return g
 
 
 # --- strong_augment -------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def test_student_learns_from_peer_teacher_under_cross_and_own_under_self(
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_builds_its_networks_and_switches_its_terms(variant):
-    base = make_cfg("ctt", method__tau_p=0.0)
+    base = make_cfg("ctt", method__tau_p=0.0, method__weighting="uniform")
     cfg = apply_variant(base, variant)
     changed = {k for k, v in cfg.to_flat().items() if base.to_flat()[k] != v}
     assert changed <= set(VARIANTS[variant])
