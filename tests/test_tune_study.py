@@ -422,23 +422,16 @@ def _statuses(study_dir: Path) -> dict[str, tuple[str, float]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def killed_study(tmp_path_factory):
-    """Start a 3-trial ablation (one trial at a time) in its own process group, record the
-    listening sockets of its process tree, SIGKILL the group once a finished trial is in the
-    experiment snapshot. Returns what the tests below check."""
-    storage = tmp_path_factory.mktemp("killed")
-    # long enough trials (~0.05 s/step idle) that the kill lands between the first and the last
-    argv = ["--smoke-test", "--variants", "supervised,mean_teacher,dual_self", "--no-fork",
-            "--max-concurrent", "1", "--storage", str(storage), "--out", "killed",
-            "--iters", str(KILLED_ITERS), "--set", "run.eval_every=20",
-            "--set", "run.checkpoint_every=20"]
-    study_dir = storage / "killed"
+def _start_and_kill(script: str, argv: list[str], storage: Path, study_dir: Path,
+                    n_trials: int) -> SimpleNamespace:
+    """Run ``studies/<script>.py argv`` in its own process group, record the listening sockets
+    of its process tree, SIGKILL the group once a finished trial (but not all ``n_trials``) is
+    in the experiment snapshot. Returns what the tests check."""
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     # init_ray sets this in our own environment; the child must show it does so itself
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     log = open(storage / "driver.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, str(ROOT / "studies" / "voc_ablation.py"), *argv],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "studies" / f"{script}.py"), *argv],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                             start_new_session=True)
     sockets: set[tuple[str, int, str]] = set()
@@ -461,7 +454,7 @@ def killed_study(tmp_path_factory):
                     files = [trial_json_path(study_dir, tid), metrics_jsonl_path(study_dir, tid)]
                     finished[tid] = {f: (Path(f).read_bytes(), os.stat(f).st_mtime_ns)
                                      for f in files}
-                if len(done) < 3:
+                if len(done) < n_trials:
                     break
                 finished.clear()  # all finished before we could kill: nothing to resume
             time.sleep(0.2)
@@ -476,6 +469,28 @@ def killed_study(tmp_path_factory):
     assert finished, f"no trial finished before the kill (or all did):\n{driver_log[-3000:]}"
     return SimpleNamespace(argv=argv, study_dir=study_dir, sockets=sockets, finished=finished,
                            leftovers=leftovers, max_running=max_running)
+
+
+@pytest.fixture(scope="module")
+def killed_study(tmp_path_factory):
+    """A 3-trial ablation (one trial at a time), killed after its first trial finished."""
+    storage = tmp_path_factory.mktemp("killed")
+    # long enough trials (~0.05 s/step idle) that the kill lands between the first and the last
+    argv = ["--smoke-test", "--variants", "supervised,mean_teacher,dual_self", "--no-fork",
+            "--max-concurrent", "1", "--storage", str(storage), "--out", "killed",
+            "--iters", str(KILLED_ITERS), "--set", "run.eval_every=20",
+            "--set", "run.checkpoint_every=20"]
+    return _start_and_kill("voc_ablation", argv, storage, storage / "killed", n_trials=3)
+
+
+@pytest.fixture(scope="module")
+def killed_sweep(tmp_path_factory):
+    """A 3-trial Optuna sweep (one trial at a time), killed after its first trial finished."""
+    storage = tmp_path_factory.mktemp("killed_sweep")
+    argv = ["--smoke-test", "--num-samples", "3", "--scheduler", "none", "--max-concurrent", "1",
+            "--storage", str(storage), "--out", "ksweep", "--iters", str(KILLED_ITERS),
+            "--set", "run.eval_every=20", "--set", "run.checkpoint_every=20"]
+    return _start_and_kill("voc_sweep", argv, storage, storage / "ksweep", n_trials=3)
 
 
 def _wait_gone(pids: set[int], timeout: float = 15.0) -> list[str]:
@@ -536,3 +551,19 @@ def test_resume_after_driver_kill_keeps_finished_trials(ray_local, killed_study)
             assert os.stat(path).st_mtime_ns == mtime_ns, path
     info = read_json(study_dir / "study.json")
     assert len(info["resumed"]) == 1 and len(info["wall_s_runs"]) == 1
+
+
+@pytest.mark.slow
+def test_sweep_resume_after_driver_kill_keeps_finished_trials(ray_local, killed_sweep):
+    argv, study_dir, finished = killed_sweep.argv, killed_sweep.study_dir, killed_sweep.finished
+    run_main("voc_sweep", [*argv, "--resume"])
+    trials = check_study_outputs(study_dir, n_trials=3, kind="sweep")
+    assert all(t["status"] == "TERMINATED" and t["step"] == KILLED_ITERS for t in trials)
+    assert set(finished) <= {t["trial_id"] for t in trials}
+    for files in finished.values():  # finished trials were not re-run
+        for path, (data, mtime_ns) in files.items():
+            assert Path(path).read_bytes() == data, path
+            assert os.stat(path).st_mtime_ns == mtime_ns, path
+    info = read_json(study_dir / "study.json")
+    assert len(info["resumed"]) == 1
+    assert info["best"]["trial_id"] in {t["trial_id"] for t in trials}
