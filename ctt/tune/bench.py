@@ -26,10 +26,11 @@ NumPy RNG (no TPE: its suggestions depend on completion order under concurrency,
 ``shared/design/ray-notes.md``). Each scheduler is fed the list in the same order through a
 points-to-evaluate generator, with ``max_concurrent_trials=2``. Repeat ``r`` uses
 ``run.seed = r`` and the order ``r`` (the identity for ``r = 0``, a seeded permutation
-otherwise), the same for every scheduler. Trials: tiny ``mean_teacher``, 450 iterations (40 %
-supervised warm-up), evaluation every 50; ``grace_period`` 50 (ASHA: rungs at 50 and 150 with
-reduction factor 3; median: ``n_warmup_steps=50``); the median pruner's ``n_startup_trials`` is
-2, the number of concurrent slots (the first wave runs before any reference exists anyway).
+otherwise), the same for every scheduler. Trials: tiny ``mean_teacher``, 450 iterations (the
+preset's supervised warm-up share: 20 %, 90 iterations), evaluation every 50;
+``grace_period`` 50 (ASHA: rungs at 50 and 150 with reduction factor 3; median:
+``n_warmup_steps=50``); the median pruner's ``n_startup_trials`` is 2, the number of
+concurrent slots (the first wave runs before any reference exists anyway).
 Per scheduler and repeat: iterations used (sum over trials of the last step) and compute
 seconds (sum of the last ``time/trial_compute_s``), each relative to ``none`` of the same
 repeat; the best mIoU found (``miou_best`` of the best trial) and its gap to ``none``'s best.
@@ -97,12 +98,19 @@ COMPUTE_KEY = "time/trial_compute_s"
 
 def _base_config(preset: str, variant: str, iters: int, eval_every: int,
                  overrides: dict[str, Any] | None) -> CTTConfig:
-    """Preset + variant + bench sizes (40 % warm-up, checkpoint at every evaluation), then the
-    caller's overrides (which win, so smoke sizes can shrink everything)."""
+    """Preset + variant + bench sizes (the preset's warm-up share of the iterations, checkpoint
+    at every evaluation), then the caller's overrides (which win, so smoke sizes can shrink
+    everything).
+
+    The warm-up share matters for pruning: during the supervised warm-up the sampled EMA decay,
+    ``lambda_u`` and ``tau_p`` have no effect yet, so a rung inside it ranks trials on the
+    learning rate alone."""
+    base = get_preset(preset)
+    share = base.method.warmup_iters / base.optim.iters
     sizes = {"optim.iters": iters, "run.eval_every": eval_every,
              "run.checkpoint_every": eval_every, "run.log_every": eval_every,
-             "method.warmup_iters": int(0.4 * iters), "run.num_threads": 1, "run.device": "cpu"}
-    cfg = apply_variant(get_preset(preset).override(sizes), variant)
+             "method.warmup_iters": int(share * iters), "run.num_threads": 1, "run.device": "cpu"}
+    cfg = apply_variant(base.override(sizes), variant)
     return cfg.override(dict(overrides or {}))
 
 
