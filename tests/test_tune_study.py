@@ -537,18 +537,23 @@ def test_max_concurrent_limits_ablation_trials(killed_study):
     assert killed_study.max_running == 1  # --max-concurrent 1 (Tune ignores it for grids)
 
 
+def _check_resumed(trials: list[dict], finished: dict[str, dict[str, tuple[bytes, int]]]) -> None:
+    """Every trial ran to the end, and those finished before the kill were not re-run."""
+    assert all(t["status"] == "TERMINATED" and t["step"] == KILLED_ITERS for t in trials)
+    assert set(finished) <= {t["trial_id"] for t in trials}
+    for files in finished.values():
+        for path, (data, mtime_ns) in files.items():
+            assert Path(path).read_bytes() == data, path
+            assert os.stat(path).st_mtime_ns == mtime_ns, path
+
+
 @pytest.mark.slow
 def test_resume_after_driver_kill_keeps_finished_trials(ray_local, killed_study):
     argv, study_dir, finished = killed_study.argv, killed_study.study_dir, killed_study.finished
     run_main("voc_ablation", [*argv, "--resume"])
     trials = check_study_outputs(study_dir, n_trials=3, kind="ablation")
     assert sorted(t["variant"] for t in trials) == ["dual_self", "mean_teacher", "supervised"]
-    assert all(t["status"] == "TERMINATED" and t["step"] == KILLED_ITERS for t in trials)
-    assert set(finished) <= {t["trial_id"] for t in trials}
-    for files in finished.values():  # finished trials were not re-run
-        for path, (data, mtime_ns) in files.items():
-            assert Path(path).read_bytes() == data, path
-            assert os.stat(path).st_mtime_ns == mtime_ns, path
+    _check_resumed(trials, finished)
     info = read_json(study_dir / "study.json")
     assert len(info["resumed"]) == 1 and len(info["wall_s_runs"]) == 1
 
@@ -558,12 +563,7 @@ def test_sweep_resume_after_driver_kill_keeps_finished_trials(ray_local, killed_
     argv, study_dir, finished = killed_sweep.argv, killed_sweep.study_dir, killed_sweep.finished
     run_main("voc_sweep", [*argv, "--resume"])
     trials = check_study_outputs(study_dir, n_trials=3, kind="sweep")
-    assert all(t["status"] == "TERMINATED" and t["step"] == KILLED_ITERS for t in trials)
-    assert set(finished) <= {t["trial_id"] for t in trials}
-    for files in finished.values():  # finished trials were not re-run
-        for path, (data, mtime_ns) in files.items():
-            assert Path(path).read_bytes() == data, path
-            assert os.stat(path).st_mtime_ns == mtime_ns, path
+    _check_resumed(trials, finished)
     info = read_json(study_dir / "study.json")
     assert len(info["resumed"]) == 1
     assert info["best"]["trial_id"] in {t["trial_id"] for t in trials}
