@@ -6,13 +6,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import struct
 
 import pytest
 
 pytest.importorskip("ray")
 
-from tensorboardX.proto.event_pb2 import Event  # noqa: E402
+from tb_events import read_events  # noqa: E402
 from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData  # noqa: E402
 
 from ctt.tune.callbacks import StudyLoggerCallback, clean_result  # noqa: E402
@@ -63,22 +62,6 @@ def result(step: int, miou: float | None = None, **extra) -> dict:
         r["miou"] = miou
     r.update(extra)
     return r
-
-
-def read_events(logdir: str) -> list[tuple[str, Event]]:
-    """All events of all event files in logdir: TFRecord = len u64, crc u32, data, crc u32."""
-    out = []
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-        with open(path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            ev = Event()
-            ev.ParseFromString(data[pos + 12:pos + 12 + n])
-            pos += 12 + n + 4
-            out.append((path, ev))
-    return out
 
 
 def scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ ray = pytest.importorskip("ray")
 import psutil  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
-from tensorboardX.proto.event_pb2 import Event  # noqa: E402
+from tb_events import read_events  # noqa: E402
 from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData  # noqa: E402
 
 from ctt.config import get_preset  # noqa: E402
@@ -94,25 +93,17 @@ def deterministic(rec: dict) -> dict:
 
 
 def hparams_sessions(logdir: Path) -> list[dict[str, object]]:
-    """HParams session-start hparams of every event file in ``logdir`` (TFRecord framing:
-    length u64, crc u32, payload, crc u32)."""
+    """HParams session-start hparams of every event file in ``logdir``."""
     sessions = []
-    for path in sorted(glob.glob(str(logdir / "events.out.tfevents.*"))):
-        data = Path(path).read_bytes()
-        pos = 0
-        while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            ev = Event()
-            ev.ParseFromString(data[pos + 12:pos + 12 + n])
-            pos += 12 + n + 4
-            for v in ev.summary.value:
-                if v.metadata.plugin_data.plugin_name != "hparams":
-                    continue
-                hp = HParamsPluginData()
-                hp.ParseFromString(v.metadata.plugin_data.content)
-                if hp.HasField("session_start_info"):
-                    sessions.append({k: getattr(x, x.WhichOneof("kind"))
-                                     for k, x in hp.session_start_info.hparams.items()})
+    for _, ev in read_events(logdir):
+        for v in ev.summary.value:
+            if v.metadata.plugin_data.plugin_name != "hparams":
+                continue
+            hp = HParamsPluginData()
+            hp.ParseFromString(v.metadata.plugin_data.content)
+            if hp.HasField("session_start_info"):
+                sessions.append({k: getattr(x, x.WhichOneof("kind"))
+                                 for k, x in hp.session_start_info.hparams.items()})
     return sessions
 
 
