@@ -7,6 +7,7 @@ import os
 import struct
 
 from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
 
 def read_events(logdir: str | os.PathLike[str]) -> list[tuple[str, Event]]:
@@ -22,4 +23,16 @@ def read_events(logdir: str | os.PathLike[str]) -> list[tuple[str, Event]]:
             ev.ParseFromString(data[pos + 12:pos + 12 + n])
             pos += 12 + n + 4
             out.append((path, ev))
+    return out
+
+
+def hparams_records(logdir: str | os.PathLike[str]) -> list[HParamsPluginData]:
+    """The HParams plugin payloads (experiment, session start/end) of every event file."""
+    out = []
+    for _, ev in read_events(logdir):
+        for v in ev.summary.value:
+            if v.metadata.plugin_data.plugin_name == "hparams":
+                data = HParamsPluginData()
+                data.ParseFromString(v.metadata.plugin_data.content)
+                out.append(data)
     return out

@@ -11,8 +11,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from tb_events import read_events  # noqa: E402
-from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData  # noqa: E402
+from tb_events import hparams_records, read_events  # noqa: E402
 
 from ctt.tune.callbacks import StudyLoggerCallback, clean_result  # noqa: E402
 from ctt.tune.results import tb_run_name  # noqa: E402
@@ -80,18 +79,13 @@ def scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
 def hparams_session(logdir: str) -> dict:
     """The experiment, session start/end of a run dir (asserting there is exactly one)."""
     found: dict[str, list] = {"experiment": [], "start": [], "end": []}
-    for _, ev in read_events(logdir):
-        for v in ev.summary.value:
-            if v.metadata.plugin_data.plugin_name != "hparams":
-                continue
-            data = HParamsPluginData()
-            data.ParseFromString(v.metadata.plugin_data.content)
-            if data.HasField("experiment"):
-                found["experiment"].append(data.experiment)
-            if data.HasField("session_start_info"):
-                found["start"].append(data.session_start_info)
-            if data.HasField("session_end_info"):
-                found["end"].append(data.session_end_info)
+    for data in hparams_records(logdir):
+        if data.HasField("experiment"):
+            found["experiment"].append(data.experiment)
+        if data.HasField("session_start_info"):
+            found["start"].append(data.session_start_info)
+        if data.HasField("session_end_info"):
+            found["end"].append(data.session_end_info)
     assert all(len(v) == 1 for v in found.values()), {k: len(v) for k, v in found.items()}
     ssi = found["start"][0]
     hp = {}

@@ -32,8 +32,7 @@ ray = pytest.importorskip("ray")
 import psutil  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
-from tb_events import read_events  # noqa: E402
-from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData  # noqa: E402
+from tb_events import hparams_records  # noqa: E402
 
 from ctt.config import get_preset  # noqa: E402
 from ctt.tune import study as study_mod  # noqa: E402
@@ -94,17 +93,8 @@ def deterministic(rec: dict) -> dict:
 
 def hparams_sessions(logdir: Path) -> list[dict[str, object]]:
     """HParams session-start hparams of every event file in ``logdir``."""
-    sessions = []
-    for _, ev in read_events(logdir):
-        for v in ev.summary.value:
-            if v.metadata.plugin_data.plugin_name != "hparams":
-                continue
-            hp = HParamsPluginData()
-            hp.ParseFromString(v.metadata.plugin_data.content)
-            if hp.HasField("session_start_info"):
-                sessions.append({k: getattr(x, x.WhichOneof("kind"))
-                                 for k, x in hp.session_start_info.hparams.items()})
-    return sessions
+    return [{k: getattr(x, x.WhichOneof("kind")) for k, x in hp.session_start_info.hparams.items()}
+            for hp in hparams_records(logdir) if hp.HasField("session_start_info")]
 
 
 def check_study_outputs(study_dir: Path, n_trials: int, kind: str) -> list[dict]:
