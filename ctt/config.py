@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ctt.errors import UserError
+
 __all__ = [
     "CTTConfig",
     "ConfigError",
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value is invalid; the message names the key and the valid choices."""
 
 
@@ -53,16 +55,20 @@ def _f(default: Any, doc: str, *, choices: tuple | None = None, lo: float | None
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _f("synthetic", "Dataset reader: `synthetic` (VOC-layout data generated on "
-                      "first use; tiny), `voc` (Pascal VOC 2012 [+SBD]) or `cityscapes`.",
+    dataset: str = _f("voc", "Dataset the root must hold: `voc` (Pascal VOC 2012 [+SBD]), "
+                      "`cityscapes`, or `synthetic` (the VOC-layout synthetic set, generated "
+                      "into the cache on first use; tiny). A root of another layout is refused.",
                       choices=("synthetic", "voc", "cityscapes"))
-    root: str = _f("none", "Dataset root directory; `none` = the synthetic cache directory.")
+    root: str = _f("none", "Dataset root directory, read-only (nothing is ever written there); "
+                   "`none` = the synthetic cache directory (data.dataset=synthetic only).")
     labeled_split: str = _f("1464", "Labeled split name: reads `splits/<name>/labeled.txt` and "
                             "`unlabeled.txt` under the root (or a directory path holding both). "
                             "Paper VOC: 1464 (or 92/183/366/732; reference: 212); tiny: 128 "
                             "(64 left the tiny net too weak for its pseudo-labels to help).")
     val_split: str = _f("val", "Split used for periodic evaluation and model selection.")
-    test_split: str = _f("test", "Held-out split for the final report (`none` to skip).")
+    test_split: str = _f("none", "Held-out split for the final report (`none` to skip). "
+                         "VOC and Cityscapes: none (their test labels are not public; the paper "
+                         "reports val). tiny: `test`, the synthetic held-out split.")
     num_classes: int = _f(21, "Number of classes including background (VOC 21, Cityscapes 19). "
                           "tiny: 7 (6 synthetic object classes + background).", lo=2)
     crop_size: int = _f(321, "Training crop height (and width unless crop_width > 0). "
@@ -213,6 +219,9 @@ class CTTConfig:
             raise ConfigError(
                 f"data.scale_min ({self.data.scale_min}) must be <= data.scale_max "
                 f"({self.data.scale_max})")
+        if self.data.dataset == "cityscapes" and self.data.num_classes != 19:
+            raise ConfigError(f"data.num_classes={self.data.num_classes}, but Cityscapes has "
+                              "19 evaluated classes (train ids); set data.num_classes=19")
         if self.method.unsup == "cross" and self.method.pairs != 2:
             raise ConfigError("method.unsup='cross' needs method.pairs=2 (a peer teacher); "
                               "use method.unsup='self' for a single pair")
@@ -369,6 +378,7 @@ _VOC_R101: dict[str, Any] = {}  # the dataclass defaults are the paper's VOC Dee
 
 _TINY: dict[str, Any] = {
     "data.dataset": "synthetic",
+    "data.test_split": "test",
     "data.labeled_split": "128",
     "data.num_classes": 7,
     "data.crop_size": 48,
@@ -413,7 +423,6 @@ _CITYSCAPES: dict[str, Any] = {
     "data.batch_size": 2,
     "data.batch_size_u": 2,
     "data.eval_size": 512,
-    "data.test_split": "none",  # Cityscapes test labels are not public
     "optim.iters": 16_000,
 }
 

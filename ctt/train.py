@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from ctt.config import PRESETS, CTTConfig, apply_variant, get_preset, parse_set_args
-from ctt.data.loader import BatchStream, build_datasets, eval_loader
+from ctt.data.loader import BatchStream, build_datasets, dataset_root, eval_loader
 from ctt.envinfo import environment
+from ctt.errors import guarded
 from ctt.evaluate import evaluate
 from ctt.state import CheckpointError, TrainState, derive_seed
 from ctt.step import NonFiniteLossError, train_step
@@ -202,27 +203,33 @@ class _RunFiles:
             old.unlink()
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ctt.train", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--variant", default="ctt", help="ablation variant (ctt.config.VARIANTS)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override any flat config key (repeatable)")
-    p.add_argument("--data-root", help="dataset root (default: synthetic data, generated once)")
+    p.add_argument("--data-root", help="dataset root, read-only (tiny: default synthetic data, "
+                   "generated once into ~/.cache/ctt)")
+    p.add_argument("--split", help="labeled split name (data.labeled_split), e.g. 1464")
     p.add_argument("--iters", type=int, help="total iterations (optim.iters)")
     p.add_argument("--eval-every", type=int, help="run.eval_every")
     p.add_argument("--out", default="runs/train", help="output directory")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="run.device")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     a = p.parse_args(argv)
 
     overrides = parse_set_args(a.overrides)
-    for key, val in (("data.root", a.data_root), ("optim.iters", a.iters),
+    for key, val in (("data.root", a.data_root), ("data.labeled_split", a.split),
+                     ("optim.iters", a.iters),
                      ("run.eval_every", a.eval_every), ("run.device", a.device)):
         if val is not None:
             overrides[key] = val
     cfg = resolve_config(a.preset, a.variant, overrides)
+    dataset_root(cfg)  # a missing or mismatched data root fails before anything is written
     out = Path(a.out)
     files_existed = (out / "checkpoints").exists() and latest_checkpoint(out / "checkpoints")
     if files_existed and not a.resume:

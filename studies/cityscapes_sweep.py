@@ -13,39 +13,17 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ctt.config import CTTConfig  # noqa: E402
 from studies.voc_sweep import main as sweep_main  # noqa: E402
 
-REQUIRED_DIRS = ("leftImg8bit", "gtFine")
-DEFAULTS = {"data.test_split": "none"}
-
-
-def check_data(cfg: CTTConfig) -> str | None:
-    """None if ``cfg`` reads no Cityscapes data or its root looks like a Cityscapes root, else
-    what is wrong and what to pass."""
-    if cfg.data.dataset != "cityscapes":
-        return None
-    root = cfg.data.root
-    if root == "none":
-        return ("--data-root is required: the cityscapes-r101 preset reads the real Cityscapes "
-                "data (a directory holding leftImg8bit/ and gtFine/), e.g. "
-                "--data-root /data/cityscapes")
-    missing = [d for d in REQUIRED_DIRS if not (Path(root) / d).is_dir()]
-    if missing:
-        return (f"--data-root {root}: missing {', '.join(f'{d}/' for d in missing)}; pass the "
-                "directory holding leftImg8bit/ and gtFine/ (as downloaded from "
-                "cityscapes-dataset.com)")
-    return None
+DEFAULTS: dict = {}  # the preset is the study: cityscapes-r101, no test split
 
 
 def main(argv: list[str] | None = None) -> int:
     return sweep_main(argv, default_name="cityscapes_sweep", default_preset="cityscapes-r101",
-                      description=__doc__.splitlines()[0], defaults=DEFAULTS,
-                      check_data=check_data)
+                      description=__doc__.splitlines()[0], defaults=DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ctt.config import VARIANTS  # noqa: E402
+from ctt.errors import guarded  # noqa: E402
 from ctt.tune.cli import (  # noqa: E402
     add_common_args,
     options_from_args,
@@ -26,6 +27,7 @@ VARIANT_ORDER = ["supervised", "mean_teacher", "dual_self", "cross", "cross_hc",
 assert set(VARIANT_ORDER) == set(VARIANTS)
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print_dry_run(ablation_trials(opts, variants), opts, slots=slots,
                       warmup_fork=opts.fork_warmup)
         return 0
-    return run_study(run_ablation, opts, variants)
+    return run_study(run_ablation, opts, variants, debug=a.debug)
 
 
 if __name__ == "__main__":

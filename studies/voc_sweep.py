@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ctt.config import VARIANTS  # noqa: E402
+from ctt.errors import guarded  # noqa: E402
 from ctt.tune.cli import (  # noqa: E402
     add_common_args,
     options_from_args,
@@ -40,16 +40,15 @@ def search_space() -> dict:
     }
 
 
+@guarded
 def main(argv: list[str] | None = None, *, default_name: str = "voc_sweep",
          default_preset: str = "tiny", description: str | None = None,
-         defaults: dict[str, Any] | None = None,
-         check_data: Callable[[Any], str | None] | None = None) -> int:
+         defaults: dict[str, Any] | None = None) -> int:
     """Parse ``argv`` and run (or ``--dry-run``) the sweep; other sweeps reuse this.
 
     Args:
         defaults: config overrides of this study (below ``--smoke-test`` and ``--set``).
-        check_data: ``base CTTConfig -> None`` if its data is usable, else the error message;
-            bad data exits with status 2 before Ray starts (``--dry-run`` needs no data).
+    The config and data root are checked before Ray starts (``--dry-run`` needs no data).
     """
     from ctt.tune.schedulers import SCHEDULERS
 
@@ -62,10 +61,6 @@ def main(argv: list[str] | None = None, *, default_name: str = "voc_sweep",
     a = p.parse_args(argv)
     opts = options_from_args(a, default_name + ("_smoke" if a.smoke_test else ""), defaults)
     num_samples = min(a.num_samples, 3) if a.smoke_test else a.num_samples
-    if check_data is not None and not a.dry_run:
-        problem = check_data(opts.base_config())
-        if problem:
-            p.error(problem)  # exits 2
 
     from ctt.tune.study import run_sweep
 
@@ -77,7 +72,7 @@ def main(argv: list[str] | None = None, *, default_name: str = "voc_sweep",
         print_dry_run([trial] * num_samples, opts, slots=slots, warmup_fork=False)
         return 0
     return run_study(run_sweep, opts, a.variant, search_space(), num_samples=num_samples,
-                     scheduler=a.scheduler, metric=a.metric)
+                     scheduler=a.scheduler, metric=a.metric, debug=a.debug)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from torch.utils.data import Dataset
 
 from ctt.config import PRESETS
 from ctt.data import synthetic
-from ctt.data.loader import BatchStream, build_datasets, dataset_root
+from ctt.data.loader import BatchStream, build_datasets, dataset_root, detect_layout
+from ctt.errors import DataRootError
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,56 @@ def test_dataset_root_uses_a_generated_synthetic_set_as_is(cfg, root, tmp_path):
         dataset_root(cfg.override({"data.num_classes": 5}))
     with pytest.raises(ValueError, match="empty dataset"):
         BatchStream(KeyDataset(0), 2, seed=0)
+
+
+def _tree(root) -> list:
+    return sorted((str(p.relative_to(root)), p.is_file() and p.read_bytes())
+                  for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "voc-r101", "cityscapes-r101"])
+def test_dataset_root_refuses_missing_root_and_creates_nothing(preset, tmp_path):
+    missing = tmp_path / "VOC2012"
+    cfg = PRESETS[preset].override({"data.root": str(missing)})
+    with pytest.raises(DataRootError, match=f"data root {missing} does not exist"):
+        dataset_root(cfg)
+    assert not missing.exists()
+
+
+def test_dataset_root_without_root_needs_data_except_synthetic():
+    with pytest.raises(DataRootError, match="data.dataset='voc' needs its dataset: pass "
+                       "--data-root.*JPEGImages"):
+        dataset_root(PRESETS["voc-r101"])
+    with pytest.raises(DataRootError, match="leftImg8bit/ and gtFine/"):
+        dataset_root(PRESETS["cityscapes-r101"])
+
+
+def test_dataset_root_names_the_layout_found_and_the_preset_that_fits(root, tmp_path):
+    voc, city, half, empty = (tmp_path / n for n in ("voc", "city", "half", "empty"))
+    for d in ("JPEGImages", "SegmentationClassAug"):
+        (voc / d).mkdir(parents=True)
+    for d in ("leftImg8bit", "gtFine"):
+        (city / d).mkdir(parents=True)
+    (half / "splits" / "92").mkdir(parents=True)
+    (half / "ImageSets").mkdir()
+    empty.mkdir()
+    assert detect_layout(voc) == "voc" and detect_layout(city) == "cityscapes"
+    assert detect_layout(root) == "synthetic" and detect_layout(half) is None
+    cases = [
+        ("tiny", voc, "is not a synthetic dataset.*holds a voc dataset; use --preset voc-r101"),
+        ("tiny", half, "holds no known dataset layout \\(found: ImageSets, splits\\)"),
+        ("tiny", empty, "holds no known dataset layout \\(found: nothing\\)"),
+        ("voc-r101", city, "is not a Pascal VOC.*cityscapes dataset; use --preset "
+                           "cityscapes-r101"),
+        ("voc-r101", root, "holds a synthetic dataset; use --preset tiny"),
+        ("cityscapes-r101", voc, "is not a Cityscapes root.*use --preset voc-r101"),
+    ]
+    before = {d: _tree(d) for d in (voc, city, half, empty, root)}
+    for preset, data, message in cases:
+        with pytest.raises(DataRootError, match=message):
+            dataset_root(PRESETS[preset].override({"data.root": str(data)}))
+    assert {d: _tree(d) for d in before} == before  # nothing written, locked or deleted
+    assert dataset_root(PRESETS["voc-r101"].override({"data.root": str(voc)})) == voc
+    (voc.parent / "VOCdevkit" / "VOC2012").mkdir(parents=True)
+    with pytest.raises(DataRootError, match="did you mean .*VOCdevkit/VOC2012"):
+        dataset_root(PRESETS["voc-r101"].override({"data.root": str(voc.parent / "VOCdevkit")}))

@@ -182,8 +182,11 @@ def test_ensure_reuses_complete_and_regenerates_incomplete(tmp_path: Path) -> No
     assert png.stat().st_mtime == 1_000_000
     assert (root / MARKER).stat().st_mtime_ns == marker_mtime
 
-    (root / MARKER).unlink()  # as if generation had been interrupted
+    # As if generation had been interrupted: its in-progress file is there, the marker not.
+    (root / MARKER).unlink()
+    (root / synthetic._PARTIAL).touch()
     assert ensure(root, seed=3, **SMALL) == root
+    assert not (root / synthetic._PARTIAL).exists()
     assert (root / MARKER).is_file() and png.stat().st_mtime != 1_000_000
 
     with pytest.raises(ValueError, match=re.escape(str(root))) as err:
@@ -204,6 +207,22 @@ def test_ensure_without_root_uses_parameter_named_cache(
     assert default_root(**{**params, "label_counts": [2, 2]}) == root  # normalised
 
 
+def test_never_touches_a_half_prepared_dataset(tmp_path: Path) -> None:
+    # A user half-way through preparing VOC: only splits/ and ImageSets/. Those names are the
+    # generator's own too, but without its marker or in-progress file the tree is not ours.
+    root = tmp_path / "VOC2012"
+    (root / "splits" / "1464").mkdir(parents=True)
+    (root / "splits" / "1464" / "labeled.txt").write_text("2007_000032\n")
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000032\n")
+    before = sorted((p.relative_to(root), p.is_file() and p.read_bytes()) for p in root.rglob("*"))
+    for call in (lambda: ensure(root, **SMALL), lambda: generate(root, **SMALL)):
+        with pytest.raises(FileExistsError, match="holds no synthetic dataset"):
+            call()
+    assert sorted((p.relative_to(root), p.is_file() and p.read_bytes())
+                  for p in root.rglob("*")) == before
+
+
 def test_refuses_foreign_directory_and_bad_params(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "Annotations").mkdir()
@@ -211,6 +230,9 @@ def test_refuses_foreign_directory_and_bad_params(tmp_path: Path) -> None:
         generate(tmp_path / "real", **SMALL)
     (tmp_path / "voc" / "JPEGImages").mkdir(parents=True)
     (tmp_path / "voc" / "JPEGImages" / "2007_000032.jpg").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="holds no synthetic dataset"):
+        ensure(tmp_path / "voc", **SMALL)
+    (tmp_path / "voc" / synthetic._PARTIAL).touch()  # even in "our" interrupted tree
     with pytest.raises(FileExistsError, match="2007_000032"):
         ensure(tmp_path / "voc", **SMALL)
     with pytest.raises(ValueError, match="num_classes"):

@@ -227,16 +227,15 @@ def test_dry_run_prints_trials_and_estimate_and_launches_nothing(monkeypatch, ca
 
 def test_cityscapes_sweep_requires_real_data_root(tmp_path, capsys):
     script = load_script("cityscapes_sweep")
-    with pytest.raises(SystemExit) as e:
-        script.main(["--smoke-test", "--storage", str(tmp_path)])
-    assert e.value.code == 2
-    assert "--data-root is required" in capsys.readouterr().err
+    assert script.main(["--smoke-test", "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.dataset='cityscapes' needs its dataset: pass --data-root" in err
     (tmp_path / "leftImg8bit").mkdir()
-    with pytest.raises(SystemExit) as e:
-        script.main(["--data-root", str(tmp_path), "--storage", str(tmp_path)])
-    assert e.value.code == 2
-    assert "missing gtFine/" in capsys.readouterr().err
-    assert not (tmp_path / "cityscapes_sweep").exists()
+    assert script.main(["--data-root", str(tmp_path), "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data root") and "is not a Cityscapes root" in err
+    assert "\n" not in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["leftImg8bit"]  # nothing written
 
 
 def test_check_storage_refuses_local_path_on_several_nodes(monkeypatch):

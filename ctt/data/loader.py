@@ -9,7 +9,6 @@ exactly the batches the uninterrupted run would have seen, with or without worke
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ctt.config import CTTConfig
 from ctt.data.transforms import pad_collate, train_transform
+from ctt.errors import DataRootError
 
-__all__ = ["BatchStream", "build_datasets", "dataset_root", "eval_loader"]
+__all__ = ["BatchStream", "build_datasets", "dataset_root", "detect_layout", "eval_loader"]
 
 # Separate seed streams so the labeled and unlabeled orders are unrelated.
 STREAM_LABELED, STREAM_UNLABELED = 0, 1
@@ -108,30 +108,80 @@ class BatchStream:
         self._iter = None
 
 
+# Which preset reads each layout, for "found X; use Y" messages.
+_FITS = {"synthetic": "--preset tiny (data.dataset=synthetic)",
+         "voc": "--preset voc-r101 or voc-r101-v3plus (data.dataset=voc)",
+         "cityscapes": "--preset cityscapes-r101 (data.dataset=cityscapes)"}
+_NEEDS = {"synthetic": "a synthetic dataset written by `python -m ctt.data.synthetic --root DIR`",
+          "voc": "a Pascal VOC 2012 root (JPEGImages/ and SegmentationClass/ or "
+                 "SegmentationClassAug/)",
+          "cityscapes": "a Cityscapes root (leftImg8bit/ and gtFine/)"}
+
+
+def detect_layout(root: Path) -> str | None:
+    """``"synthetic"``, ``"voc"`` or ``"cityscapes"`` by the directories ``root`` holds, else
+    ``None``. Looks only at names (cheap, read-only); the readers check the files themselves."""
+    from ctt.data import synthetic
+
+    if (root / synthetic.MARKER).is_file():
+        return "synthetic"
+    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
+        return "cityscapes"
+    if (root / "JPEGImages").is_dir() and any(
+            (root / d).is_dir() for d in ("SegmentationClass", "SegmentationClassAug")):
+        return "voc"
+    return None
+
+
+def _layout_hint(root: Path, found: str | None) -> str:
+    if found is not None:
+        return f"it holds a {found} dataset; use {_FITS[found]}"
+    inner = [p.name for p in (root / "VOC2012", root / "VOCdevkit") if p.is_dir()]
+    if inner:
+        return f"it holds no dataset itself; did you mean {root / inner[0]}?"
+    entries = sorted(p.name for p in root.iterdir())[:6] if root.is_dir() else []
+    return ("it holds no known dataset layout (found: " + (", ".join(entries) or "nothing")
+            + ")")
+
+
 def dataset_root(cfg: CTTConfig) -> Path:
-    """The data root: ``data.root``, or the synthetic cache (generated on first use)."""
-    if cfg.data.dataset == "synthetic":
+    """The data root of ``cfg``, checked against ``data.dataset``; never written to.
+
+    ``data.root=none`` is allowed only for the synthetic set, which is then generated once into
+    the cache (``~/.cache/ctt``, or ``$CTT_CACHE``). A given root must exist and hold the
+    layout of ``data.dataset``; a synthetic set is generated into a directory of your choice
+    only by ``python -m ctt.data.synthetic --root DIR``. Raises :class:`DataRootError` naming
+    the root, the layout found and the preset that fits it.
+    """
+    d = cfg.data
+    if d.root == "none":
+        if d.dataset == "synthetic":
+            from ctt.data import synthetic
+
+            return Path(synthetic.ensure(None, num_classes=d.num_classes))
+        raise DataRootError(
+            f"data.dataset={d.dataset!r} needs its dataset: pass --data-root DIR (or --set "
+            f"data.root=DIR) pointing at {_NEEDS[d.dataset]}")
+    root = Path(d.root).expanduser()
+    if not root.is_dir():
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise DataRootError(f"data root {root} {what}; pass --data-root pointing at "
+                            f"{_NEEDS[d.dataset]}")
+    found = detect_layout(root)
+    if found != d.dataset:
+        raise DataRootError(f"data root {root} is not {_NEEDS[d.dataset]}: "
+                            f"{_layout_hint(root, found)}")
+    if found == "synthetic":
         from ctt.data import synthetic
 
-        if cfg.data.root == "none":
-            return Path(synthetic.ensure(None, num_classes=cfg.data.num_classes))
-        root = Path(cfg.data.root)
-        marker = root / synthetic.MARKER
-        if not marker.is_file():  # empty or interrupted: generate with the default parameters
-            return Path(synthetic.ensure(root, num_classes=cfg.data.num_classes))
-        # A complete synthetic dataset is used as generated (any size/split counts), but its
-        # class count must match: a mismatch would only surface as a label-range error later.
-        have = json.loads(marker.read_text()).get("params", {}).get("num_classes")
-        if have != cfg.data.num_classes:
-            raise ValueError(f"synthetic dataset {root} has num_classes={have}, but "
-                             f"data.num_classes={cfg.data.num_classes}; set "
-                             f"data.num_classes={have} or use another data.root")
-        return root
-    if cfg.data.root == "none":
-        raise FileNotFoundError(
-            f"data.dataset={cfg.data.dataset!r} needs a dataset root: pass --data-root DIR "
-            "(or --set data.root=DIR)")
-    return Path(cfg.data.root)
+        # Any size/split of a generated set is used as is, but the class count must match: a
+        # mismatch would only surface as a label-range error inside a trial.
+        have = synthetic.read_marker(root).get("params", {}).get("num_classes")
+        if have != d.num_classes:
+            raise DataRootError(f"synthetic dataset {root} has num_classes={have}, but "
+                                f"data.num_classes={d.num_classes}; set "
+                                f"data.num_classes={have} or use another data root")
+    return root
 
 
 def _split_path(root: Path, name: str, part: str) -> str:

@@ -69,6 +69,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ctt.errors import DataRootError
+
 __all__ = [
     "CLASS_NAMES",
     "DEFAULTS",
@@ -79,12 +81,16 @@ __all__ = [
     "generate",
     "ignore_border",
     "main",
+    "read_marker",
     "render_sample",
     "voc_palette",
 ]
 
 MARKER = ".ctt_synthetic.json"
 _LOCK = ".ctt_synthetic.lock"
+# Written first and removed last: a directory holding it is an interrupted generation of ours,
+# safe to regenerate. A non-empty directory with neither file is someone else's: never touched.
+_PARTIAL = ".ctt_synthetic.partial"
 # Bump when the drawing changes: it is part of the marker and of the cache-directory hash, so a
 # stale cache is never mistaken for the current task.
 _VERSION = 3
@@ -359,8 +365,14 @@ def _check_safe_to_write(root: Path) -> None:
     """Refuse to overwrite anything that is not a synthetic dataset (e.g. a real VOC root)."""
     if not root.is_dir():
         return
+    names = {entry.name for entry in root.iterdir()} - {_LOCK}
+    if names and not names & {MARKER, _PARTIAL}:
+        raise FileExistsError(
+            f"refusing to generate into {root}: it is not empty and holds no synthetic dataset "
+            f"(found {', '.join(sorted(names)[:5])}); pass an empty or new directory as root"
+        )
     for entry in root.iterdir():
-        if entry.name in (MARKER, _LOCK, MARKER + ".tmp"):
+        if entry.name in (MARKER, _LOCK, _PARTIAL, MARKER + ".tmp"):
             continue
         if entry.name not in _OUR_DIRS:
             raise FileExistsError(
@@ -418,6 +430,8 @@ def generate(
     )
     root = Path(root)
     _check_safe_to_write(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / _PARTIAL).touch()
     (root / MARKER).unlink(missing_ok=True)
     for sub in _OUR_DIRS:
         shutil.rmtree(root / sub, ignore_errors=True)
@@ -458,19 +472,22 @@ def generate(
     tmp = root / (MARKER + ".tmp")
     tmp.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, root / MARKER)
+    (root / _PARTIAL).unlink()
     return root
 
 
-def _read_marker(root: Path) -> dict[str, Any]:
+def read_marker(root: Path) -> dict[str, Any]:
     path = root / MARKER
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read the dataset marker {path} ({err}); delete {root}") from err
+        raise DataRootError(f"cannot read the synthetic dataset marker {path} ({err}); "
+                            f"regenerate it with python -m ctt.data.synthetic --root {root} "
+                            "--force") from err
 
 
 def _check_marker(root: Path, params: dict[str, Any]) -> None:
-    marker = _read_marker(root)
+    marker = read_marker(root)
     have = {"version": marker.get("version"), **marker.get("params", {})}
     want = {"version": _VERSION, **params}
     diff = {k: (have.get(k), want[k]) for k in want if have.get(k) != want[k]}
@@ -512,6 +529,7 @@ def ensure(root: str | os.PathLike[str] | None = None, **params: Any) -> Path:
     if (path / MARKER).exists():
         _check_marker(path, p)
         return path
+    _check_safe_to_write(path)  # before the lock file: refuse without leaving a trace
     path.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         if (path / MARKER).exists():  # another process finished while we waited
@@ -563,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
-    marker = _read_marker(root)
+    marker = read_marker(root)
     sizes = marker["counts"]
     print(f"root: {root}")
     print(

@@ -32,8 +32,8 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
                     default_seeds: str = "0,1,2") -> None:
     g = p.add_argument_group("common study options")
     g.add_argument("--preset", default=default_preset, choices=sorted(PRESETS))
-    g.add_argument("--data-root", help="dataset root (default for tiny: synthetic data, "
-                   "generated on first use)")
+    g.add_argument("--data-root", help="dataset root, read-only (tiny: default synthetic "
+                   "data, generated once into ~/.cache/ctt)")
     g.add_argument("--split", help="labeled split name (data.labeled_split)")
     g.add_argument("--seeds", default=default_seeds, help="comma-separated seeds")
     g.add_argument("--iters", type=int, help="total iterations per trial (optim.iters)")
@@ -56,6 +56,7 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
                    help="print the trials and a compute estimate, launch nothing")
     g.add_argument("--smoke-test", type=float, metavar="SECONDS", nargs="?", const=60.0,
                    help="tiny, fast run of every code path (tests)")
+    g.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
 
 
 def options_from_args(a: argparse.Namespace, default_name: str,
@@ -85,16 +86,23 @@ def options_from_args(a: argparse.Namespace, default_name: str,
         replace_existing=bool(a.smoke_test) and not a.out)
 
 
-def run_study(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
-    """Run ``run_ablation``/``run_sweep``; refusals (storage, existing study) become a one-line
-    error and exit code 2 instead of a traceback."""
-    from ctt.tune.study import StorageError, StudyExistsError
+def run_study(fn: Callable[..., Any], *args: Any, debug: bool = False, **kwargs: Any) -> int:
+    """Run ``run_ablation``/``run_sweep``. Refusals (bad config or data root, storage, existing
+    study) become a one-line error and exit code 2 instead of a traceback (``debug`` re-raises);
+    a study whose trials all failed exits 1, naming the errors."""
+    from ctt.errors import UserError
+    from ctt.tune.study import StorageError, StudyExistsError, StudyFailedError
 
     try:
         fn(*args, **kwargs)
-    except (StorageError, StudyExistsError) as e:
+    except (UserError, StorageError, StudyExistsError) as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StudyFailedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

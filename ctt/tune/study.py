@@ -44,15 +44,16 @@ from ray import tune  # noqa: E402
 from ray.tune.search import BasicVariantGenerator  # noqa: E402
 
 from ctt.config import CTTConfig, apply_variant, get_preset  # noqa: E402
+from ctt.data.loader import dataset_root  # noqa: E402
 from ctt.envinfo import environment  # noqa: E402
 from ctt.tune.callbacks import StudyLoggerCallback  # noqa: E402
-from ctt.tune.results import build_results, summary_table  # noqa: E402
+from ctt.tune.results import build_results, load_trials, summary_table  # noqa: E402
 from ctt.tune.schedulers import PruningAwareOptunaSearch, make_scheduler  # noqa: E402
 from ctt.tune.space import ONE_MINUS, resolve_config  # noqa: E402
 from ctt.tune.trainable import CHECKPOINT_FILE, train_ctt, trial_resources  # noqa: E402
 
-__all__ = ["StorageError", "StudyExistsError", "StudyOptions", "check_storage", "init_ray",
-           "run_ablation", "run_sweep"]
+__all__ = ["StorageError", "StudyExistsError", "StudyFailedError", "StudyOptions",
+           "check_inputs", "check_storage", "init_ray", "run_ablation", "run_sweep"]
 
 EXPERIMENT = "ray"
 WARMUP = "warmup"
@@ -65,6 +66,10 @@ class StorageError(RuntimeError):
 
 class StudyExistsError(RuntimeError):
     """A fresh (not ``--resume``) study would mix its trials with an existing study's."""
+
+
+class StudyFailedError(RuntimeError):
+    """Every trial of the study errored: there is nothing to compare."""
 
 
 @dataclass
@@ -137,6 +142,34 @@ def init_ray(opts: StudyOptions) -> None:
              num_gpus=None if opts.gpus_per_trial else 0,
              object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
              log_to_driver=opts.verbose > 1)
+
+
+def check_inputs(opts: StudyOptions) -> CTTConfig:
+    """Validate the study's config and data on the driver, before Ray starts: a bad key or a
+    missing or mismatched data root is one error line, not 21 errored trials. Returns the base
+    config. On a cluster (``address``) a data root that is absent on the driver's node is left
+    to the trials, which run on nodes that may hold it."""
+    base = opts.base_config()
+    root = base.data.root
+    if opts.address and root != "none" and not Path(root).expanduser().exists():
+        print(f"note: data root {root} is not on this (driver) node; each trial checks it on "
+              "its own node", flush=True)
+    else:
+        dataset_root(base)
+    return base
+
+
+def _check_outcome(study_dir: Path) -> None:
+    """Raise :class:`StudyFailedError` naming the distinct errors when every trial failed."""
+    trials = load_trials(study_dir)
+    failed = [t for t in trials if t.get("status") == "ERROR"]
+    if not trials or len(failed) < len(trials):
+        return
+    reasons = dict.fromkeys((str(t.get("error") or "unknown").strip().splitlines() or ["?"])[-1]
+                            for t in failed)
+    shown = "; ".join(list(reasons)[:3]) + ("; ..." if len(reasons) > 3 else "")
+    raise StudyFailedError(f"all {len(trials)} trials failed: {shown} (each trial's error is in "
+                           f"{study_dir / 'trials'}/<id>/trial.json)")
 
 
 def alive_nodes() -> int:
@@ -310,13 +343,13 @@ def _run_warmups(opts: StudyOptions, storage_path: str, study_dir: Path) -> dict
 
 def run_ablation(opts: StudyOptions, variants: list[str]) -> Path:
     """Run (or resume) the variants x seeds grid; return the local study directory."""
+    base = check_inputs(opts)
+    configs = ablation_trials(opts, variants)  # variant/--set conflicts fail here, before Ray
     study_dir, storage_path = study_paths(opts)
     exp_dir = _experiment_dir(storage_path, EXPERIMENT)
     restoring = _start_or_resume(opts, study_dir, exp_dir)
     init_ray(opts)
     check_storage(opts.storage, opts.storage_shared)
-    base = opts.base_config()
-    configs = ablation_trials(opts, variants)
     _write_study_json(study_dir, {
         "name": opts.name, "kind": "ablation", "variants": variants, "seeds": opts.seeds,
         "preset": opts.preset, "options": asdict(opts), "base_config": base.to_flat(),
@@ -353,6 +386,7 @@ def _finish(study_dir: Path, opts: StudyOptions, wall_s: float, extra: dict | No
     print(summary_table(study_dir), flush=True)
     print(f"study wall time {wall_s / 60:.1f} min; results in {study_dir}", flush=True)
     _upload(study_dir, opts)
+    _check_outcome(study_dir)
 
 
 # --- sweep ---
@@ -364,16 +398,16 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
     the best trial is re-evaluated on the held-out test split."""
     import optuna
 
+    base = apply_variant(check_inputs(opts).override({"run.seed": opts.seeds[0]}), variant)
+    for key in space:
+        real = key.removeprefix(ONE_MINUS)
+        if real not in base.to_flat():
+            CTTConfig.from_flat({real: 0})  # raises the unknown-key error with valid keys
     study_dir, storage_path = study_paths(opts)
     exp_dir = _experiment_dir(storage_path, EXPERIMENT)
     restoring = _start_or_resume(opts, study_dir, exp_dir)
     init_ray(opts)
     check_storage(opts.storage, opts.storage_shared)
-    base = apply_variant(opts.base_config().override({"run.seed": opts.seeds[0]}), variant)
-    for key in space:
-        real = key.removeprefix(ONE_MINUS)
-        if real not in base.to_flat():
-            CTTConfig.from_flat({real: 0})  # raises the unknown-key error with valid keys
     _write_study_json(study_dir, {
         "name": opts.name, "kind": "sweep", "variant": variant, "seeds": opts.seeds[:1],
         "space": {k: repr(v) for k, v in space.items()}, "metric": metric,
