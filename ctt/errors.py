@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["DataRootError", "UserError", "guarded"]
 
@@ -22,15 +23,15 @@ class DataRootError(UserError, ValueError):
     """A dataset root is missing, or holds another layout than the configured dataset reads."""
 
 
-def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Wrap a CLI ``main(argv) -> exit code``: a :class:`UserError` becomes one line on stderr
-    and exit code 2; ``--debug`` among the arguments re-raises it with its traceback."""
+def guarded(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a CLI ``main(argv, **kw) -> exit code``: a :class:`UserError` becomes one line on
+    stderr and exit code 2; ``--debug`` among the arguments re-raises it with its traceback."""
 
     @functools.wraps(main)
-    def wrapper(argv: list[str] | None = None) -> int:
+    def wrapper(argv: list[str] | None = None, **kwargs: Any) -> int:
         args = sys.argv[1:] if argv is None else argv
         try:
-            return main(argv)
+            return main(argv, **kwargs)
         except UserError as err:
             if "--debug" in args:
                 raise
