@@ -26,6 +26,7 @@ from torch import Tensor
 
 MIX_TYPES = ("classmix", "cutmix", "none")
 COLOR_AUGS = ("jitter", "permute")
+DRAW_UNITS = ("sample", "batch")
 
 # ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale uses.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -53,6 +54,11 @@ def _check_generator(generator: torch.Generator) -> None:
             f"generator must live on the CPU (got device {generator.device}); random numbers are "
             "drawn on the CPU and moved to the data so CPU and GPU runs draw identically"
         )
+
+
+def _check_per(per: str) -> None:
+    if per not in DRAW_UNITS:
+        raise ValueError(f"unknown draw unit per={per!r}; choose one of {DRAW_UNITS}")
 
 
 def _check_images(x: Tensor, name: str = "x") -> None:
@@ -273,13 +279,17 @@ def jitter_with_factors(
 
 
 def color_jitter(
-    x: Tensor, generator: torch.Generator, strength: float = 0.25, p: float = 0.8
+    x: Tensor, generator: torch.Generator, strength: float = 0.25, p: float = 0.8,
+    per: str = "sample",
 ) -> Tensor:
-    """Per-sample colour jitter, each image jittered with probability ``p``.
+    """Colour jitter with probability ``p``, per image (``per="sample"``) or for the whole
+    batch at once (``per="batch"``, the ClassMix/CTT reference: one coin flip, but each image
+    still gets its own factors, as kornia's batched ``ColorJitter`` draws them).
 
     Factors as torchvision ``ColorJitter(strength, strength, strength, strength)``:
     brightness, contrast and saturation ``~ U(1 - s, 1 + s)``, hue shift ``~ U(-s, s)``; fixed
-    order (see :func:`jitter_with_factors`). Draws ``B * 5`` uniforms whatever ``p`` is.
+    order (see :func:`jitter_with_factors`). Draws ``B * 5`` uniforms whatever ``p`` and
+    ``per`` are (the batch coin is image 0's), so both units consume the same stream.
 
     Args:
         x: ``[B, 3, H, W]`` in ``[0, 1]``.
@@ -289,10 +299,11 @@ def color_jitter(
     """
     _check_generator(generator)
     _check_images(x)
+    _check_per(per)
     if not 0.0 <= strength <= 0.5:
         raise ValueError(f"jitter strength must be in [0, 0.5], got {strength}")
     u = torch.rand(x.shape[0], 5, generator=generator)  # [B, 5]
-    apply = u[:, 0] < p
+    apply = u[:, 0] < p if per == "sample" else (u[:1, 0] < p).expand(x.shape[0])
     fac = 1.0 - strength + 2.0 * strength * u[:, 1:4]
     hue = -strength + 2.0 * strength * u[:, 4]
     out = jitter_with_factors(x, fac[:, 0], fac[:, 1], fac[:, 2], hue)
@@ -356,10 +367,13 @@ def gaussian_blur(
     generator: torch.Generator,
     p: float = 0.5,
     sigma: tuple[float, float] = (0.15, 1.15),
+    per: str = "sample",
 ) -> Tensor:
-    """Per-sample Gaussian blur with probability ``p``, ``sigma ~ U(sigma[0], sigma[1])``.
+    """Gaussian blur with probability ``p``, ``sigma ~ U(sigma[0], sigma[1])``: each image its
+    own coin flip and sigma (``per="sample"``), or one flip and one sigma for the whole batch
+    (``per="batch"``, the ClassMix/CTT reference).
 
-    Draws ``B * 2`` uniforms whatever ``p`` is.
+    Draws ``B * 2`` uniforms whatever ``p`` and ``per`` are (the batch uses image 0's).
 
     Args:
         x: ``[B, 3, H, W]`` in ``[0, 1]``.
@@ -369,10 +383,13 @@ def gaussian_blur(
     """
     _check_generator(generator)
     _check_images(x)
+    _check_per(per)
     lo, hi = sigma
     if not 0.0 < lo <= hi:
         raise ValueError(f"blur sigma range must satisfy 0 < low <= high, got {sigma}")
     u = torch.rand(x.shape[0], 2, generator=generator, dtype=torch.float64)  # [B, 2]
+    if per == "batch":
+        u = u[:1].expand_as(u)
     apply = u[:, 0] < p
     sig = lo + (hi - lo) * u[:, 1]
     out = blur_with_sigma(x, sig).clamp(0.0, 1.0)
@@ -464,6 +481,7 @@ def strong_augment(
     blur_p: float = 0.5,
     blur_sigma: tuple[float, float] = (0.15, 1.15),
     color: str = "jitter",
+    jitter_blur_per: str = "sample",
 ) -> Augmented:
     """Strong view of an unlabeled batch: mix, then colour jitter and blur (``color="jitter"``,
     the ClassMix/CTT recipe) or :func:`color_permute` (``color="permute"``), images only.
@@ -481,6 +499,9 @@ def strong_augment(
         jitter_p, jitter_strength, blur_p, blur_sigma: see :func:`color_jitter` and
             :func:`gaussian_blur` (unused with ``color="permute"``).
         color: ``"jitter"`` or ``"permute"``.
+        jitter_blur_per: ``"sample"`` or ``"batch"``: the unit of the jitter and blur coin
+            flips (see :func:`color_jitter`, :func:`gaussian_blur`); the permutation view always
+            draws per image.
 
     Returns:
         :class:`Augmented` ``(images, probs, masks)``; ``probs[j]`` and anything else passed
@@ -492,6 +513,7 @@ def strong_augment(
         raise ValueError(f"unknown mix type {mix!r}; choose one of {MIX_TYPES}")
     if color not in COLOR_AUGS:
         raise ValueError(f"unknown colour augmentation {color!r}; choose one of {COLOR_AUGS}")
+    _check_per(jitter_blur_per)
     b, _, h, w = x.shape
     probs_list = list(probs_list)
     for j, pr in enumerate(probs_list):
@@ -527,6 +549,8 @@ def strong_augment(
     if color == "permute":
         images = color_permute(images, generator)
     else:
-        images = color_jitter(images, generator, strength=jitter_strength, p=jitter_p)
-        images = gaussian_blur(images, generator, p=blur_p, sigma=blur_sigma)
+        images = color_jitter(images, generator, strength=jitter_strength, p=jitter_p,
+                              per=jitter_blur_per)
+        images = gaussian_blur(images, generator, p=blur_p, sigma=blur_sigma,
+                               per=jitter_blur_per)
     return Augmented(images, probs, masks)

@@ -152,6 +152,19 @@ class MethodConfig:
                            choices=("jitter", "permute"))
     shared_aug: bool = _f(True, "One augmentation shared by both students (DEV; makes the "
                           "low-level positive the same pixel). False = reference.")
+    jitter_blur_per: str = _f("batch", "Unit of the colour-jitter and blur coin flips: `batch` "
+                              "(reference: one draw jitters the whole batch or none of it, "
+                              "p 0.8, with per-image factors; one draw blurs the whole batch "
+                              "or none of it, p 0.5, with one sigma) or `sample` (each image "
+                              "its own draws). tiny: sample (unused there: `permute` always "
+                              "draws per image).", choices=("batch", "sample"))
+    student_forward: str = _f("separate", "Student forwards per iteration: `separate` "
+                              "(reference: labeled and strong unlabeled images in two forwards, "
+                              "so BatchNorm normalises each set with its own batch statistics) "
+                              "or `joint` (one forward on both, shared statistics). tiny: joint "
+                              "(separate lost 6-8 mIoU on tuning seeds 100-102, at equal CPU "
+                              "step time; see README).",
+                              choices=("separate", "joint"))
     teacher_mode: str = _f("eval", "Teacher mode when labelling: `eval` (DEV) or `train` "
                            "(reference).", choices=("eval", "train"))
     weighting: str = _f("uniform", "Pseudo-label weighting: `uniform` (reference), `power` "
@@ -398,6 +411,8 @@ _TINY: dict[str, Any] = {
     "method.strong_color": "permute",
     "method.weighting": "power",
     "method.warmup_iters": 400,
+    "method.jitter_blur_per": "sample",
+    "method.student_forward": "joint",
     "optim.iters": 2000,
     "optim.optimizer": "adamw",
     "optim.lr": 3e-3,
@@ -419,7 +434,7 @@ _CITYSCAPES: dict[str, Any] = {
     "data.crop_width": 512,
     "data.scale_min": 1.0,
     "data.scale_max": 1.0,
-    "data.flip": True,
+    "data.flip": False,  # the reference trains Cityscapes without flipping
     "data.batch_size": 2,
     "data.batch_size_u": 2,
     "data.eval_size": 512,

@@ -42,28 +42,47 @@ def miou(cm: torch.Tensor) -> tuple[float, list[float]]:
     return mean, [float(v) for v in iou]
 
 
+def _same_size_groups(batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images [n, 3, h, w], labels [n, h, w])`` per distinct item size of ``batch``, padding
+    cropped off. Batches without ``sizes`` (plain tuples) are one group as they are."""
+    images, labels = batch[0], batch[1]
+    sizes = getattr(batch, "sizes", None)
+    if sizes is None:
+        return [(images, labels)]
+    groups = []
+    for h, w in dict.fromkeys(tuple(int(v) for v in s) for s in sizes):  # first-seen order
+        idx = ((sizes[:, 0] == h) & (sizes[:, 1] == w)).nonzero().flatten()
+        groups.append((images[idx, :, :h, :w], labels[idx, :h, :w]))
+    return groups
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int,
              device: str | torch.device = "cpu", ignore_index: int = 255) -> dict:
     """Run `model` over `loader` (batches `(images [B, 3, H, W], labels [B, H, W], ...)`).
 
-    Logits are upsampled bilinearly (align_corners=True) to the label size and argmaxed; the
-    confusion matrix is accumulated over the whole set, so padding labelled `ignore_index`
-    costs nothing. The model runs in eval mode and gets its previous mode back afterwards.
-    Returns `{"miou": float, "per_class": list[float], "pixel_acc": float, "confusion": [C, C]}`
-    (percentages; pixel_acc is 0.0 when no pixel is labelled).
+    Batches from :func:`ctt.data.transforms.eval_collate` carry each item's size: their padding
+    is cropped off and items of equal size run together, so every prediction is that of the
+    image alone, whatever else shares its batch (padding would otherwise reach the prediction
+    through border convolutions and the global pooling of the DeepLab heads). Other batches
+    run as they are. Logits are upsampled bilinearly (align_corners=True) to the label size
+    and argmaxed; the confusion matrix is accumulated over the whole set, ignoring
+    `ignore_index` pixels. The model runs in eval mode and gets its previous mode back
+    afterwards. Returns `{"miou": float, "per_class": list[float], "pixel_acc": float,
+    "confusion": [C, C]}` (percentages; pixel_acc is 0.0 when no pixel is labelled).
     """
     was_training = model.training
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     try:
         for batch in loader:
-            images, labels = batch[0].to(device), batch[1].to(device)
-            out = model(images)
-            logits = out[0] if isinstance(out, (tuple, list)) else out  # [B, C, h, w]
-            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear",
-                                   align_corners=True)
-            cm += confusion_matrix(logits.argmax(1), labels, num_classes, ignore_index)
+            for images, labels in _same_size_groups(batch):
+                images, labels = images.to(device), labels.to(device)
+                out = model(images)
+                logits = out[0] if isinstance(out, (tuple, list)) else out  # [n, C, h, w]
+                logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear",
+                                       align_corners=True)
+                cm += confusion_matrix(logits.argmax(1), labels, num_classes, ignore_index)
     finally:
         model.train(was_training)
     cm = cm.cpu()

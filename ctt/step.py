@@ -99,6 +99,24 @@ def low_level_anchors(out: tuple[torch.Tensor, torch.Tensor],
     return _pixels(feats, low), _pixels(peer_feats, low), peer_cls[low]
 
 
+def _student_forward(state: TrainState, k: int, x_l: torch.Tensor, x_s: torch.Tensor | None,
+                     mode: str, amp: contextlib.AbstractContextManager
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student ``k`` on ``x_l [B, 3, H, W]`` and the strong view ``x_s [B_u, 3, H, W]`` (None
+    in warm-up). ``mode="separate"`` (reference) runs two forwards, so BatchNorm normalises
+    each set with its own batch statistics; ``"joint"`` runs one on ``[x_l; x_s]`` (the two
+    sets share statistics). Both forwards draw from the one seeded RNG context, so
+    either mode is deterministic. Returns ``(logits, feats)`` with the labeled rows first."""
+    student = state.students[k]
+    with amp, _own_rng(state, ROLE_STUDENT, k):
+        if x_s is None:
+            return student(x_l)
+        if mode == "joint":
+            return student(torch.cat([x_l, x_s]))
+        out_l, out_s = student(x_l), student(x_s)
+        return torch.cat([out_l[0], out_s[0]]), torch.cat([out_l[1], out_s[1]])
+
+
 class _Rollback:
     """What the forwards change before the NaN guard runs: BN statistics (students, and
     train-mode teachers) and the augmentation RNG. Restored when a term is non-finite, so the
@@ -155,20 +173,18 @@ def train_step(state: TrainState, batch: dict[str, torch.Tensor],
                 p_t.append(torch.softmax(_up(teacher(x_u)[0].float(), (H, W)), dim=1))
         if m.shared_aug:  # one mask for both students; ClassMix classes from the mean map
             aug = strong_augment(x_u, p_t, mix=m.mix, generator=state.generator,
-                                 color=m.strong_color)
+                                 color=m.strong_color, jitter_blur_per=m.jitter_blur_per)
             views = [(aug.images, aug.probs[src[k]]) for k in range(pairs)]
         else:  # reference: own mask per student, classes from the teacher it learns from
             for k in range(pairs):
                 aug = strong_augment(x_u, [p_t[src[k]]], mix=m.mix, generator=state.generator,
-                                     color=m.strong_color)
+                                     color=m.strong_color, jitter_blur_per=m.jitter_blur_per)
                 views.append((aug.images, aug.probs[0]))
 
-    # 3. One student forward per pair on [labeled; strong view].
-    outs = []
-    for k, student in enumerate(state.students):
-        x = torch.cat([x_l, views[k][0]]) if semi else x_l
-        with amp, _own_rng(state, ROLE_STUDENT, k):
-            outs.append(student(x))  # logits [B(+B_u), C, h, w], feats [B(+B_u), D, h, w]
+    # 3. Each student on [labeled; strong view]: logits [B(+B_u), C, h, w], feats [B(+B_u), D,
+    # h, w]; labeled rows first whether it ran one forward (joint) or two (separate).
+    outs = [_student_forward(state, k, x_l, views[k][0] if semi else None,
+                             m.student_forward, amp) for k in range(pairs)]
 
     # 4-8. Losses per student.
     names = ("loss/total", "loss/sup", "loss/unsup", "loss/hc", "loss/lc", "pl/weight",

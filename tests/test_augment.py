@@ -189,6 +189,67 @@ def test_color_jitter_probability_range_and_seed():
     assert 0 < sum(changed) < 8  # some selected, the rest bit-exact
 
 
+def test_color_jitter_per_batch_matches_loop_reference():
+    """per="batch": one coin for the whole batch (image 0's draw), factors still per image."""
+    x = torch.rand(5, 3, 6, 6, generator=gen(0))
+    outcomes = set()
+    for seed in range(12):
+        out = color_jitter(x, gen(seed), p=0.5, per="batch")
+        u = torch.rand(5, 5, generator=gen(seed))  # the documented draw layout
+        apply = bool(u[0, 0] < 0.5)
+        fac = 0.75 + 0.5 * u[:, 1:4]
+        hue = -0.25 + 0.5 * u[:, 4]
+        for i in range(5):
+            ref = (jitter_with_factors(x[i:i + 1], fac[i:i + 1, 0], fac[i:i + 1, 1],
+                                       fac[i:i + 1, 2], hue[i:i + 1])[0] if apply else x[i])
+            torch.testing.assert_close(out[i], ref, atol=1e-6, rtol=0)
+            assert torch.equal(out[i], x[i]) != apply  # all or none, never a mix
+        outcomes.add(apply)
+    assert outcomes == {True, False}
+    # Same stream consumed by both units: the per-sample factors are the same numbers.
+    g_s, g_b = gen(3), gen(3)
+    color_jitter(x, g_s, per="sample"), color_jitter(x, g_b, per="batch")
+    assert torch.equal(g_s.get_state(), g_b.get_state())
+    with pytest.raises(ValueError, match="sample.*batch"):
+        color_jitter(x, gen(0), per="image")
+
+
+def test_gaussian_blur_per_batch_matches_loop_reference():
+    """per="batch": one coin and one sigma for the whole batch (image 0's draws)."""
+    x = torch.rand(4, 3, 20, 20, generator=gen(0), dtype=torch.float64)
+    outcomes = set()
+    for seed in range(12):
+        out = gaussian_blur(x, gen(seed), p=0.5, per="batch")
+        u = torch.rand(4, 2, generator=gen(seed), dtype=torch.float64)
+        apply = bool(u[0, 0] < 0.5)
+        sigma = 0.15 + 1.0 * u[0, 1]
+        for i in range(4):
+            ref = (blur_with_sigma(x[i:i + 1], sigma.view(1))[0].clamp(0, 1) if apply
+                   else x[i])
+            torch.testing.assert_close(out[i], ref, atol=1e-12, rtol=0)
+        outcomes.add(apply)
+    assert outcomes == {True, False}
+    per_sample = gaussian_blur(x, gen(1), p=1.0, per="sample")  # differing sigmas per image
+    per_batch = gaussian_blur(x, gen(1), p=1.0, per="batch")
+    assert torch.equal(per_batch[0], per_sample[0]) and not torch.equal(per_batch, per_sample)
+
+
+def test_strong_augment_jitter_blur_per_batch():
+    x = torch.rand(4, 3, 16, 16, generator=gen(0))
+    p = teacher_probs(seed=1)
+    outcomes = set()
+    for seed in range(16):
+        aug = strong_augment(x, [p], mix="cutmix", generator=gen(seed), jitter_blur_per="batch")
+        g = _after_cutmix(gen(seed), 4, 16, 16)
+        mixed = mix_batch(x, aug.masks)
+        expected = gaussian_blur(color_jitter(mixed, g, per="batch"), g, per="batch")
+        assert torch.equal(aug.images, expected)
+        outcomes.add(tuple(not torch.equal(aug.images[i], mixed[i]) for i in range(4)))
+    assert outcomes <= {(True,) * 4, (False,) * 4}
+    with pytest.raises(ValueError, match="sample.*batch"):
+        strong_augment(x, [p], mix="cutmix", generator=gen(0), jitter_blur_per="pixel")
+
+
 # --- blur -----------------------------------------------------------------------------------
 
 

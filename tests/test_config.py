@@ -46,6 +46,20 @@ def test_presets_have_paper_values():
     assert tiny.model.arch == "tiny" and tiny.data.num_classes == 7
 
 
+def test_reference_forward_and_augmentation_draws_on_paper_presets():
+    for name in ("voc-r101", "voc-r101-v3plus", "cityscapes-r101"):
+        m = PRESETS[name].method
+        assert m.student_forward == "separate" and m.jitter_blur_per == "batch", name
+    assert PRESETS["cityscapes-r101"].data.flip is False  # the reference does not flip there
+    tiny = PRESETS["tiny"].method
+    assert tiny.student_forward == "joint" and tiny.jitter_blur_per == "sample"
+    for key, good, bad in (("method.student_forward", "joint", "both"),
+                           ("method.jitter_blur_per", "sample", "image")):
+        assert PRESETS["voc-r101"].override({key: good}).to_flat()[key] == good
+        with pytest.raises(ConfigError, match=f"{key}: invalid value '{bad}'"):
+            PRESETS["voc-r101"].override({key: bad})
+
+
 def test_tiny_deviations_are_documented():
     """Every field where tiny departs from the paper preset says so in its docstring."""
     tiny, paper = PRESETS["tiny"].to_flat(), PRESETS["voc-r101"].to_flat()

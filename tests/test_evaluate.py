@@ -137,3 +137,81 @@ def test_evaluate_all_ignore_labels():
     batches = [(torch.rand(1, 3, 16, 16), torch.full((1, 16, 16), 255))]
     result = evaluate(model, batches, C)
     assert result["miou"] == 0.0 and result["pixel_acc"] == 0.0
+
+
+# --- predictions do not depend on batch mates ---------------------------------------------------
+
+class _GlobalMeanNet(torch.nn.Module):
+    """Class 1 where the red channel is above the image's mean red (global pooling), else 0."""
+
+    def forward(self, x):
+        r = x[:, :1]
+        score = r - r.mean(dim=(2, 3), keepdim=True)
+        return torch.cat([-score, score], dim=1), score
+
+
+class _OutputRecorder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x):
+        out = self.model(x)
+        self.calls.append((x, out[0]))
+        return out
+
+
+def _mixed_size_set(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for h, w in [(20, 24), (33, 41), (20, 24), (28, 28), (33, 41)]:
+        image = torch.rand(3, h, w, generator=g)
+        items.append((image, torch.randint(0, 2, (h, w), generator=g)))
+    return items
+
+
+def test_prediction_is_the_same_alone_and_among_larger_images():
+    from torch.utils.data import DataLoader
+
+    from ctt.data.loader import eval_loader
+    from ctt.data.transforms import pad_collate
+
+    items = _mixed_size_set()
+    model = _GlobalMeanNet()
+    batched = evaluate(model, eval_loader(items, batch_size=5), 2)
+    alone = sum(evaluate(model, eval_loader([item], batch_size=1), 2)["confusion"]
+                for item in items)
+    assert torch.equal(batched["confusion"], alone)
+    # Without the sizes, the zero padding lowers the small images' mean and moves pixels.
+    padded = evaluate(model, DataLoader(items, batch_size=5, collate_fn=pad_collate), 2)
+    assert not torch.equal(padded["confusion"], alone)
+
+
+@pytest.mark.parametrize("arch", ["deeplabv2", "deeplabv3plus"])
+def test_deeplab_logits_alone_equal_logits_in_a_mixed_batch(arch):
+    """The real heads pool globally (v2: squeeze-excitation; v3+: ASPP image pooling)."""
+    from ctt.data.loader import eval_loader
+    from ctt.models import DeepLabV2, DeepLabV3Plus
+
+    torch.manual_seed(0)
+    net = (DeepLabV2(3, depth=50, feat_dim=64) if arch == "deeplabv2"
+           else DeepLabV3Plus(3, depth=50, feat_dim=64))
+    model = _OutputRecorder(net)
+    items = _mixed_size_set(1)
+    evaluate(model, eval_loader(items, batch_size=5), 3)
+    assert sorted(x.shape[0] for x, _ in model.calls) == [1, 2, 2]  # one forward per size
+    batched = [(x[i], logits[i]) for x, logits in model.calls for i in range(x.shape[0])]
+    model.calls.clear()
+    net.eval()
+    with torch.no_grad():
+        for image, _ in items:
+            ref = net(image[None])[0][0]
+            got = [logits for x, logits in batched if torch.equal(x, image)]
+            assert len(got) == 1
+            torch.testing.assert_close(got[0], ref, atol=1e-5, rtol=1e-5)
+        # and what padding would have done to the smallest image: a visible change
+        big = torch.zeros(1, 3, 33, 41)
+        big[0, :, :20, :24] = items[0][0]
+        alone = net(items[0][0][None])[0][0]
+        padded = net(big)[0][0, :, :alone.shape[1], :alone.shape[2]]
+        assert (padded - alone).abs().max() > 1e-3

@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from ctt.models import MODELS, DeepLabV2, DeepLabV3Plus, TinySegNet, build_model, load_pretrained
+from ctt.models import (
+    MODELS,
+    DeepLabV2,
+    DeepLabV3Plus,
+    TinySegNet,
+    WeightsError,
+    build_model,
+    load_pretrained,
+)
 from ctt.models.resnet import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD, InputNorm, ResNetBackbone
 
 NUM_CLASSES = 5
@@ -139,22 +147,71 @@ def test_load_torchvision_imagenet_state_dict(v2_r50, tmp_path):
         assert torch.equal(v, head_before[k]), k
 
 
-@pytest.mark.parametrize("prefix", ["Scale.", "module.Scale.", "module."])
-def test_load_reference_deeplabv2_layout(v2_r50, tmp_path, prefix):
-    model = copy.deepcopy(v2_r50)
-    # The reference checkpoint: torchvision-style names, no num_batches_tracked, a `layer5`
-    # classifier, a prefix from its wrappers, sometimes nested under "state_dict".
-    state = {k: v for k, v in _random_like(v2_r50.backbone.state_dict()).items()
+@pytest.fixture(scope="module")
+def v2_r50_caffe():
+    torch.manual_seed(0)
+    return DeepLabV2(NUM_CLASSES, depth=50, resnet_style="caffe")
+
+
+def _reference_checkpoint(backbone_state, prefix, classifier=True):
+    """The reference checkpoint: torchvision-style names, no num_batches_tracked, a `layer5`
+    classifier, a prefix from its wrappers (AdvSemiSeg/ClassMix: `Scale.`)."""
+    state = {k: v for k, v in _random_like(backbone_state).items()
              if not k.endswith("num_batches_tracked")}
     file_state = {prefix + k: v for k, v in state.items()}
-    for i in range(4):
+    for i in range(4 if classifier else 0):
         file_state[f"{prefix}layer5.conv2d_list.{i}.weight"] = torch.randn(21, 2048, 3, 3)
         file_state[f"{prefix}layer5.conv2d_list.{i}.bias"] = torch.randn(21)
-    torch.save({"state_dict": file_state}, tmp_path / "ref.pth")
+    return state, file_state
+
+
+@pytest.mark.parametrize("prefix, classifier", [
+    ("Scale.", True), ("module.", True), ("module.Scale.", False)])
+def test_load_reference_deeplabv2_layout(v2_r50_caffe, tmp_path, prefix, classifier):
+    model = copy.deepcopy(v2_r50_caffe)
+    state, file_state = _reference_checkpoint(model.backbone.state_dict(), prefix, classifier)
+    torch.save({"state_dict": file_state}, tmp_path / "ref.pth")  # sometimes nested
     report = load_pretrained(model, tmp_path / "ref.pth")
-    assert report["format"] == "backbone" and len(report["dropped"]) == 8
+    assert report["format"] == "backbone" and report["layout"] == "caffe"
+    assert len(report["dropped"]) == (8 if classifier else 0)
     assert report["loaded"] == len(state)
     _assert_backbone_equals(model, state)
+
+
+@pytest.mark.parametrize("keys", [
+    ["Scale.conv1.weight", "Scale.layer1.0.conv1.weight"],  # AdvSemiSeg/ClassMix wrapper
+    ["module.Scale.conv1.weight", "module.Scale.layer1.0.conv1.weight"],
+    ["conv1.weight", "layer1.0.conv1.weight", "layer5.conv2d_list.0.weight"],  # its classifier
+])
+def test_reference_layout_into_torchvision_style_names_the_setting(v2_r50, tmp_path, keys):
+    """Same key names, other strides and input normalisation: never a silent load. The layout
+    is told by the keys alone, so a few small tensors stand in for the checkpoint."""
+    model = copy.deepcopy(v2_r50)
+    before = copy.deepcopy(model.state_dict())
+    torch.save({"state_dict": {k: torch.zeros(2) for k in keys}}, tmp_path / "coco.pth")
+    with pytest.raises(WeightsError, match=r"coco\.pth.*caffe.*torchvision style.*"
+                                           r"set model\.resnet_style=caffe$"):
+        load_pretrained(model, tmp_path / "coco.pth")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_build_model_refuses_the_reference_checkpoint_in_torchvision_style(tmp_path):
+    torch.save({"Scale.conv1.weight": torch.zeros(2)}, tmp_path / "coco.pth")
+    cfg = _model_cfg(arch="deeplabv2", pretrained=str(tmp_path / "coco.pth"))
+    with pytest.raises(WeightsError, match="model.resnet_style=caffe") as err:
+        build_model(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_torchvision_weights_load_into_a_caffe_style_model(v2_r50_caffe, tmp_path):
+    """The reference's second student: torchvision ImageNet weights in the caffe layout."""
+    model = copy.deepcopy(v2_r50_caffe)
+    state = _random_like(torchvision.models.resnet50(weights=None).state_dict())
+    torch.save(state, tmp_path / "r50.pth")
+    report = load_pretrained(model, tmp_path / "r50.pth")
+    assert report["layout"] == "other" and report["format"] == "backbone"
+    _assert_backbone_equals(model, {k: v for k, v in state.items() if not k.startswith("fc.")})
 
 
 def test_load_own_full_state_dict_and_build_model(tmp_path):

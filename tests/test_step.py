@@ -3,6 +3,7 @@ the teachers' mode and gradients. Batches are random tensors; the model is a tin
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -211,16 +212,83 @@ def test_students_are_independent():
         assert torch.equal(a, b)
 
 
-def test_same_state_and_batch_give_same_result_other_seed_differs():
+@pytest.mark.parametrize("mode", ["separate", "joint"])
+def test_same_state_and_batch_give_same_result_other_seed_differs(mode):
     runs = []
     for seed in (0, 0, 1):
-        state = TrainState(make_cfg("ctt", run__seed=seed, method__tau_p=0.0))
+        state = TrainState(make_cfg("ctt", run__seed=seed, method__tau_p=0.0,
+                                    method__student_forward=mode))
         fill_banks(state)
         metrics = [train_step(state, make_batch(i)) for i in range(2)]
         runs.append((metrics, snapshot(state)))
     assert runs[0][0] == runs[1][0]
     assert_same(runs[0][1], runs[1][1])
     assert runs[0][0][-1]["loss/total"] != runs[2][0][-1]["loss/total"]
+
+
+# --- student forwards -------------------------------------------------------------------------
+
+def _record_forward_sizes(state: TrainState) -> list[tuple[int, int]]:
+    sizes: list[tuple[int, int]] = []
+    for k, student in enumerate(state.students):
+        def spy(x, real=student.forward, k=k):
+            sizes.append((k, x.shape[0]))
+            return real(x)
+        student.forward = spy  # nn.Module.__call__ looks forward up on the instance first
+    return sizes
+
+
+@pytest.mark.parametrize("mode", ["separate", "joint"])
+def test_student_forward_runs_one_or_two_forwards(mode):
+    state = TrainState(make_cfg("ctt", method__student_forward=mode, method__warmup_iters=1))
+    fill_banks(state)
+    sizes = _record_forward_sizes(state)
+    warm = make_batch(b=2, b_u=3)
+    del warm["x_u"]
+    train_step(state, warm)  # warm-up: labeled images only, one forward in either mode
+    assert sizes == [(0, 2), (1, 2)]
+    sizes.clear()
+    out = train_step(state, make_batch(b=2, b_u=3))
+    assert sizes == ([(0, 2), (0, 3), (1, 2), (1, 3)] if mode == "separate" else [(0, 5), (1, 5)])
+    assert out["loss/unsup"] > 0 and out["loss/hc"] > 0 and out["loss/lc"] > 0
+
+
+@pytest.mark.parametrize("mode", ["separate", "joint"])
+def test_separate_forward_normalises_each_set_with_its_own_statistics(monkeypatch, mode):
+    """With `separate` the labeled logits are exactly those of the labeled batch alone (BN
+    batch statistics of that set); with `joint` the unlabeled images shift them."""
+    state = TrainState(make_cfg("ctt", method__student_forward=mode, model__dropout=0.0))
+    batch = make_batch()
+    batch["x_u"] = 0.8 + 0.2 * batch["x_u"]  # other statistics than the labeled images
+    alone = copy.deepcopy(state.students[0]).train()
+    with torch.no_grad():
+        expected = F.interpolate(alone(batch["x_l"])[0], size=(S, S), mode="bilinear",
+                                 align_corners=True)
+    seen = []
+    real = ctt.step.supervised_ce
+
+    def spy(logits, y):
+        seen.append(logits.detach())
+        return real(logits, y)
+
+    monkeypatch.setattr(ctt.step, "supervised_ce", spy)
+    train_step(state, batch)
+    if mode == "separate":
+        torch.testing.assert_close(seen[0], expected)
+    else:
+        assert not torch.allclose(seen[0], expected, atol=1e-4)
+
+
+def test_warmup_is_identical_for_both_student_forward_modes():
+    """A study may fork `separate` and `joint` variants from one warm-up checkpoint."""
+    states = [TrainState(make_cfg("ctt", method__student_forward=mode, method__warmup_iters=2))
+              for mode in ("separate", "joint")]
+    batch = make_batch()
+    del batch["x_u"]
+    for state in states:
+        for _ in range(2):
+            train_step(state, batch)
+    assert_same(snapshot(states[0]), snapshot(states[1]))
 
 
 # --- NaN guard --------------------------------------------------------------------------------

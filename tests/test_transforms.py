@@ -10,6 +10,7 @@ from ctt.data.transforms import (
     RandomCrop,
     RandomHorizontalFlip,
     RandomScale,
+    eval_collate,
     item_generator,
     pad_collate,
     resize_pair,
@@ -173,6 +174,17 @@ def test_pad_collate() -> None:
     assert labels.dtype == torch.int64
     with pytest.raises(ValueError):
         pad_collate([])
+
+
+def test_eval_collate_records_each_size() -> None:
+    a = (torch.rand(3, 4, 6), torch.randint(3, (4, 6)))
+    b = (torch.rand(3, 7, 5), torch.randint(3, (7, 5)))
+    batch = eval_collate([a, b, a])
+    images, labels = pad_collate([a, b, a])
+    assert torch.equal(batch.images, images) and torch.equal(batch.labels, labels)
+    assert batch.sizes.tolist() == [[4, 6], [7, 5], [4, 6]]
+    images, labels, sizes = eval_collate([b])
+    assert sizes.tolist() == [[7, 5]] and images.shape == (1, 3, 7, 5)
 
 
 def test_mismatched_pair_is_an_error() -> None:

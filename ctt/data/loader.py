@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ctt.config import CTTConfig
-from ctt.data.transforms import pad_collate, train_transform
+from ctt.data.transforms import eval_collate, pad_collate, train_transform
 from ctt.errors import DataRootError
 
 __all__ = ["BatchStream", "build_datasets", "dataset_root", "detect_layout", "eval_loader"]
@@ -233,6 +233,7 @@ def build_datasets(cfg: CTTConfig, root: Path | None = None, *,
 
 
 def eval_loader(dataset: Dataset, batch_size: int = 16, num_workers: int = 0) -> DataLoader:
-    """Whole-image evaluation batches (padded with ignore)."""
+    """Whole-image evaluation batches (:class:`~ctt.data.transforms.EvalBatch`: padded, with
+    each image's size, so :func:`ctt.evaluate.evaluate` runs every image without padding)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=pad_collate)
+                      collate_fn=eval_collate)

@@ -21,6 +21,7 @@ there is no ``worker_init_fn`` to get right.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -192,8 +193,10 @@ def pad_collate(
     """Collate items of different sizes by padding at the bottom/right to the largest H, W.
 
     Images ``[3, H_i, W_i]`` are padded with 0 and labels ``[H_i, W_i]`` with
-    ``ignore_index``; returns ``images [B, 3, H, W]`` and ``labels [B, H, W]``. Used for
-    whole-image evaluation (VOC val), where padded pixels are ignored by the metric.
+    ``ignore_index``; returns ``images [B, 3, H, W]`` and ``labels [B, H, W]``. Training crops
+    all have the crop size, so nothing is padded there. A network fed padded images would see
+    the padding (border convolutions, global pooling), so evaluation uses
+    :func:`eval_collate`, which records the sizes so that the padding can be cropped off.
     """
     if len(batch) == 0:
         raise ValueError("pad_collate got an empty batch")
@@ -208,3 +211,29 @@ def pad_collate(
         images[i, :, :h, :w] = img
         labels[i, :h, :w] = lab
     return images, labels
+
+
+class EvalBatch(NamedTuple):
+    """A padded evaluation batch that remembers each item's own size.
+
+    images: ``[B, 3, H, W]`` padded as :func:`pad_collate` pads them.
+    labels: ``[B, H, W]`` padded with ``ignore_index``.
+    sizes: ``[B, 2]`` int64, item ``i``'s unpadded ``(H_i, W_i)``: an evaluator crops
+        ``images[i, :, :H_i, :W_i]`` and runs items of equal size together, so a prediction
+        never sees padding (convolutions at the border, global pooling) and does not depend
+        on which images share its batch.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    sizes: torch.Tensor
+
+
+def eval_collate(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor]], ignore_index: int = IGNORE_INDEX
+) -> EvalBatch:
+    """:func:`pad_collate` plus each item's size, for :func:`ctt.evaluate.evaluate`."""
+    images, labels = pad_collate(batch, ignore_index)
+    sizes = torch.tensor([tuple(lab.shape[-2:]) for _, lab in batch], dtype=torch.int64)
+    return EvalBatch(images, labels, sizes.view(-1, 2))
+

@@ -15,11 +15,11 @@ import torch.nn as nn
 
 from ctt.models.deeplabv2 import DeepLabV2
 from ctt.models.deeplabv3plus import DeepLabV3Plus
-from ctt.models.resnet import SegModel, load_pretrained
+from ctt.models.resnet import MissingWeightsError, SegModel, WeightsError, load_pretrained
 from ctt.models.tiny import TinySegNet
 
-__all__ = ["MODELS", "DeepLabV2", "DeepLabV3Plus", "SegModel", "TinySegNet", "build_model",
-           "load_pretrained"]
+__all__ = ["MODELS", "DeepLabV2", "DeepLabV3Plus", "MissingWeightsError", "SegModel",
+           "TinySegNet", "WeightsError", "build_model", "load_pretrained"]
 
 
 def _tiny(m: Any, num_classes: int) -> nn.Module:
@@ -52,7 +52,9 @@ def build_model(cfg: Any, student: int = 0) -> nn.Module:
     Weights: random (the caller seeds the RNG beforehand, a different seed per student), then,
     unless the path is "none", `cfg.model.pretrained` (student 0) or
     `cfg.model.pretrained_peer` (student 1) is loaded with `load_pretrained` (a backbone-only
-    file leaves the head random).
+    file leaves the head random). A file that needs another `model.resnet_style` (the caffe
+    DeepLab-v2 checkpoint in a torchvision-style model) or does not fit raises a
+    `WeightsError` naming the file and the setting to change.
     """
     m = cfg.model
     if m.arch not in MODELS:

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
+from ctt.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Mean of the caffe-trained DeepLab-v2 weights, in BGR order, pixel scale 0-255, no std.
@@ -149,6 +151,14 @@ def _check_style(style: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Pretrained weights from local files
 
+class WeightsError(UserError, ValueError):
+    """A pretrained weight file is unreadable or does not fit the configured model."""
+
+
+class MissingWeightsError(UserError, FileNotFoundError):
+    """A pretrained weight file does not exist."""
+
+
 # Wrappers in which checkpoints commonly nest their state dict.
 _NESTED_KEYS = ("state_dict", "model_state", "model", "net")
 # Prefixes added by DataParallel and by the AdvSemiSeg/ClassMix `Scale` wrapper.
@@ -175,20 +185,29 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *,
       right shape and no extra keys may remain (an extra `layer3.22.*` means a ResNet-101 file
       for a ResNet-50 model); otherwise only matching keys are loaded and the rest reported.
 
-    Returns a report `{"path", "format": "full"|"backbone", "loaded": int, "dropped",
-    "missing", "unexpected", "mismatched"}` (lists of key names). Raises `FileNotFoundError`
-    or `ValueError` naming the file and a few offending keys.
+    The caffe-converted DeepLab-v2 checkpoint (recognised by a `Scale.` prefix or `layer5.*`
+    keys) was trained with the stride in each block's 1x1 conv and BGR 0-255 mean-subtracted
+    input; its names match torchvision's, so a `torchvision`-style model would take it
+    silently with the wrong strides and normalisation. That is an error naming the setting
+    (`model.resnet_style=caffe`). The opposite, torchvision ImageNet weights in a caffe-style
+    model, loads: the reference initialises its second student exactly so.
+
+    Returns a report `{"path", "format": "full"|"backbone", "layout": "caffe"|"other",
+    "loaded": int, "dropped", "missing", "unexpected", "mismatched"}` (lists of key names).
+    Raises `MissingWeightsError` (a `FileNotFoundError`) or `WeightsError` (a `ValueError`),
+    one line naming the file, a few offending keys and what to set.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingWeightsError(
             f"pretrained weights file not found: {path!r} (set model.pretrained / "
             "model.pretrained_peer to an existing local file, or to 'none' for random init)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors all mean "unusable file"
-        raise ValueError(f"cannot read pretrained weights {path!r}: {err}") from err
-    state = _unwrap_state_dict(obj, path)
+        raise WeightsError(f"cannot read pretrained weights {path!r}: "
+                           f"{' '.join(str(err).split())}") from err
+    state, caffe_key = _unwrap_state_dict(obj, path)
 
     model_keys = set(model.state_dict())
     if len(state.keys() & model_keys) * 2 > len(state):
@@ -198,6 +217,14 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *,
         dropped = [k for k in state if k.startswith(_DROPPED_PREFIXES)]
         state = {k: v for k, v in state.items() if not k.startswith(_DROPPED_PREFIXES)}
     strict = strict_backbone or fmt == "full"
+    backbone = getattr(model, "backbone", None)
+    if (caffe_key is not None and fmt == "backbone" and isinstance(backbone, ResNetBackbone)
+            and backbone.style != "caffe"):
+        raise WeightsError(
+            f"pretrained weights {path!r} are a caffe-converted DeepLab-v2 checkpoint (key "
+            f"{caffe_key!r}): its ResNet has the stride in the 1x1 convs and expects BGR 0-255 "
+            f"mean-subtracted input, but the model is {_describe(model)}; set "
+            "model.resnet_style=caffe")
 
     own = target.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
@@ -213,34 +240,45 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *,
     if problems:
         details = "; ".join(f"{name} ({len(keys)}): {', '.join(keys[:5])}"
                             + (" ..." if len(keys) > 5 else "") for name, keys in problems)
-        raise ValueError(
+        raise WeightsError(
             f"pretrained weights {path!r} do not fit the model as a {fmt} state dict "
             f"(model: {type(model).__name__}, {_describe(model)}): {details}")
 
     target.load_state_dict({**own, **usable}, strict=True)
-    return {"path": path, "format": fmt, "loaded": len(usable), "dropped": dropped,
+    return {"path": path, "format": fmt, "layout": "other" if caffe_key is None else "caffe",
+            "loaded": len(usable), "dropped": dropped,
             "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
 
 
-def _unwrap_state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
+def _unwrap_state_dict(obj: object, path: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The tensors of ``obj`` with wrapper prefixes stripped, and the first key (as stored)
+    that marks the caffe DeepLab-v2 layout, or None."""
     while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             break
         obj = inner
     if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(
+        raise WeightsError(
             f"pretrained weights {path!r} hold no state dict (got {type(obj).__name__})")
-    state = {}
-    for key, value in obj.items():
+    # Only the caffe-converted DeepLab-v2 checkpoints (AdvSemiSeg/ClassMix/CTT) have the
+    # `Scale.` wrapper or the `layer5` classifier; their ResNet names match torchvision's, so
+    # these keys are the only sign that the weights need model.resnet_style=caffe.
+    state, caffe_key = {}, None
+    for stored, value in obj.items():
         if not isinstance(value, torch.Tensor):
             continue  # e.g. a stored epoch counter beside the tensors
+        key = stored
         while key.startswith(_PREFIXES):
+            if key.startswith("Scale.") and caffe_key is None:
+                caffe_key = stored
             key = key.split(".", 1)[1]
+        if caffe_key is None and key.startswith("layer5."):
+            caffe_key = stored
         state[key] = value
     if not state:
-        raise ValueError(f"pretrained weights {path!r} contain no tensors")
-    return state
+        raise WeightsError(f"pretrained weights {path!r} contain no tensors")
+    return state, caffe_key
 
 
 def _describe(model: nn.Module) -> str:
