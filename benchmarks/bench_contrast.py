@@ -36,6 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ctt.errors import DeviceError, UserError, check_writable, guarded, int_at_least  # noqa: E402
 from ctt.losses import (  # noqa: E402
     CHUNK_ELEMENTS,
     CHUNK_ELEMENTS_DEFAULT,
@@ -212,25 +213,33 @@ def probe(args, device) -> None:
     print((after - before) / 1024)
 
 
-def main() -> None:
+@guarded
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 = inputs stay float32, run under torch.autocast(bfloat16)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--classes", type=int, default=21)
-    p.add_argument("--queue", type=int, default=256)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--anchors", type=int, default=4096)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int_at_least(1), default=2)
+    p.add_argument("--classes", type=int_at_least(1), default=21)
+    p.add_argument("--queue", type=int_at_least(1), default=256)
+    p.add_argument("--dim", type=int_at_least(1), default=256)
+    p.add_argument("--anchors", type=int_at_least(1), default=4096)
+    p.add_argument("--repeat", type=int_at_least(1), default=3)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "contrast.json"))
     p.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"unknown device {args.device!r} (--device): use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda but no CUDA device is available: use --device cpu")
     if args._probe:
         probe(args, device)
-        return
+        return 0
+    check_writable(args.out, "--out")
 
     x = make_inputs(args, device)
     results = {
@@ -269,7 +278,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -45,6 +45,8 @@ for p in (str(ROOT), str(ROOT / "benchmarks")):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from ctt.errors import DeviceError, check_writable, guarded, int_at_least  # noqa: E402
+
 RESULTS: dict[str, Any] = {}
 T_START = time.perf_counter()
 
@@ -292,20 +294,34 @@ def _environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+@guarded
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the parts; input errors (preset, device, output directory) are one ``error:`` line
+    and exit code 2 before any measurement (returned as 2)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true",
                    help="tiny preset, 2 iterations, small contrast shapes: a quick test")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--preset", default=None, help="default voc-r101 (tiny with --smoke)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 10)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 3)")
+    p.add_argument("--iters", type=int_at_least(1), default=None,
+                   help="timed iterations (default 10)")
+    p.add_argument("--warmup", type=int_at_least(0), default=None,
+                   help="untimed iterations (default 3)")
     p.add_argument("--budget-s", type=float, default=330.0,
                    help="skip remaining variant timings after this many seconds")
     p.add_argument("--no-variants", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     args = p.parse_args(argv)
 
+    from ctt.config import get_preset
+
+    if args.preset is not None:
+        get_preset(args.preset)  # an unknown name fails here, not in every part
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda but no CUDA device is available: use --device cpu "
+                          "(with --smoke) or auto")
+    check_writable(args.out, "--out")
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -381,4 +397,5 @@ def summary(results: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)

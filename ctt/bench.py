@@ -52,8 +52,9 @@ import torch
 import torch.nn.functional as F
 
 from ctt.augment import strong_augment
-from ctt.config import VARIANTS, CTTConfig, apply_variant, get_preset
+from ctt.config import PRESETS, VARIANTS, CTTConfig, apply_variant, get_preset
 from ctt.ema import ema_update
+from ctt.errors import check_writable, guarded, int_at_least
 from ctt.losses import high_level_contrast, low_level_contrast, pseudo_label_ce, supervised_ce
 from ctt.memory_bank import bank_ready, select_bank_candidates
 from ctt.state import TrainState, resolve_device
@@ -502,23 +503,28 @@ def _meta(device: torch.device | str, threads: int) -> dict[str, Any]:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+@guarded
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the result dict (2 after a one-line input error)."""
     p = argparse.ArgumentParser(prog="python -m ctt.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--variant", default="ctt", help="a name in ctt.config.VARIANTS")
-    p.add_argument("--iters", type=int, default=20, help="timed iterations (median)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--variant", default="ctt", choices=list(VARIANTS),
+                   help="a name in ctt.config.VARIANTS")
+    p.add_argument("--iters", type=int_at_least(1), default=20,
+                   help="timed iterations (median)")
+    p.add_argument("--warmup", type=int_at_least(0), default=3, help="untimed iterations first")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--amp", default="none", choices=("none", "bf16"))
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch threads (default: the preset's run.num_threads)")
-    p.add_argument("--memory-steps", type=int, default=3)
+    p.add_argument("--memory-steps", type=int_at_least(1), default=3)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--all-variants", action="store_true",
                    help="only the seconds-per-iteration table of every variant")
     p.add_argument("--json", default=None, help="output file (default benchmarks/results/"
                    "step.json, or variants.json with --all-variants)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     args = p.parse_args(argv)
 
     if args.memory_child is not None:  # internal: the CPU peak-memory child process
@@ -527,6 +533,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(res))
         return res
 
+    out_path = Path(args.json or DEFAULT_DIR / ("variants.json" if args.all_variants
+                                                else "step.json"))
+    check_writable(out_path, "--json")
     device = resolve_device(args.device)
     if args.all_variants:
         threads = args.threads or 1
@@ -560,4 +569,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)

@@ -36,7 +36,9 @@ __all__ = [
     "RunConfig",
     "VARIANTS",
     "apply_variant",
+    "check_semantics",
     "get_preset",
+    "inert_keys",
     "parse_set_args",
 ]
 
@@ -238,6 +240,13 @@ class CTTConfig:
         if self.method.unsup == "cross" and self.method.pairs != 2:
             raise ConfigError("method.unsup='cross' needs method.pairs=2 (a peer teacher); "
                               "use method.unsup='self' for a single pair")
+        m = self.method
+        if m.bank_ready == "min_fill" and m.bank_min_fill > m.bank_size:
+            # the bank could never hold that many entries: contrast would never switch on
+            raise ConfigError(f"method.bank_min_fill={m.bank_min_fill} exceeds "
+                              f"method.bank_size={m.bank_size}, so the banks could never be "
+                              "ready and contrast would never switch on; set "
+                              f"method.bank_min_fill <= {m.bank_size}")
 
     # --- flat dict ------------------------------------------------------------------------
     def to_flat(self) -> dict[str, str | int | float | bool]:
@@ -302,19 +311,41 @@ class CTTConfig:
     @staticmethod
     def field_doc(key: str) -> str:
         """The docstring of a dotted key (for CLIs and reports)."""
-        section, name = key.split(".", 1)
-        for f in fields(getattr(CTTConfig(), section)):
+        section, _, name = key.partition(".")
+        for f in fields(getattr(CTTConfig(), section)) if section in _SECTIONS else ():
             if f.name == name:
                 return f.metadata["doc"]
         raise ConfigError(_unknown_key_message(key, list(CTTConfig().to_flat())))
 
 
 def _unknown_key_message(key: str, valid: list[str]) -> str:
+    """One line naming ``key``, the likeliest valid keys of ANY section, and the valid keys.
+
+    A field set under the wrong section (``method.lr`` for ``optim.lr``) is the common slip,
+    and difflib on whole dotted keys misses it (the section dominates the similarity), so the
+    field name is matched on its own first, exactly and then fuzzily, before whole keys."""
     import difflib
 
-    close = difflib.get_close_matches(key, valid, n=3)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}"
+    by_name: dict[str, list[str]] = {}
+    for k in valid:
+        by_name.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    name = key.rsplit(".", 1)[-1]
+    close = [k for k in by_name.get(name, []) if k != key]  # right field, wrong section
+    if not close:
+        for similar in difflib.get_close_matches(name, list(by_name), n=3, cutoff=0.75):
+            close += by_name[similar]
+    if not close:
+        close = difflib.get_close_matches(key, valid, n=3)
+    close = list(dict.fromkeys(close))[:3]
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    section = key.split(".", 1)[0] if "." in key else ""
+    mine = [k for k in valid if k.startswith(section + ".")] if section else []
+    if mine:
+        listing = (f"Valid keys in {section}: {', '.join(mine)} (sections: "
+                   f"{', '.join(dict.fromkeys(k.split('.', 1)[0] for k in valid))})")
+    else:
+        listing = f"Valid keys: {', '.join(valid)}"
+    return f"unknown config key {key!r}: {hint}{listing}"
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
@@ -497,3 +528,133 @@ def parse_set_args(items: list[str] | None) -> dict[str, str]:
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
     return out
+
+
+# --- settings that cannot do what they say --------------------------------------------------
+
+_NO_UNSUP = "method.unsup='none' trains on labeled images only"
+_NO_CONTRAST = ("both contrastive terms are off (method.lambda_h=0, and method.lambda_l=0 or "
+                "one pair)")
+_ONE_PAIR = "method.pairs=1 has no second student"
+
+
+def inert_keys(cfg: CTTConfig) -> dict[str, str]:
+    """Keys whose value cannot change what ``cfg`` trains, each mapped to the reason.
+
+    Used for warnings (a ``--set`` of such a key is probably a slip) and by sweeps, which must
+    not sample a parameter the variant ignores. Defaults set by presets are never reported:
+    callers pass only the keys a user set."""
+    m, d, mo = cfg.method, cfg.data, cfg.model
+    flat = cfg.to_flat()
+    out: dict[str, str] = {}
+
+    def off(keys: tuple[str, ...], why: str) -> None:
+        for k in keys:
+            if k in flat:  # keys other sessions add or rename are simply skipped
+                out.setdefault(k, why)
+
+    bank = ("method.bank_size", "method.bank_ready", "method.bank_min_fill", "method.tau_bank",
+            "method.max_anchors", "method.tau_high_conf")
+    if m.unsup == "none":
+        off(("method.tau_p", "method.weighting", "method.mix", "method.strong_color",
+             "method.jitter_blur_per", "method.student_forward", "method.teacher_mode",
+             "method.warmup_iters", "data.batch_size_u", "method.tau_h", "method.tau_l",
+             "method.low_gate", *bank), _NO_UNSUP)
+    low_on = m.lambda_l > 0 and m.pairs == 2
+    if m.lambda_h == 0:
+        off(("method.tau_h",), "method.lambda_h=0 switches the high-level contrast off")
+    if not low_on:
+        off(("method.tau_l", "method.low_gate"),
+            "the low-level contrast is off (method.lambda_l=0 or one pair)")
+    if m.lambda_h == 0 and not low_on:
+        off(bank, _NO_CONTRAST)
+    if m.pairs == 1:
+        off(("model.pretrained_peer", "method.shared_aug"), _ONE_PAIR)
+    if d.dataset != "cityscapes":
+        off(("data.eval_size",), f"data.eval_size applies to Cityscapes only (data.dataset="
+            f"{d.dataset!r})")
+    else:
+        off(("data.label_dir",), "data.label_dir applies to VOC layouts only")
+    if mo.arch != "tiny":
+        off(("model.width",), f"model.width sizes the tiny network only (model.arch={mo.arch!r})")
+    else:
+        off(("model.depth", "model.resnet_style", "model.output_stride"),
+            "model.arch='tiny' has no ResNet backbone")
+    if mo.arch == "deeplabv2":
+        off(("model.output_stride",), "DeepLab-v2 always has output stride 8")
+    return out
+
+
+def check_semantics(cfg: CTTConfig, variant: str | None = None, *, study: bool = False,
+                    set_keys: tuple[str, ...] | list[str] | set[str] = (),
+                    local: bool = False) -> list[str]:
+    """Refuse settings whose run would silently differ from what the config records; return
+    warnings (one line each) where the intent is only ambiguous.
+
+    Call it after the variant and every override are applied, before anything is written or
+    Ray starts. Library constructors do not call it: benchmarks and tests build configs that
+    an entry point would refuse (e.g. a warm-up longer than the run, to time warm-up steps).
+
+    Args:
+        cfg: the resolved config.
+        variant: named in messages.
+        study: the config runs as a study trial, which checkpoints only when it reports an
+            evaluation (``ctt.tune.trainable``), so ``run.checkpoint_every`` must be a multiple
+            of ``run.eval_every``. ``ctt.train`` checkpoints on its own schedule.
+        set_keys: keys the user set explicitly; those that cannot act are warned about.
+        local: the run uses this machine's devices (``run.device=cuda`` needs CUDA here).
+    Raises:
+        ConfigError: a term that cannot run has a weight > 0; a semi-supervised run that would
+            end inside its supervised warm-up; (study) rare checkpoints.
+        DeviceError: (local) ``run.device=cuda`` without a CUDA device.
+    """
+    m, o, r = cfg.method, cfg.optim, cfg.run
+    where = f" (variant {variant})" if variant else ""
+    if m.unsup == "none":
+        on = [f"method.{k}={getattr(m, k):g}" for k in ("lambda_u", "lambda_h", "lambda_l")
+              if getattr(m, k) > 0]
+        if on:
+            raise ConfigError(
+                f"{', '.join(on)} cannot act with method.unsup='none'{where}: a supervised run "
+                "trains on labeled images only and runs no unsupervised or contrastive term; "
+                "set these weights to 0 (the supervised variant does) or choose a "
+                "semi-supervised variant")
+    if m.lambda_l > 0 and m.pairs == 1:
+        raise ConfigError(
+            f"method.lambda_l={m.lambda_l:g} cannot act with method.pairs=1{where}: the "
+            "low-level contrast compares each student with its peer and one pair has none; "
+            "set method.lambda_l=0 or use a two-pair variant (cross_lc, ctt)")
+    if m.unsup != "none" and o.iters <= m.warmup_iters:
+        raise ConfigError(
+            f"optim.iters={o.iters} <= method.warmup_iters={m.warmup_iters}{where}: the run "
+            "would end inside its supervised warm-up and never train the semi-supervised "
+            f"terms; raise optim.iters (--iters) above {m.warmup_iters} or lower "
+            f"method.warmup_iters (e.g. --set method.warmup_iters={o.iters // 5})")
+    if study and r.checkpoint_every % r.eval_every:
+        every = math.lcm(r.checkpoint_every, r.eval_every)
+        fit = r.eval_every * max(1, round(r.checkpoint_every / r.eval_every))
+        raise ConfigError(
+            f"run.checkpoint_every={r.checkpoint_every} is not a multiple of "
+            f"run.eval_every={r.eval_every}: a study trial saves a checkpoint only when it "
+            f"reports an evaluation, so checkpoints would land every {every} iterations; set "
+            f"run.checkpoint_every to a multiple of run.eval_every (e.g. {fit})")
+    if local and r.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            from ctt.errors import DeviceError
+
+            raise DeviceError("run.device='cuda' but torch sees no CUDA device on this machine; "
+                              "use --device cpu (or auto)")
+    warnings = []
+    inert = inert_keys(cfg)
+    flat = cfg.to_flat()
+    for key in set_keys:
+        if key in inert:
+            warnings.append(f"{key}={flat[key]} has no effect{where}: {inert[key]}")
+    low_on = m.lambda_l > 0 and m.pairs == 2
+    if m.unsup != "none" and m.lambda_u == 0 and m.lambda_h == 0 and not low_on:
+        warnings.append(f"method.unsup={m.unsup!r} with every unsupervised weight 0{where} "
+                        "trains like the supervised variant at a higher cost; use --variant "
+                        "supervised, or set method.lambda_u > 0")
+    return warnings

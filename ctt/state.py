@@ -25,6 +25,7 @@ from torch import nn
 
 from ctt.config import CTTConfig
 from ctt.ema import make_teacher, set_teacher_mode
+from ctt.errors import DeviceError
 from ctt.memory_bank import MemoryBank
 from ctt.models import build_model
 
@@ -62,7 +63,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device='cuda' but no CUDA device is available; use --device cpu")
+        raise DeviceError("run.device='cuda' but no CUDA device is available: use --device cpu")
     return torch.device(name)
 
 

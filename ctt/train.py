@@ -8,7 +8,18 @@ count).
 Outputs in ``--out``: ``config.json`` (resolved flat config + versions + git commit),
 ``metrics.jsonl`` (one record per log/eval step; metric names of architecture.md, wall-clock
 values only under ``time/``), ``tb/`` (TensorBoard scalars), ``checkpoints/step_XXXXXXXX.pt``
-(the last few; written atomically).
+(the last few; written atomically), ``.run.lock`` (:mod:`ctt.rundir`).
+
+One run per directory: ``--out`` is locked while the run lasts (a second run on it fails at
+once, naming the holder); a fresh run refuses a non-empty ``--out`` unless ``--overwrite``, which
+deletes only the files above and refuses a directory holding anything else; ``--resume`` needs a
+run there (its ``config.json``; with no checkpoint yet it starts again from step 0) and refuses
+``--iters`` below the checkpoint's step. ``metrics.jsonl`` and TensorBoard hold one history:
+records past the resumed checkpoint are dropped, and TensorBoard's ``purge_step`` hides them.
+
+SIGINT/SIGTERM (:mod:`ctt.interrupts`) stop the run between two steps (an evaluation is cut
+short), save a checkpoint of the last completed step, and exit 130/143 with one line on stderr:
+where it stopped, the last checkpoint and the command that continues it.
 """
 
 from __future__ import annotations
@@ -16,21 +27,37 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+if __name__ == "__main__":  # python -m ctt.train: importing torch takes seconds
+    from ctt.interrupts import exit_quietly_while_loading
 
-from ctt.config import PRESETS, CTTConfig, apply_variant, get_preset, parse_set_args
-from ctt.data.loader import BatchStream, build_datasets, dataset_root, eval_loader
-from ctt.envinfo import environment
-from ctt.errors import guarded
-from ctt.evaluate import evaluate
-from ctt.state import CheckpointError, TrainState, derive_seed
-from ctt.step import NonFiniteLossError, train_step
+    exit_quietly_while_loading()
+
+import torch  # noqa: E402
+
+from ctt.config import (  # noqa: E402
+    PRESETS,
+    CTTConfig,
+    apply_variant,
+    check_semantics,
+    get_preset,
+    parse_set_args,
+)
+from ctt.data.loader import BatchStream, build_datasets, dataset_root, eval_loader  # noqa: E402
+from ctt.envinfo import environment  # noqa: E402
+from ctt.errors import UserError, guarded, warn_all  # noqa: E402
+from ctt.evaluate import evaluate  # noqa: E402
+from ctt.interrupts import Interrupted, SignalGuard, continue_command  # noqa: E402
+from ctt.rundir import RUN_LOCK, DirLock  # noqa: E402
+from ctt.state import CheckpointError, TrainState, derive_seed  # noqa: E402
+from ctt.step import NonFiniteLossError, train_step  # noqa: E402
 
 __all__ = ["Trainer", "latest_checkpoint", "main", "resolve_config"]
 
@@ -169,29 +196,68 @@ def _log_line(m: dict[str, float], total: int) -> str:
     return " | ".join(parts)
 
 
-class _RunFiles:
-    """``metrics.jsonl``, TensorBoard and checkpoints of a CLI run."""
+RUN_FILES = ("config.json", "metrics.jsonl", "tb", "checkpoints")  # all that ctt.train writes
 
-    def __init__(self, out: Path, keep: int = 3):
+
+class _RunFiles:
+    """``metrics.jsonl``, TensorBoard and checkpoints of a CLI run.
+
+    ``start_step`` is the step the run (re)starts after: records past it (written after the
+    checkpoint we resume from, by a run that was killed) are dropped from ``metrics.jsonl``, and
+    TensorBoard gets a ``purge_step`` so its reader hides the same steps of the old event files.
+    The new event file is named after ``start_step``: two writers opened within one second
+    would otherwise get the same name, and tensorboardX truncates an existing file.
+    """
+
+    def __init__(self, out: Path, keep: int = 3, start_step: int = 0):
         from tensorboardX import SummaryWriter
 
         self.out, self.keep = out, keep
         self.ckpt_dir = out / "checkpoints"
         self.metrics_path = out / "metrics.jsonl"
-        self.tb = SummaryWriter(str(out / "tb"))
+        self.last_checkpoint = start_step
+        self.truncate_after(start_step)
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None,
+                                filename_suffix=f".from{start_step:09d}")
+        self._tb_held: dict[str, float] | None = None
+
+    @staticmethod
+    def clear(out: Path, names: tuple[str, ...] = RUN_FILES) -> None:
+        """Delete what ctt.train wrote in ``out`` (``--overwrite``; the caller holds the lock)."""
+        for name in names:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (written after the checkpoint we resume from)."""
         if not self.metrics_path.exists():
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+                if _record_step(line) <= step]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
 
-    def record(self, m: dict[str, float]) -> None:
+    def record(self, m: dict[str, float], *, tb: bool = True) -> None:
+        """Append ``m`` to metrics.jsonl; and to TensorBoard unless ``tb`` is False (an
+        evaluation of the same step follows and carries these values: one point per step)."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({k: (v if math.isfinite(v) else str(v)) for k, v in m.items()})
                     + "\n")
+        self._tb_held = None if tb else m
+        if tb:
+            self._add_scalars(m)
+
+    def flush_held(self) -> None:
+        """Write a record held back from TensorBoard (its evaluation was interrupted)."""
+        if self._tb_held is not None:
+            self._add_scalars(self._tb_held)
+            self._tb_held = None
+
+    def _add_scalars(self, m: dict[str, float]) -> None:
         for k, v in m.items():
             if k != "step":
                 self.tb.add_scalar(k, v, int(m["step"]))
@@ -199,8 +265,49 @@ class _RunFiles:
 
     def checkpoint(self, state: TrainState) -> None:
         state.save(self.ckpt_dir / f"step_{state.step:08d}.pt")
+        self.last_checkpoint = state.step
         for old in sorted(self.ckpt_dir.glob(CKPT_GLOB))[:-self.keep]:
             old.unlink()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a torn line (a run stopped mid-write), so
+    truncation drops it."""
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return math.inf
+
+
+def _listing(paths: list[Path], limit: int = 4) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in paths)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit
+                                        else "")
+
+
+def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an --out that is not ours to write (checked before and again under the lock)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory: choose another --out")
+    if resume:
+        if not (out / "config.json").is_file():
+            raise UserError(f"nothing to resume in {out}: it holds no run (no config.json); "
+                            "check --out, or start the run without --resume")
+        return
+    present = [p for p in out.iterdir() if p.name != RUN_LOCK] if out.is_dir() else []
+    if not present:
+        return
+    if not overwrite:
+        raise UserError(f"--out {out} is not empty ({_listing(present)}): pass --resume to "
+                        "continue the run in it, --overwrite to replace it, or choose another "
+                        "--out")
+    foreign = [p for p in present if p.name not in RUN_FILES]
+    if foreign:
+        raise UserError(f"--overwrite clears only a run's own files ({', '.join(RUN_FILES)}), "
+                        f"but --out {out} also holds {_listing(foreign)}: choose another --out")
 
 
 @guarded
@@ -215,13 +322,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", help="labeled split name (data.labeled_split), e.g. 1464")
     p.add_argument("--iters", type=int, help="total iterations (optim.iters)")
     p.add_argument("--eval-every", type=int, help="run.eval_every")
-    p.add_argument("--out", default="runs/train", help="output directory")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --out")
+    p.add_argument("--out", default="runs/train", help="output directory (one run; locked "
+                   "while it trains)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in --out from its latest checkpoint")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="delete the run files in --out (config.json, metrics.jsonl, tb/, "
+                      "checkpoints/) and start afresh; refused if --out holds anything else")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="run.device")
     p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
-    a = p.parse_args(argv)
+    with SignalGuard() as guard:
+        try:
+            a = p.parse_args(argv)
+            return _run(a, guard, argv)
+        except Interrupted as e:  # before the run directory was locked
+            again = continue_command(argv, ["python", "-m", "ctt.train"], resume=False)
+            print(f"interrupted ({e.name}) before the run started; nothing was written; run "
+                  f"again with: {again}", file=sys.stderr, flush=True)
+            return e.exit_code
 
+
+def _run(a: argparse.Namespace, guard: SignalGuard, argv: list[str] | None) -> int:
     overrides = parse_set_args(a.overrides)
     for key, val in (("data.root", a.data_root), ("data.labeled_split", a.split),
                      ("optim.iters", a.iters),
@@ -229,62 +351,151 @@ def main(argv: list[str] | None = None) -> int:
         if val is not None:
             overrides[key] = val
     cfg = resolve_config(a.preset, a.variant, overrides)
+    warn_all(check_semantics(cfg, a.variant, set_keys=list(overrides), local=True))
     dataset_root(cfg)  # a missing or mismatched data root fails before anything is written
     out = Path(a.out)
-    files_existed = (out / "checkpoints").exists() and latest_checkpoint(out / "checkpoints")
-    if files_existed and not a.resume:
-        print(f"error: {out} already holds checkpoints; pass --resume to continue or choose "
-              "another --out", file=sys.stderr)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
-    files = _RunFiles(out)
-    state = None
-    if a.resume and files_existed:
-        ckpt = latest_checkpoint(files.ckpt_dir)
-        try:
-            saved_iters = TrainState.read_checkpoint(ckpt)["config"]["optim.iters"]
-            state = TrainState.load(ckpt, cfg)
-        except CheckpointError as e:
-            print(f"error: {e}. Resume with the run's original --variant/--set options "
-                  f"(see {out / 'config.json'}).", file=sys.stderr)
-            return 1
-        files.truncate_after(state.step)
-        print(f"resumed from {ckpt} (step {state.step})")
-        if saved_iters != cfg.optim.iters:
-            print(f"note: optim.iters changed from {saved_iters} to {cfg.optim.iters}; the poly "
-                  "lr schedule follows the new total from here on")
-    cfg.to_json(out / "config.json", variant=a.variant, preset=a.preset, env=environment())
-    trainer = Trainer(cfg, state)
+    # Checked before the lock adds a file to --out (a refused directory stays as it was) unless
+    # a run left its lock file there (then a run still going is named first), and again under
+    # the lock (another run may have started meanwhile).
+    if not (out / RUN_LOCK).is_file():
+        _check_out_dir(out, resume=a.resume, overwrite=a.overwrite)
+    with DirLock(out, RUN_LOCK, "run"):
+        _check_out_dir(out, resume=a.resume, overwrite=a.overwrite)
+        if a.overwrite:
+            with guard.deferred():  # cleared whole or not at all
+                _RunFiles.clear(out)
+            guard.check()
+        return _train(a, cfg, out, guard, argv)
+
+
+def _train(a: argparse.Namespace, cfg: CTTConfig, out: Path, guard: SignalGuard,
+           argv: list[str] | None) -> int:
+    state: TrainState | None = None
+    trainer: Trainer | None = None
+    files: _RunFiles | None = None
+    where = {"evaluating": False}
     total = cfg.optim.iters
-    print(f"training {a.variant} ({a.preset}) for {total} iterations on {trainer.device}; "
-          f"output in {out}")
-
-    def on_log(m: dict[str, float]) -> None:
-        files.record(m)
-        if int(m["step"]) % cfg.run.eval_every != 0 and int(m["step"]) != total:
-            print(_log_line(m, total), flush=True)
-
-    def on_eval(m: dict[str, float]) -> None:
-        if int(m["step"]) % cfg.run.log_every != 0 and int(m["step"]) != total:
-            files.record(m)
-        else:  # replace the plain log record of this step with the evaluated one
-            files.truncate_after(int(m["step"]) - 1)
-            files.record(m)
-        print(_log_line(m, total), flush=True)
-
     try:
-        last = trainer.fit(on_log=on_log, on_eval=on_eval,
-                           on_checkpoint=lambda _s: files.checkpoint(trainer.state))
+        ckpt = latest_checkpoint(out / "checkpoints") if a.resume else None
+        if ckpt is not None:
+            try:
+                saved = TrainState.read_checkpoint(ckpt)
+                saved_step, saved_iters = int(saved["step"]), saved["config"]["optim.iters"]
+                del saved
+                if total < saved_step:
+                    raise UserError(
+                        f"--iters {total} is below the step of the checkpoint to resume "
+                        f"({saved_step}, {ckpt}): a run cannot be shortened; pass --iters "
+                        f"{saved_step} or more (the run's total was {saved_iters})")
+                state = TrainState.load(ckpt, cfg)
+            except CheckpointError as e:
+                print(f"error: {e}. Resume with the run's original --variant/--set options "
+                      f"(see {out / 'config.json'}).", file=sys.stderr)
+                return 1
+            print(f"resumed from {ckpt} (step {state.step})")
+            if saved_iters != total:
+                print(f"note: optim.iters changed from {saved_iters} to {total}; the poly "
+                      "lr schedule follows the new total from here on")
+        elif a.resume:
+            # stopped before its first checkpoint: start over, without the old records
+            print(f"note: {out} holds no checkpoint yet; the run starts again from step 0")
+            _RunFiles.clear(out, ("metrics.jsonl", "tb"))
+        cfg.to_json(out / "config.json", variant=a.variant, preset=a.preset, env=environment())
+        files = _RunFiles(out, start_step=state.step if state is not None else 0)
+        trainer = Trainer(cfg, state)
+        print(f"training {a.variant} ({a.preset}) for {total} iterations on {trainer.device}; "
+              f"output in {out}", flush=True)
+        last = _fit(trainer, files, cfg, guard, where)
+    except Interrupted as e:
+        print(_interrupted_line(e, out, trainer, files, guard, argv, total, where["evaluating"]),
+              file=sys.stderr, flush=True)
+        return e.exit_code
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if files is not None:
+            files.close()
     if last:
         print(f"done: mIoU {last['miou']:.2f} at step {int(last['step'])}")
     return 0
 
 
+def _fit(trainer: Trainer, files: _RunFiles, cfg: CTTConfig, guard: SignalGuard,
+         where: dict[str, bool]) -> dict[str, float]:
+    """``trainer.fit`` with the CLI's records, stoppable by SIGINT/SIGTERM between steps.
+
+    Signals are held while training and raised at the start of the next step, so the state,
+    its records and checkpoints always describe the same completed step; an evaluation (which
+    changes no state) is cut short at once.
+    """
+    total = cfg.optim.iters
+    real_step, real_evaluate = trainer.step, trainer.evaluate
+
+    def step() -> dict[str, float]:
+        guard.check()
+        return real_step()
+
+    def evaluate(split: str = "val") -> dict[str, float]:
+        where["evaluating"] = True
+        with guard.immediate():
+            out = real_evaluate(split)
+        where["evaluating"] = False
+        return out
+
+    trainer.step, trainer.evaluate = step, evaluate  # type: ignore[method-assign]
+
+    def evaluated(s: int) -> bool:  # Trainer.fit's rule
+        return s % cfg.run.eval_every == 0 or s == total
+
+    def on_log(m: dict[str, float]) -> None:
+        s = int(m["step"])
+        files.record(m, tb=not evaluated(s))  # TensorBoard gets the evaluated record instead
+        if not evaluated(s):
+            print(_log_line(m, total), flush=True)
+
+    def on_eval(m: dict[str, float]) -> None:
+        s = int(m["step"])
+        if s % cfg.run.log_every == 0 or s == total:  # replace the plain record of this step
+            files.truncate_after(s - 1)
+        files.record(m)
+        print(_log_line(m, total), flush=True)
+
+    with guard.deferred():
+        last = trainer.fit(on_log=on_log, on_eval=on_eval,
+                           on_checkpoint=lambda _s: files.checkpoint(trainer.state))
+    guard.check()
+    return last
+
+
+def _interrupted_line(e: Interrupted, out: Path, trainer: Trainer | None,
+                      files: _RunFiles | None, guard: SignalGuard, argv: list[str] | None,
+                      total: int, evaluating: bool) -> str:
+    """Save what can be saved and say where the run stopped and how to continue it."""
+    failed = ""
+    if trainer is not None and e.forced:  # cut short inside a step: the state may be torn
+        where = (f"near step {trainer.state.step} of {total} by a second signal, at once "
+                 "(that state is not saved)")
+    elif trainer is not None and files is not None:
+        with guard.deferred(forcible=False):  # the last save is not cut short
+            try:
+                files.flush_held()
+                if trainer.state.step > files.last_checkpoint:
+                    trainer.sync_streams()
+                    files.checkpoint(trainer.state)
+            except Exception as err:  # noqa: BLE001 - reported in the line; older ckpt kept
+                failed = f" (saving step {trainer.state.step} failed: {err})"
+        where = f"at step {trainer.state.step} of {total}" + (" during evaluation"
+                                                              if evaluating else "")
+    else:
+        where = "before training started"
+    ckpt = latest_checkpoint(out / "checkpoints")
+    saved = f"last checkpoint step {int(ckpt.stem[5:])}" if ckpt else "no checkpoint yet"
+    cmd = continue_command(argv, ["python", "-m", "ctt.train"],
+                           resume=(out / "config.json").is_file(), drop=("--overwrite",))
+    return f"interrupted ({e.name}) {where}; {saved}{failed}; continue with: {cmd}"
 if __name__ == "__main__":
     sys.exit(main())

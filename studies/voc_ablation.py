@@ -14,6 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from ctt.interrupts import exit_quietly_while_loading  # noqa: E402
+
+exit_quietly_while_loading()  # Ray's import takes seconds: Ctrl-C there is one line too
+
 from ctt.config import VARIANTS  # noqa: E402
 from ctt.errors import guarded  # noqa: E402
 from ctt.tune.cli import (  # noqa: E402
@@ -50,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print_dry_run(ablation_trials(opts, variants), opts, slots=slots,
                       warmup_fork=opts.fork_warmup)
         return 0
-    return run_study(run_ablation, opts, variants, debug=a.debug)
+    return run_study(run_ablation, opts, variants, debug=a.debug, argv=argv,
+                     prog=["python", os.path.relpath(__file__)])
 
 
 if __name__ == "__main__":

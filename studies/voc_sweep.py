@@ -15,7 +15,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ctt.config import VARIANTS  # noqa: E402
+from ctt.interrupts import exit_quietly_while_loading  # noqa: E402
+
+exit_quietly_while_loading()  # Ray's import takes seconds: Ctrl-C there is one line too
+
+from ctt.config import VARIANTS, CTTConfig  # noqa: E402
 from ctt.errors import guarded  # noqa: E402
 from ctt.tune.cli import (  # noqa: E402
     add_common_args,
@@ -40,6 +44,29 @@ def search_space() -> dict:
     }
 
 
+def variant_space(space: dict[str, Any], base: CTTConfig, variant: str) -> dict[str, Any]:
+    """``space`` without the keys ``variant`` fixes (``VARIANTS``) or ignores
+    (:func:`ctt.config.inert_keys`), e.g. the contrast weights and temperatures of a one-pair
+    variant: sampling them would record values that never acted. Prints a note on what was
+    left out; raises ConfigError when nothing is left to sample."""
+    from ctt.config import ConfigError, apply_variant, inert_keys
+    from ctt.tune.space import ONE_MINUS
+
+    cfg = apply_variant(base, variant)
+    fixed = set(VARIANTS[variant]) | set(inert_keys(cfg))
+    if cfg.method.unsup == "none":  # the EMA decay moves only the teacher; `miou` is students'
+        fixed.add("method.ema_decay")
+    dropped = [k for k in space if k.removeprefix(ONE_MINUS) in fixed]
+    kept = {k: v for k, v in space.items() if k not in dropped}
+    if not kept:
+        raise ConfigError(f"variant {variant!r} fixes or ignores every swept parameter "
+                          f"({', '.join(space)}): choose a semi-supervised variant")
+    if dropped:
+        print(f"note: variant {variant} fixes or ignores {', '.join(dropped)}; not sampled",
+              flush=True)
+    return kept
+
+
 @guarded
 def main(argv: list[str] | None = None, *, default_name: str = "voc_sweep",
          default_preset: str = "tiny", description: str | None = None,
@@ -62,17 +89,21 @@ def main(argv: list[str] | None = None, *, default_name: str = "voc_sweep",
     opts = options_from_args(a, default_name + ("_smoke" if a.smoke_test else ""), defaults)
     num_samples = min(a.num_samples, 3) if a.smoke_test else a.num_samples
 
+    space = variant_space(search_space(), opts.base_config(), a.variant)
+
     from ctt.tune.study import run_sweep
 
     if a.dry_run:
         base = opts.base_config()
         trial = {**base.to_flat(), "variant": a.variant, "seed": opts.seeds[0]}
         slots = max(1, int((os.cpu_count() or 1) // opts.cpus_per_trial))
-        print(f"search space: {', '.join(search_space())}")
+        print(f"search space: {', '.join(space)}")
         print_dry_run([trial] * num_samples, opts, slots=slots, warmup_fork=False)
         return 0
-    return run_study(run_sweep, opts, a.variant, search_space(), num_samples=num_samples,
-                     scheduler=a.scheduler, metric=a.metric, debug=a.debug)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{default_name}.py")
+    return run_study(run_sweep, opts, a.variant, space, num_samples=num_samples,
+                     scheduler=a.scheduler, metric=a.metric, debug=a.debug, argv=argv,
+                     prog=["python", os.path.relpath(script)])
 
 
 if __name__ == "__main__":

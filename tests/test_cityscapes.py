@@ -5,9 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cityscapesscripts.helpers.labels import labels as official_labels
 from PIL import Image
 
-from ctt.data.cityscapes import CityscapesDataset
+from ctt.data.cityscapes import LABEL_ID_TO_TRAIN_ID, CityscapesDataset
 
 H, W = 32, 64
 # cityscapesScripts labels.py, written out independently of the module under test
@@ -164,3 +165,38 @@ def test_size_mismatch_names_both_files(tmp_path: Path) -> None:
         CityscapesDataset(root, "train")[0]
     assert str(lab) in str(e.value)
     assert str(image_path(root, "train", "aachen", name)) in str(e.value)
+
+
+def test_label_id_table_matches_cityscapesscripts() -> None:
+    """LABEL_ID_TO_TRAIN_ID against the official table (cityscapesScripts helpers/labels.py):
+    an evaluated label (train id 0..18) maps to its train id; an ignored one (ignoreInEval,
+    train id 255 or -1) to 255; and so does every byte value that is no label id."""
+    expected = np.full(256, 255, dtype=np.int64)
+    evaluated = {}
+    for label in official_labels:
+        if label.id < 0:  # license plate: -1, never stored in a labelIds PNG
+            continue
+        if 0 <= label.trainId <= 18 and not label.ignoreInEval:
+            expected[label.id] = label.trainId
+            evaluated[label.trainId] = label.name
+    assert sorted(evaluated) == list(range(19))  # the 19 classes, each once
+    assert LABEL_ID_TO_TRAIN_ID.shape == (256,)
+    mismatched = {i: (int(LABEL_ID_TO_TRAIN_ID[i]), int(expected[i])) for i in range(256)
+                  if LABEL_ID_TO_TRAIN_ID[i] != expected[i]}
+    assert not mismatched, f"label id: (ours, official) {mismatched}"
+
+
+def test_underivable_label_names_the_split_line(tmp_path: Path) -> None:
+    """A lone image path outside leftImg8bit/ cannot give its gtFine label: the error is a
+    DataError (a ValueError) naming the split file and line."""
+    from ctt.errors import DataError, UserError
+
+    root = make_cityscapes(tmp_path)
+    split = root / "splits" / "odd"
+    split.mkdir(parents=True)
+    good = image_path(root, "train", "aachen", TRAIN["aachen"][0]).relative_to(root)
+    (split / "labeled.txt").write_text(f"{good}\nimages/aachen_000000.png\n")
+    with pytest.raises(DataError, match=r"images/aachen_000000.png' \(listed in .*labeled.txt, "
+                                        r"line 2\): expected leftImg8bit/") as e:
+        CityscapesDataset(root, "splits/odd/labeled")
+    assert isinstance(e.value, (ValueError, UserError)) and "\n" not in str(e.value)

@@ -10,9 +10,13 @@ from ctt.config import (
     ConfigError,
     CTTConfig,
     apply_variant,
+    check_semantics,
     get_preset,
+    inert_keys,
     parse_set_args,
 )
+from ctt.errors import DeviceError
+from ctt.tune.cli import SMOKE_OVERRIDES
 
 
 def test_flat_roundtrip_every_preset():
@@ -74,6 +78,26 @@ def test_unknown_key_names_key_and_valid_choices():
         CTTConfig.from_flat({"method.ema_dcay": 0.9})
     msg = str(e.value)
     assert "method.ema_dcay" in msg and "method.ema_decay" in msg and "Valid keys" in msg
+
+
+@pytest.mark.parametrize(("key", "suggested"), [
+    ("method.lr", ["optim.lr"]),              # right field, wrong section
+    ("optim.lambda_h", ["method.lambda_h"]),
+    ("lr", ["optim.lr"]),                     # no section at all
+    ("method.lamda_h", ["method.lambda_h", "method.lambda_u", "method.lambda_l"]),
+    ("run.evaluate_every", ["run.eval_every"]),
+])
+def test_unknown_key_suggests_keys_of_every_section(key, suggested):
+    with pytest.raises(ConfigError) as e:
+        PRESETS["tiny"].override({key: 1})
+    msg = str(e.value)
+    hint = msg.split("did you mean ", 1)[1].split("?", 1)[0]
+    assert hint == " or ".join(repr(k) for k in suggested)
+    assert "\n" not in msg and msg.startswith(f"unknown config key {key!r}")
+    if "." in key:  # the section's keys are listed, not all 60+
+        section = key.split(".")[0]
+        listed = msg.split(f"Valid keys in {section}: ", 1)[1]
+        assert all(k.split(".")[0] == section for k in listed.split(" (sections")[0].split(", "))
 
 
 @pytest.mark.parametrize(
@@ -150,3 +174,79 @@ def test_import_ctt_without_ray_or_optuna():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_bank_min_fill_above_bank_size_is_refused():
+    with pytest.raises(ConfigError, match=r"bank_min_fill=16 exceeds method.bank_size=8.*<= 8"):
+        PRESETS["tiny"].override({"method.bank_size": 8})  # tiny: min_fill 16
+    PRESETS["voc-r101"].override({"method.bank_size": 8})  # all_full ignores min_fill
+
+
+def _cfg(variant: str, **flat) -> CTTConfig:
+    return apply_variant(PRESETS["tiny"], variant).override(flat)
+
+
+@pytest.mark.parametrize(("variant", "flat", "study", "pattern"), [
+    ("mean_teacher", {"method.lambda_l": 0.5}, False,
+     r"method.lambda_l=0.5 cannot act with method.pairs=1 \(variant mean_teacher\).*"
+     r"set method.lambda_l=0"),
+    ("supervised", {"method.lambda_h": 0.1}, False,
+     r"method.lambda_h=0.1 cannot act with method.unsup='none'"),
+    ("supervised", {"method.lambda_u": 1.0, "method.lambda_l": 0.2}, False,
+     r"method.lambda_u=1, method.lambda_l=0.2 cannot act"),
+    ("ctt", {"optim.iters": 6}, False,
+     r"optim.iters=6 <= method.warmup_iters=400 \(variant ctt\).*--set method.warmup_iters=1"),
+    ("mean_teacher", {"optim.iters": 400}, False, r"optim.iters=400 <= method.warmup_iters=400"),
+    ("ctt", {"run.checkpoint_every": 300}, True,
+     r"run.checkpoint_every=300 is not a multiple of run.eval_every=200.*every 600 iterations"),
+])
+def test_settings_that_cannot_act_are_refused(variant, flat, study, pattern):
+    with pytest.raises(ConfigError, match=pattern) as e:
+        check_semantics(_cfg(variant, **flat), variant, study=study)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("variant", "flat", "study"), [
+    ("supervised", {"optim.iters": 6}, True),        # a supervised run has no warm-up to pass
+    ("ctt", {"optim.iters": 401}, True),
+    ("ctt", {"run.checkpoint_every": 300}, False),    # ctt.train checkpoints on its own
+    ("ctt", {"run.checkpoint_every": 400}, True),
+    ("mean_teacher", {"method.lambda_h": 0.3}, True),  # high-level contrast runs on one pair
+])
+def test_settings_that_can_act_pass(variant, flat, study):
+    assert check_semantics(_cfg(variant, **flat), variant, study=study) == []
+
+
+def test_every_preset_variant_and_the_smoke_settings_pass_as_studies():
+    for preset in PRESETS.values():
+        for cfg in (preset, preset.override(SMOKE_OVERRIDES)):
+            for variant in VARIANTS:
+                assert check_semantics(apply_variant(cfg, variant), variant, study=True) == []
+
+
+def test_inert_settings_the_user_set_are_warned_about():
+    cfg = _cfg("cross", **{"method.tau_h": 0.3, "method.tau_p": 0.9})
+    warnings = check_semantics(cfg, "cross", set_keys=["method.tau_h", "method.tau_p"])
+    assert warnings == ["method.tau_h=0.3 has no effect (variant cross): method.lambda_h=0 "
+                        "switches the high-level contrast off"]
+    # preset values are never reported, only what the user set
+    assert check_semantics(_cfg("supervised"), "supervised") == []
+    sup = inert_keys(_cfg("supervised"))
+    assert {"method.tau_p", "method.bank_size", "method.warmup_iters"} <= set(sup)
+    assert "method.ema_decay" not in sup  # the supervised run still keeps an EMA teacher
+    assert {"method.tau_l", "method.low_gate", "model.pretrained_peer"} <= set(
+        inert_keys(_cfg("mean_teacher")))
+    assert not set(inert_keys(_cfg("ctt"))) & {k for k in PRESETS["tiny"].to_flat()
+                                               if k.startswith("method.")}
+    zero = check_semantics(_cfg("dual_self", **{"method.lambda_u": 0.0}), "dual_self")
+    assert len(zero) == 1 and "use --variant supervised" in zero[0]
+
+
+def test_cuda_without_a_device_is_refused_locally(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = _cfg("ctt", **{"run.device": "cuda"})
+    with pytest.raises(DeviceError, match="use --device cpu"):
+        check_semantics(cfg, "ctt", local=True)
+    assert check_semantics(cfg, "ctt", study=True) == []  # a cluster's nodes may have one

@@ -191,3 +191,194 @@ def test_cli_nan_exits_1_and_keeps_the_last_good_checkpoint(root, tmp_path, monk
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_00000002.pt"]  # no temp files, nothing past the last good step
     assert TrainState.load(out / "checkpoints" / ckpts[0]).step == 2
+
+
+# --- a run owns its directory --------------------------------------------------------------
+
+def digest(directory) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``directory`` (the lock file included)."""
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def tb_scalars(logdir) -> list[tuple[str, int, float]]:
+    """(tag, step, value) as TensorBoard shows them: event files in name order, and a
+    ``SessionLog.START`` at step T (tensorboardX ``purge_step``) hides every earlier event
+    with a step >= T (TensorBoard's purge of orphaned data after a restart)."""
+    from tb_events import read_events
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    out: list[tuple[str, int, float]] = []
+    for _, ev in read_events(logdir):
+        if ev.HasField("session_log") and ev.session_log.status == SessionLog.START:
+            out = [s for s in out if s[1] < ev.step]
+        for v in ev.summary.value:
+            if v.HasField("simple_value"):
+                out.append((v.tag, ev.step, v.simple_value))
+    return out
+
+
+def assert_one_history(out, steps: list[int]) -> None:
+    """metrics.jsonl and TensorBoard each hold every step once, and agree on the values."""
+    records = read_records(out)
+    assert [r["step"] for r in records] == steps
+    shown = tb_scalars(out / "tb")
+    keys = [(tag, step) for tag, step, _ in shown]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)[:5]
+    assert sorted({step for _, step, _ in shown}) == steps
+    by_step = {r["step"]: r for r in records}
+    for tag, step, value in shown:
+        assert value == pytest.approx(by_step[step][tag], rel=1e-6), (tag, step)
+
+
+def test_cli_refuses_a_non_empty_out_and_overwrite_clears_only_run_files(root, tmp_path,
+                                                                        capsys):
+    out = tmp_path / "run"
+    assert main(cli_args(root, out, 3)) == 0
+    before = digest(out)
+    capsys.readouterr()
+    assert main(cli_args(root, out, 4)) == 2  # not --resume: the two runs would mix
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {out} is not empty (")
+    assert "--resume" in err and "--overwrite" in err and "\n" not in err
+    assert digest(out) == before
+
+    assert main(cli_args(root, out, 4) + ["--overwrite"]) == 0
+    assert_one_history(out, [1, 2, 3, 4])
+    assert len(list((out / "tb").iterdir())) == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000002.pt", "step_00000004.pt"]
+    assert json.loads((out / "config.json").read_text())["config"]["optim.iters"] == 4
+
+    (out / "notes.txt").write_text("mine")
+    before = digest(out)
+    assert main(cli_args(root, out, 4) + ["--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--overwrite clears only a run's own files" in err and "notes.txt" in err
+    assert digest(out) == before
+
+    other = tmp_path / "other"  # somebody's directory: refused, and left exactly as it was
+    other.mkdir()
+    (other / "data.csv").write_text("1,2\n")
+    assert main(cli_args(root, other, 3)) == 2
+    assert sorted(p.name for p in other.iterdir()) == ["data.csv"]
+    assert main(cli_args(root, tmp_path / "run" / "notes.txt", 3)) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_cli_resume_needs_a_run_and_cannot_shorten_it(root, tmp_path, capsys):
+    typo = tmp_path / "rnu"
+    assert main(cli_args(root, typo, 3) + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: nothing to resume in {typo}: it holds no run (no config.json); "
+                   "check --out, or start the run without --resume")
+    assert not typo.exists()
+
+    out = tmp_path / "run"
+    assert main(cli_args(root, out, 3)) == 0
+    before = digest(out)
+    capsys.readouterr()
+    # (warm-up 1: --iters 2 must stay above the warm-up, or the config itself is refused)
+    assert main(cli_args(root, out, 2) + ["--resume", "--set", "method.warmup_iters=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--iters 2 is below the step of the checkpoint to resume (3" in err
+    assert "pass --iters 3 or more" in err and "\n" not in err
+    assert digest(out) == before  # config.json still says iters=3
+    with pytest.raises(SystemExit) as e:  # argparse refuses the contradiction
+        main(cli_args(root, out, 3) + ["--resume", "--overwrite"])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_cli_resume_of_a_run_without_checkpoint_starts_it_over(root, tmp_path, capsys):
+    """A run killed before its first checkpoint: --resume starts again at step 1, and neither
+    metrics.jsonl nor TensorBoard keeps the killed run's records."""
+    out = tmp_path / "run"
+    assert main(cli_args(root, out, 3)) == 0
+    for ckpt in (out / "checkpoints").iterdir():
+        ckpt.unlink()
+    assert main(cli_args(root, out, 4) + ["--resume"]) == 0
+    assert "holds no checkpoint yet" in capsys.readouterr().out
+    assert_one_history(out, [1, 2, 3, 4])
+
+
+def test_cli_resume_after_a_kill_purges_the_killed_steps(root, tmp_path):
+    """Records written after the last checkpoint by a killed run are dropped from
+    metrics.jsonl, and TensorBoard hides them (purge_step), so each step shows once."""
+    out = tmp_path / "run"
+    assert main(cli_args(root, out, 6) + ["--set", "run.checkpoint_every=4",
+                                          "--eval-every", "4"]) == 0
+    (out / "checkpoints" / "step_00000006.pt").unlink()  # the kill came before it
+    raw_before = [(t, s) for t, s, _ in tb_scalars(out / "tb")]
+    assert main(cli_args(root, out, 8) + ["--set", "run.checkpoint_every=4", "--eval-every",
+                                          "4", "--resume"]) == 0
+    assert_one_history(out, list(range(1, 9)))
+    from tb_events import read_events
+
+    # the old event file still holds steps 5 and 6: without the purge they would show twice
+    raw = [(v.tag, ev.step) for _, ev in read_events(out / "tb") for v in ev.summary.value]
+    assert raw.count(("loss/total", 5)) == 2 and ("loss/total", 5) in raw_before
+
+
+def test_cli_refuses_a_locked_out_and_takes_over_a_stale_lock(root, tmp_path, capsys):
+    import os
+    import socket
+
+    from ctt.rundir import RUN_LOCK, DirLock
+
+    out = tmp_path / "run"
+    with DirLock(out, RUN_LOCK, "run"):  # another run is training in it
+        assert main(cli_args(root, out, 3)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: run directory {out} is in use by pid {os.getpid()} on "
+                              f"host {socket.gethostname()} since ")
+        assert "\n" not in err
+        assert sorted(p.name for p in out.iterdir()) == [RUN_LOCK]
+        (out / "config.json").write_text("{}")  # its files: still the holder is named
+        assert main(cli_args(root, out, 3)) == 2
+        assert "is in use by pid" in capsys.readouterr().err
+        (out / "config.json").unlink()
+    assert not out.exists()  # the lock made it and nothing else was written: no trace left
+
+    # a holder that died without releasing (SIGKILL): the kernel dropped its flock
+    out.mkdir()
+    (out / RUN_LOCK).write_text(json.dumps({"pid": 999999, "host": socket.gethostname(),
+                                            "started": 0}))
+    assert main(cli_args(root, out, 3)) == 0  # 3 > the warm-up of 2: a valid run
+    assert "taking over the stale lock of pid 999999" in capsys.readouterr().err
+    assert (out / RUN_LOCK).read_text() == ""
+
+    # ... on another host: it cannot be checked from here; the message says how to clear it
+    (out / RUN_LOCK).write_text(json.dumps({"pid": 4242, "host": "elsewhere", "started": 0}))
+    assert main(cli_args(root, out, 4) + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "locked by pid 4242 on host elsewhere" in err and "cannot check" in err
+    assert f"rm {out / RUN_LOCK}" in err
+    assert json.loads((out / RUN_LOCK).read_text())["pid"] == 4242  # left for the user
+
+
+def test_dir_lock_is_exclusive_across_processes_and_freed_by_death(tmp_path):
+    """flock semantics the lock relies on, with a real second process: held while it lives,
+    free (and stale) once it is SIGKILLed."""
+    import signal
+    import subprocess
+    import sys
+
+    from ctt.rundir import DirLock, DirLockedError
+
+    code = ("import sys, time; from ctt.rundir import DirLock; "
+            f"DirLock({str(tmp_path)!r}, '.study.lock', 'study').acquire(); "
+            "print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(DirLockedError, match=f"in use by pid {proc.pid} on host"):
+            DirLock(tmp_path, ".study.lock", "study").acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    lock = DirLock(tmp_path, ".study.lock", "study")
+    lock.acquire()  # the holder is dead: taken over
+    assert json.loads((tmp_path / ".study.lock").read_text())["pid"] != proc.pid
+    lock.release()

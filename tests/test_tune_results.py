@@ -300,3 +300,45 @@ def test_ray_study_report_and_plots(ray_study):
     assert sorted(os.listdir(study_dir / "tb")) == sorted(
         f"{v}_seed{s}_{r['trial_id']}" for r in pq.read_table(out["trials_parquet"]).to_pylist()
         for v, s in [(r["variant"], r["seed"])])
+
+
+# ------------------------------------------------------------------------------------------
+# corrupt result files: the study's callback reads leniently, results strictly
+# ------------------------------------------------------------------------------------------
+
+
+def test_metrics_reader_lenient_for_the_driver_strict_for_results(tmp_path, caplog):
+    from ctt.errors import ResultsError
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "miou": 1}\n{"step": "x", "miou": 2}\n{"step": 4.0}\n'
+                    '{"step": 6, "mi')  # a bad step, an integral float, a torn last line
+    recs = R.read_metrics_jsonl(str(path))
+    assert [r["step"] for r in recs] == [2, 4] and all(type(r["step"]) is int for r in recs)
+    assert "line 2: 'step' must be an integer" in caplog.text
+    with pytest.raises(ResultsError, match=r"metrics.jsonl, line 2: 'step' must be an integer"):
+        R.read_metrics_jsonl(str(path), strict=True)
+    path.write_text('{"step": 2}\n{"step": 4, "mi')  # only the torn last line: kept going
+    assert [r["step"] for r in R.read_metrics_jsonl(str(path), strict=True)] == [2]
+    path.write_text('{"step": 2, "mi\n{"step": 4}\n')  # a broken line before others: corrupt
+    with pytest.raises(ResultsError, match=r"metrics.jsonl, line 1 is not valid JSON"):
+        R.read_metrics_jsonl(str(path), strict=True)
+
+
+def test_json_reader_lenient_for_the_driver_strict_for_results(tmp_path, capsys):
+    from ctt.errors import ResultsError
+
+    path = tmp_path / "study.json"
+    path.write_text('{"name": ')
+    assert R.read_json(str(path)) is None
+    with pytest.raises(ResultsError, match=r"study.json is not valid JSON \(.* at line 1"):
+        R.read_json(str(path), strict=True)
+    write_trial(tmp_path, "t0", "supervised", 0, "TERMINATED", [{"step": 4, "miou": 1.0}])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert R.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {path} is not valid JSON (Expecting value at line 1, column 10): " \
+                  "repair or delete the file\n"
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    with pytest.raises(ResultsError):
+        R.main([str(tmp_path), "--debug"])

@@ -257,19 +257,62 @@ def test_fresh_study_refuses_an_existing_study_dir(tmp_path):
     with pytest.raises(study_mod.StudyExistsError, match="--resume"):
         study_mod.run_ablation(opts, ["supervised"])
     assert (tmp_path / "s" / "study.json").exists()
-    # --resume with nothing restorable starts (the warm-ups may be all that ran)
+    assert (tmp_path / "s" / ".study.lock").read_text() == ""  # taken, then released
+    # --resume of a study without a Tune experiment yet starts it (the warm-ups may be all
+    # that ran)...
     opts.resume = True
     assert study_mod._start_or_resume(opts, tmp_path / "s", str(tmp_path / "s" / "ray")) is False
     assert (tmp_path / "s" / "study.json").exists()
-    # a smoke test replaces its own throwaway directory, but never one named with --out
+    # ... but a directory without a study is nothing to resume
+    with pytest.raises(study_mod.NoStudyError, match="nothing to resume at"):
+        study_mod._start_or_resume(opts, tmp_path, str(tmp_path / "ray"))
+    # a smoke test replaces its own throwaway directory (all but the lock it holds), but
+    # never one named with --out
     p = argparse.ArgumentParser()
     add_common_args(p)
     smoke = options_from_args(p.parse_args(["--smoke-test", "--storage", str(tmp_path)]), "s")
     assert smoke.replace_existing
+    (tmp_path / "s" / "trials").mkdir()
     assert study_mod._start_or_resume(smoke, tmp_path / "s", str(tmp_path / "s" / "ray")) is False
-    assert not (tmp_path / "s").exists()
+    assert [x.name for x in (tmp_path / "s").iterdir()] == [".study.lock"]
     named = p.parse_args(["--smoke-test", "--out", "mine", "--storage", str(tmp_path)])
     assert not options_from_args(named, "s").replace_existing
+
+
+def test_study_refuses_a_directory_in_use_and_a_resume_of_nothing_before_ray(
+        tmp_path, monkeypatch, capsys):
+    """Two studies on one --out: the second fails at once (before Ray starts, before anything
+    is written) naming the holder. --resume of a study that does not exist is an error and
+    creates nothing."""
+    import socket
+
+    from ctt.rundir import STUDY_LOCK, DirLock
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("Ray must not start")
+
+    monkeypatch.setattr(ray, "init", forbidden)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    script = load_script("voc_ablation")
+    argv = ["--smoke-test", "--storage", str(tmp_path), "--out", "busy"]
+    with DirLock(tmp_path / "busy", STUDY_LOCK, "study"):  # a study runs there
+        assert script.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: study directory {tmp_path / 'busy'} is in use by pid "
+                              f"{os.getpid()} on host {socket.gethostname()} since ")
+        assert "\n" not in err
+        assert [x.name for x in (tmp_path / "busy").iterdir()] == [STUDY_LOCK]
+        assert script.main([*argv, "--resume"]) == 2  # a resume waits its turn too
+        assert "is in use by" in capsys.readouterr().err
+
+    for name in ("voc_ablation", "voc_sweep"):
+        assert load_script(name).main(["--storage", str(tmp_path), "--out", "typo",
+                                       "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: nothing to resume at {tmp_path / 'typo'}: it holds no "
+                              "study"), err
+        assert "without --resume" in err and "\n" not in err
+        assert not (tmp_path / "typo").exists()
 
 
 # --- studies on the shared Ray ---------------------------------------------------------------

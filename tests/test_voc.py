@@ -124,6 +124,7 @@ def test_missing_split_lists_searched_paths(tmp_path: Path) -> None:
     msg = str(e.value)
     assert str(root / "ImageSets" / "Segmentation" / "trainaug.txt") in msg
     assert str(root / "trainaug.txt") in msg
+    assert "and 4 more" in msg and "\n" not in msg  # one line: the likeliest paths, a count
 
 
 def test_missing_listed_file_names_file_and_line(tmp_path: Path) -> None:
@@ -178,7 +179,7 @@ def test_colour_label_refused(tmp_path: Path) -> None:
 def test_malformed_split_line(tmp_path: Path) -> None:
     root = make_voc(tmp_path)
     (root / "bad.txt").write_text(f"{IDS[0]}\na b c\n")
-    with pytest.raises(ValueError, match="bad.txt:2"):
+    with pytest.raises(ValueError, match="bad.txt, line 2"):
         VOCDataset(root, "bad")
     (root / "empty.txt").write_text("\n# nothing\n")
     with pytest.raises(ValueError, match="no items"):
@@ -226,3 +227,35 @@ def test_reads_generated_synthetic_set(tmp_path: Path) -> None:
         assert image.shape == (3, 32, 32) and label.shape == (32, 32)
         assert set(label.unique().tolist()) <= set(range(7)) | {255}
     assert (unlabeled[0][1] == 255).all()
+
+
+def test_unreadable_files_name_file_and_line(tmp_path: Path) -> None:
+    """Truncated or non-image files, and split files that are not UTF-8, are DataErrors (so
+    ValueErrors, and one-line user errors at entry points) naming the file and split line."""
+    from ctt.errors import DataError, MissingDataError, UserError
+
+    root = make_voc(tmp_path)
+    jpeg = root / "JPEGImages" / f"{IDS[1]}.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    ds = VOCDataset(root, "splits/2/labeled")
+    ds[0]
+    with pytest.raises(DataError, match=rf"cannot read image .*{IDS[1]}.jpg \(listed in "
+                                        r".*labeled.txt, line 4\): truncated file \(") as e:
+        ds[1]
+    assert isinstance(e.value, ValueError) and isinstance(e.value, UserError)
+    (root / "JPEGImages" / f"{IDS[0]}.jpg").write_text("not an image")
+    with pytest.raises(DataError, match=r"line 2\): cannot identify image file"):
+        ds[0]
+
+    (root / "latin.txt").write_bytes(f"{IDS[2]}\n# café\n{IDS[3]}\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.txt, line 2 is not UTF-8 text \(byte 0xe9\)"):
+        VOCDataset(root, "latin")
+    (root / "crlf.txt").write_bytes(f"{IDS[2]}\r\n\r\n{IDS[3]} a b\r\n".encode())
+    with pytest.raises(DataError, match=r"crlf.txt, line 3: expected"):
+        VOCDataset(root, "crlf")
+
+    (root / "SegmentationClass" / f"{IDS[2]}.png").unlink()
+    VOCDataset(root, "splits/2/unlabeled", labeled=False)[0]  # no label needed there
+    with pytest.raises(MissingDataError) as e:
+        VOCDataset(root, "splits/2/unlabeled")
+    assert isinstance(e.value, FileNotFoundError) and "unlabeled.txt, line 1" in str(e.value)

@@ -30,6 +30,7 @@ from ctt.data.voc import (
     read_split_lines,
     resolve_split_file,
 )
+from ctt.errors import DataError, MissingDataError
 
 NUM_CLASSES = 19
 NUM_LABEL_IDS = 34  # raw ids 0..33; -1 (license plate) never appears in the PNGs
@@ -44,13 +45,14 @@ LABEL_ID_TO_TRAIN_ID[list(_EVALUATED_IDS)] = np.arange(NUM_CLASSES, dtype=np.uin
 _IMAGE_SUFFIX = "_leftImg8bit.png"
 
 
-def _label_for_image(root: Path, image_rel: str) -> Path:
+def _label_for_image(root: Path, image_rel: str, source: Source = None) -> Path:
     """``leftImg8bit/<s>/<c>/<n>_leftImg8bit.png`` -> its gtFine label (train ids preferred)."""
     parts = Path(image_rel).parts
     if not image_rel.endswith(_IMAGE_SUFFIX) or "leftImg8bit" not in parts:
-        raise ValueError(
-            f"cannot derive a label path from image path '{image_rel}': expected "
-            f"leftImg8bit/<split>/<city>/<name>{_IMAGE_SUFFIX}"
+        raise DataError(
+            f"cannot derive a label path from image path '{image_rel}'{listed_at(source)}: "
+            f"expected leftImg8bit/<split>/<city>/<name>{_IMAGE_SUFFIX}, or list the label "
+            "after the image on the same line"
         )
     i = parts.index("leftImg8bit")
     stem = parts[-1][: -len(_IMAGE_SUFFIX)]
@@ -103,7 +105,7 @@ class CityscapesDataset(SegmentationDataset):
                 files.append((image, _label_for_image(root_path, rel) if labeled else None))
                 sources.append(None)
             if not files:
-                raise FileNotFoundError(
+                raise MissingDataError(
                     f"no images matching {folder}/<city>/*{_IMAGE_SUFFIX}; is '{root_path}' a "
                     "Cityscapes root?"
                 )
@@ -116,7 +118,7 @@ class CityscapesDataset(SegmentationDataset):
                     label = (
                         root_path / tokens[1]
                         if len(tokens) == 2
-                        else _label_for_image(root_path, tokens[0])
+                        else _label_for_image(root_path, tokens[0], (self.split_file, number))
                     )
                 files.append((image, label))
                 sources.append((self.split_file, number))
@@ -139,8 +141,9 @@ class CityscapesDataset(SegmentationDataset):
         bad = np.unique(raw[(raw < 0) | (raw >= NUM_LABEL_IDS)])
         if bad.size:
             shown = ", ".join(str(v) for v in bad[:10])
-            raise ValueError(
+            raise DataError(
                 f"label file {path}{listed_at(source)} has values [{shown}] outside the Cityscapes "
-                f"label ids [0, {NUM_LABEL_IDS}); a *_labelIds.png must hold raw label ids"
+                f"label ids [0, {NUM_LABEL_IDS}): a *_labelIds.png must hold raw label ids (not "
+                "the *_color.png or *_instanceIds.png beside it)"
             )
         return LABEL_ID_TO_TRAIN_ID[raw]

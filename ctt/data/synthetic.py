@@ -59,7 +59,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
@@ -69,7 +68,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ctt.errors import DataRootError
+from ctt.errors import DataRootError, UserError, guarded
 
 __all__ = [
     "CLASS_NAMES",
@@ -538,8 +537,10 @@ def ensure(root: str | os.PathLike[str] | None = None, **params: Any) -> Path:
         return generate(path, **p)
 
 
+@guarded
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; prints the root, the split sizes and the elapsed time."""
+    """CLI entry point; prints the root, the split sizes and the elapsed time. Bad parameters,
+    a foreign or unwritable --root are one ``error:`` line and exit code 2."""
     parser = argparse.ArgumentParser(
         prog="python -m ctt.data.synthetic",
         description="Write (or reuse) the synthetic VOC-layout segmentation dataset.",
@@ -557,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="comma-separated labeled-split sizes (default: %(default)s)",
     )
     parser.add_argument("--force", action="store_true", help="regenerate even if complete")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     args = parser.parse_args(argv)
     try:
         counts = tuple(int(c) for c in args.label_counts.split(",") if c.strip())
@@ -577,9 +579,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             root = generate(args.root or default_root(**params), **params)
         else:
             root = ensure(args.root, **params)
+    except UserError:
+        raise
     except (ValueError, TypeError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(str(err)) from err
+    except OSError as err:  # unwritable or full --root
+        where = err.filename or args.root or "the cache directory"
+        raise UserError(f"cannot write the synthetic dataset ({where}): "
+                        f"{err.strerror or err}; choose a writable --root") from err
     elapsed = time.perf_counter() - start
     marker = read_marker(root)
     sizes = marker["counts"]

@@ -11,7 +11,10 @@ Split files (one item per line, blank lines and ``#`` comments skipped):
 Checks happen where they are cheap: root, split file and the existence of every listed file at
 construction (``validate=True``); label values and image/label sizes when an item is read
 (``validate="full"`` reads every item up front). Every error names the culprit file, and for
-listed files the split file and line that named it.
+listed files the split file and line that named it. They are :class:`ctt.errors.DataError`
+(a ``ValueError``) or :class:`ctt.errors.MissingDataError` (a ``FileNotFoundError``), so entry
+points print them as one line; an unreadable image (truncated, not an image) is a DataError
+naming the image and its split line, not PIL's bare ``OSError``.
 
 :class:`SegmentationDataset` holds what VOC and Cityscapes share (``ctt.data.cityscapes``
 subclasses it).
@@ -29,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ctt.data.transforms import IGNORE_INDEX, item_generator, resize_pair
+from ctt.errors import DataError, MissingDataError
 
 Transform = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 Source = tuple[Path, int] | None  # (split file, 1-based line number) that listed an item
@@ -40,7 +44,7 @@ def check_root(root: str | os.PathLike, what: str, hint: str) -> Path:
     """Return ``root`` as a Path, or raise naming it and saying how to point at real data."""
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{what} data root '{path}' does not exist or is not a directory; {hint}"
         )
     return path
@@ -66,30 +70,47 @@ def resolve_split_file(
     for c in candidates:
         if c.is_file():
             return c
-    searched = "\n  ".join(str(c) for c in dict.fromkeys(candidates))
-    raise FileNotFoundError(
-        f"split '{text}' not found under root '{root}'; searched:\n  {searched}\n"
-        "pass a split name (train, val, test, splits/<n>/labeled, splits/<n>/unlabeled) or a "
-        "path to a split file"
+    tried = list(dict.fromkeys(str(c) for c in candidates))
+    # one line: the likeliest places, then how many more were tried
+    shown = ", ".join(tried[:3]) + (f" and {len(tried) - 3} more" if len(tried) > 3 else "")
+    raise MissingDataError(
+        f"split '{text}' not found under root '{root}' (tried {shown}): pass a split name "
+        "(train, val, test, splits/<n>/labeled, splits/<n>/unlabeled) or a path to a split file"
     )
 
 
 def read_split_lines(path: Path) -> list[tuple[int, list[str]]]:
     """``(line_number, tokens)`` for each non-empty, non-comment line; leading ``/`` removed."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read split file {path} ({e.strerror or e}): check that it is "
+                        "a readable file") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"split file {path}, line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}): "
+            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            tokens = [t.lstrip("/") for t in line.split()]
-            if len(tokens) > 2:
-                raise ValueError(
-                    f"{path}:{number}: expected 'image_path label_path' or an id, got {line!r}"
-                )
-            rows.append((number, tokens))
+    # universal newlines, as text-mode open() reads them (line numbers match an editor's)
+    for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"),
+                                  start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        tokens = [t.lstrip("/") for t in line.split()]
+        if len(tokens) > 2:
+            raise DataError(
+                f"split file {path}, line {number}: expected 'image_path label_path' or an id, "
+                f"got {line[:120]!r}: fix or remove the line"
+            )
+        rows.append((number, tokens))
     if not rows:
-        raise ValueError(f"split file {path} lists no items")
+        raise DataError(f"split file {path} lists no items: add one item per line "
+                        "('image_path label_path' or an id) or choose another split")
     return rows
 
 
@@ -98,28 +119,50 @@ def listed_at(source: Source) -> str:
     return "" if source is None else f" (listed in {source[0]}, line {source[1]})"
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """RGB image file -> float32 ``[3, H, W]`` in ``[0, 1]``."""
-    with Image.open(path) as im:
-        array = np.asarray(im.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+def _unreadable(what: str, path: Path, err: OSError, source: Source) -> DataError:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "truncat" in reason.lower():  # PIL says "image file is truncated" or "Truncated File Read"
+        reason = f"truncated file ({reason})"
+    return DataError(f"cannot read {what} {path}{listed_at(source)}: {reason}; replace the file "
+                     "(copy or download it again) or remove its line from the split file")
+
+
+def read_image(path: Path, source: Source = None) -> torch.Tensor:
+    """RGB image file -> float32 ``[3, H, W]`` in ``[0, 1]``.
+
+    A missing file raises :class:`MissingDataError`, an undecodable or truncated one
+    :class:`DataError`; both name ``path`` and the split line ``source`` that listed it."""
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+    except FileNotFoundError as e:
+        raise MissingDataError(f"missing file {path}{listed_at(source)}") from e
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated, unidentified, corrupt
+        raise _unreadable("image", path, e, source) from e
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def read_label(path: Path) -> np.ndarray:
+def read_label(path: Path, source: Source = None) -> np.ndarray:
     """Label PNG -> integer array ``[H, W]`` of class indices, as stored (no mapping).
 
     Palette ("P") PNGs give their palette indices, which are the class ids in VOC; a colour
-    ("RGB") rendering of a label is refused because its colours are not class ids.
+    ("RGB") rendering of a label is refused because its colours are not class ids. Errors name
+    ``path`` and the split line ``source`` that listed it.
     """
-    with Image.open(path) as im:
-        if im.mode not in _LABEL_MODES:
-            raise ValueError(
-                f"label file {path} has image mode {im.mode!r}; expected class indices in a "
-                f"palette ('P') or grayscale ('L') PNG. Colour renderings are not class ids: "
-                "use the dataset's index PNGs (VOC SegmentationClass/, SBD "
-                "SegmentationClassAug/, Cityscapes *_labelIds.png / *_labelTrainIds.png)"
-            )
-        return np.array(im)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in _LABEL_MODES:
+                raise DataError(
+                    f"label file {path}{listed_at(source)} has image mode {im.mode!r}, not class "
+                    "indices: use the dataset's index PNGs, palette ('P') or grayscale ('L') "
+                    "(VOC SegmentationClass/, SBD SegmentationClassAug/, Cityscapes "
+                    "*_labelIds.png / *_labelTrainIds.png), not colour renderings"
+                )
+            return np.array(im)
+    except FileNotFoundError as e:
+        raise MissingDataError(f"missing file {path}{listed_at(source)}") from e
+    except (OSError, SyntaxError) as e:  # PIL: truncated, unidentified, corrupt
+        raise _unreadable("label file", path, e, source) from e
 
 
 class SegmentationDataset(Dataset):
@@ -167,7 +210,8 @@ class SegmentationDataset(Dataset):
         for (image, label), source in zip(self.files, self._sources, strict=True):
             for path in (image, label):
                 if path is not None and not path.is_file():
-                    raise FileNotFoundError(f"missing file {path}{listed_at(source)}")
+                    raise MissingDataError(f"missing file {path}{listed_at(source)}: restore "
+                                           "it or remove its line from the split file")
 
     def check_all(self) -> None:
         """Read every item's label and sizes (slow on big sets; ``validate="full"``)."""
@@ -179,30 +223,28 @@ class SegmentationDataset(Dataset):
         bad = np.unique(raw[(raw < 0) | ((raw >= self.num_classes) & (raw != IGNORE_INDEX))])
         if bad.size:
             shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if bad.size > 10 else "")
-            raise ValueError(
+            raise DataError(
                 f"label file {path}{listed_at(source)} has values [{shown}] outside "
-                f"[0, {self.num_classes}) and the ignore value {IGNORE_INDEX}; check "
-                "num_classes and that the file holds class ids"
+                f"[0, {self.num_classes}) and the ignore value {IGNORE_INDEX}: check "
+                "data.num_classes and that the file holds class ids"
             )
         return raw
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, label_path = self.files[index]
         source = self._sources[index]
-        try:
-            image = read_image(image_path)
-            if self.labeled:
-                assert label_path is not None
-                raw = read_label(label_path)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"missing file {e.filename}{listed_at(source)}") from e
+        image = read_image(image_path, source)
+        if self.labeled:
+            assert label_path is not None
+            raw = read_label(label_path, source)
         if not self.labeled:
             label = torch.full(image.shape[1:], IGNORE_INDEX, dtype=torch.int64)
         else:
             if raw.shape != tuple(image.shape[1:]):
-                raise ValueError(
+                raise DataError(
                     f"size mismatch: image {image_path} is {tuple(image.shape[1:])} (H, W) but "
-                    f"label {label_path} is {raw.shape}{listed_at(source)}"
+                    f"label {label_path} is {raw.shape}{listed_at(source)}: an image and its "
+                    "label must have the same size; check the pair"
                 )
             mapped = self.map_label(raw, label_path, source)
             label = torch.from_numpy(mapped.astype(np.int64))

@@ -66,9 +66,18 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune import Callback  # noqa: E402
 
-from ctt.config import CTTConfig, apply_variant, get_preset, parse_set_args  # noqa: E402
+from ctt.config import (  # noqa: E402
+    VARIANTS,
+    ConfigError,
+    CTTConfig,
+    apply_variant,
+    check_semantics,
+    get_preset,
+    parse_set_args,
+)
 from ctt.data.loader import dataset_root  # noqa: E402
 from ctt.envinfo import environment  # noqa: E402
+from ctt.errors import guarded, int_at_least, warn_all  # noqa: E402
 from ctt.tune.callbacks import StudyLoggerCallback  # noqa: E402
 from ctt.tune.schedulers import make_scheduler  # noqa: E402
 from ctt.tune.study import StudyOptions, _points, _run_config, _trainable, init_ray  # noqa: E402
@@ -477,37 +486,67 @@ def source_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def _check_inputs(a: argparse.Namespace, what: list[str], overrides: dict[str, Any]) -> None:
+    """Every config the bench will run, and the schedulers, checked before Ray starts."""
+    from ctt.tune.schedulers import SCHEDULERS
+
+    if a.variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {a.variant!r} (--variant): choose one of "
+                          f"{', '.join(VARIANTS)}")
+    sizes = []
+    if "efficiency" in what:
+        sizes.append((a.eff_iters, a.eff_eval_every))
+    if "pruning" in what:
+        sizes.append((a.prune_iters, a.prune_eval_every))
+        unknown = [s.strip() for s in a.schedulers.split(",")
+                   if s.strip() and s.strip() not in SCHEDULERS]
+        if unknown:
+            raise ConfigError(f"unknown scheduler(s) {', '.join(unknown)} (--schedulers): "
+                              f"choose from {', '.join(SCHEDULERS)}")
+    for iters, eval_every in sizes:
+        cfg = _base_config(a.preset, a.variant, iters, eval_every, overrides)
+        warn_all(check_semantics(cfg, a.variant, study=True))
+        dataset_root(cfg)
+
+
+@guarded
 def main(argv: list[str] | None = None) -> int:
+    """Run the bench; input errors (preset, variant, --set, schedulers) are one ``error:``
+    line and exit code 2, before Ray starts."""
     p = argparse.ArgumentParser(prog="python -m ctt.tune.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", default="efficiency,pruning",
                    help="comma-separated: efficiency, pruning")
-    p.add_argument("--repeats", type=int, default=2, help="pruning repeats (>= 2 for figures)")
+    p.add_argument("--repeats", type=int_at_least(1), default=2,
+                   help="pruning repeats (>= 2 for figures)")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="output JSON file")
     p.add_argument("--out-dir", help="keep the Tune experiments here (default: a temporary "
                    "directory, deleted at the end)")
-    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--num-cpus", type=int_at_least(1), default=2)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--variant", default="mean_teacher")
-    p.add_argument("--eff-trials", type=int, default=8)
-    p.add_argument("--eff-iters", type=int, default=300)
-    p.add_argument("--eff-eval-every", type=int, default=100)
-    p.add_argument("--configs", type=int, default=12, help="pruning: number of sampled configs")
+    p.add_argument("--eff-trials", type=int_at_least(1), default=8)
+    p.add_argument("--eff-iters", type=int_at_least(1), default=300)
+    p.add_argument("--eff-eval-every", type=int_at_least(1), default=100)
+    p.add_argument("--configs", type=int_at_least(1), default=12,
+                   help="pruning: number of sampled configs")
     p.add_argument("--sample-seed", type=int, default=0)
-    p.add_argument("--prune-iters", type=int, default=450)
-    p.add_argument("--prune-eval-every", type=int, default=50)
-    p.add_argument("--grace-period", type=int, default=50)
-    p.add_argument("--median-startup", type=int, default=2,
+    p.add_argument("--prune-iters", type=int_at_least(1), default=450)
+    p.add_argument("--prune-eval-every", type=int_at_least(1), default=50)
+    p.add_argument("--grace-period", type=int_at_least(1), default=50)
+    p.add_argument("--median-startup", type=int_at_least(0), default=2,
                    help="optuna-median n_startup_trials")
     p.add_argument("--schedulers", default="none,asha,optuna-median")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any flat config key in every trial (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     a = p.parse_args(argv)
     what = [w.strip() for w in a.what.split(",") if w.strip()]
     unknown = sorted(set(what) - {"efficiency", "pruning"})
     if unknown or not what:
         p.error(f"--what: unknown part(s) {unknown}; choose from efficiency, pruning")
     overrides = parse_set_args(a.overrides)
+    _check_inputs(a, what, overrides)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     out: dict[str, Any] = {"bench": "ctt.tune.bench", "created": time.time(),
                            "command": [sys.executable, "-m", "ctt.tune.bench", *(argv or

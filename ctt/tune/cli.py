@@ -86,11 +86,18 @@ def options_from_args(a: argparse.Namespace, default_name: str,
         replace_existing=bool(a.smoke_test) and not a.out)
 
 
-def run_study(fn: Callable[..., Any], *args: Any, debug: bool = False, **kwargs: Any) -> int:
+def run_study(fn: Callable[..., Any], *args: Any, debug: bool = False,
+              argv: list[str] | None = None, prog: list[str] | None = None,
+              **kwargs: Any) -> int:
     """Run ``run_ablation``/``run_sweep``. Refusals (bad config or data root, storage, existing
-    study) become a one-line error and exit code 2 instead of a traceback (``debug`` re-raises);
-    a study whose trials all failed exits 1, naming the errors."""
+    or missing study, a directory in use) become a one-line error and exit code 2 instead of a
+    traceback (``debug`` re-raises); a study whose trials all failed exits 1, naming the errors.
+    SIGINT/SIGTERM exit 130/143 with one line: where the study stopped and the command that
+    continues it (``argv`` after ``prog``, or the process's command line when ``argv`` is
+    None, with ``--resume``).
+    """
     from ctt.errors import UserError
+    from ctt.interrupts import Interrupted, continue_command
     from ctt.tune.study import StorageError, StudyExistsError, StudyFailedError
 
     try:
@@ -103,6 +110,12 @@ def run_study(fn: Callable[..., Any], *args: Any, debug: bool = False, **kwargs:
     except StudyFailedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        cmd = continue_command(argv, prog or ["python"], resume=e.resumable)
+        how = "continue with" if e.resumable else "nothing was written; run again with"
+        print(f"interrupted ({e.name}) {e.where or 'before the study started'}; {how}: {cmd}",
+              file=sys.stderr, flush=True)
+        return e.exit_code
     return 0
 
 

@@ -38,6 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ctt.errors import MissingDataError, ResultsError, UserError, guarded
+
 log = logging.getLogger(__name__)
 
 # Canonical metric order (architecture.md, "Metric names"); other numeric keys follow sorted.
@@ -151,37 +153,92 @@ def list_trial_ids(study_dir: str | os.PathLike) -> list[str]:
     return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
 
 
-def read_json(path: str) -> dict | None:
-    text = read_text(path)
+def _read_text_checked(path: str) -> str | None:
+    """:func:`read_text`, with undecodable or unreadable files as :class:`ResultsError`."""
+    try:
+        return read_text(path)
+    except UnicodeDecodeError as e:
+        raise ResultsError(f"{path} is not UTF-8 text (byte offset {e.start}): the file is "
+                           "corrupt; restore or delete it") from None
+    except IsADirectoryError:
+        raise ResultsError(f"{path} is a directory, not a file: remove it") from None
+    except PermissionError as e:
+        raise ResultsError(f"cannot read {path} ({e.strerror}): fix its permissions") from None
+
+
+def read_json(path: str, *, strict: bool = False) -> dict | None:
+    """The JSON object in ``path``, or None if the file does not exist.
+
+    ``strict=False`` (the driver's callback, which must not die mid-study): a corrupt file is
+    ignored with a warning. ``strict=True`` (building results): it raises
+    :class:`ResultsError` naming the file, since a report built without it would silently
+    lose the study's definition or a trial."""
+    text = _read_text_checked(path) if strict else read_text(path)
     if text is None:
         return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
+        if strict:
+            raise ResultsError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column "
+                               f"{e.colno}): repair or delete the file") from None
         log.warning("ignoring %s: not valid JSON (%s)", path, e)
         return None
-    return value if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        if strict:
+            raise ResultsError(f"{path} holds a JSON {type(value).__name__}, not an object: "
+                               "repair or delete the file")
+        return None
+    return value
 
 
-def read_metrics_jsonl(path: str) -> list[dict]:
-    """All records of a metrics.jsonl file, in file order (possibly several per step).
+def _step_of(value: Any) -> int | None:
+    """A record's ``step`` as an int; None unless it is an integer (or an integral float)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
-    A truncated last line (driver killed mid-write) is skipped with a warning.
+
+def read_metrics_jsonl(path: str, *, strict: bool = False) -> list[dict]:
+    """All records of a metrics.jsonl file, in file order (possibly several per step); each
+    record's ``step`` is an int.
+
+    A truncated last line (driver killed mid-write) is skipped with a warning. Any other
+    malformed line, or a ``step`` that is not an integer, is skipped with a warning, or with
+    ``strict=True`` raises :class:`ResultsError` naming the file and line.
     """
-    text = read_text(path)
+    text = _read_text_checked(path) if strict else read_text(path)
     if not text:
         return []
     records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    last = max((i for i, ln in enumerate(lines, 1) if ln.strip()), default=0)
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
+            if strict and lineno != last:
+                raise ResultsError(f"{path}, line {lineno} is not valid JSON ({e.msg}): repair "
+                                   "or delete the line") from None
             log.warning("%s:%d: skipping a malformed line (interrupted write?)", path, lineno)
             continue
-        if isinstance(rec, dict) and "step" in rec:
-            records.append(rec)
+        if not (isinstance(rec, dict) and "step" in rec):
+            continue
+        step = _step_of(rec["step"])
+        if step is None:
+            msg = (f"{path}, line {lineno}: 'step' must be an integer, got "
+                   f"{rec['step']!r:.40}")
+            if strict:
+                raise ResultsError(f"{msg}: repair or delete the line")
+            log.warning("%s; skipping the line", msg)
+            continue
+        records.append({**rec, "step": step})
     return records
 
 
@@ -237,7 +294,8 @@ def summarise_metrics(records: Sequence[dict]) -> dict[str, Any]:
 
 
 def load_study_json(study_dir: str | os.PathLike) -> dict:
-    return read_json(os.path.join(os.fspath(study_dir), "study.json")) or {}
+    """``study.json`` ({} if absent); a corrupt one raises :class:`ResultsError`."""
+    return read_json(os.path.join(os.fspath(study_dir), "study.json"), strict=True) or {}
 
 
 def load_trials(study_dir: str | os.PathLike) -> list[dict]:
@@ -248,13 +306,16 @@ def load_trials(study_dir: str | os.PathLike) -> list[dict]:
     """
     trials = []
     for tid in list_trial_ids(study_dir):
-        info = read_json(trial_json_path(study_dir, tid))
+        info = read_json(trial_json_path(study_dir, tid), strict=True)
         if info is None:
             info = {"trial_id": tid, "status": "UNKNOWN", "config": {}}
         info.setdefault("trial_id", tid)
         info.setdefault("config", {})
+        if not isinstance(info["config"], dict):
+            raise ResultsError(f"{trial_json_path(study_dir, tid)}: 'config' must be a JSON "
+                               "object of config keys: repair or delete the file")
         summary = summarise_metrics(dedupe_by_step(read_metrics_jsonl(
-            metrics_jsonl_path(study_dir, tid))))
+            metrics_jsonl_path(study_dir, tid), strict=True)))
         for key in ("step", "miou_final", "miou_best", "wall_s", "node_id"):
             if info.get(key) is None:
                 info[key] = summary[key]
@@ -263,6 +324,9 @@ def load_trials(study_dir: str | os.PathLike) -> list[dict]:
         info.setdefault("pruned", False)
         info.setdefault("variant", info["config"].get("variant", "unknown"))
         info.setdefault("seed", info["config"].get("seed", info["config"].get("run.seed")))
+        if info["seed"] is not None and _step_of(info["seed"]) is None:
+            raise ResultsError(f"{trial_json_path(study_dir, tid)}: 'seed' must be an integer, "
+                               f"got {info['seed']!r:.40}: repair or delete the file")
         trials.append(info)
     return trials
 
@@ -270,7 +334,7 @@ def load_trials(study_dir: str | os.PathLike) -> list[dict]:
 def load_metrics(study_dir: str | os.PathLike) -> dict[str, list[dict]]:
     """trial_id -> deduplicated, step-sorted metric records."""
     return {
-        tid: dedupe_by_step(read_metrics_jsonl(metrics_jsonl_path(study_dir, tid)))
+        tid: dedupe_by_step(read_metrics_jsonl(metrics_jsonl_path(study_dir, tid), strict=True))
         for tid in list_trial_ids(study_dir)
     }
 
@@ -743,7 +807,8 @@ def build_results(study_dir: str | os.PathLike) -> dict[str, Any]:
     """
     study_dir = os.fspath(study_dir)
     if not os.path.isdir(study_dir):
-        raise FileNotFoundError(f"build_results: study directory {study_dir!r} does not exist")
+        raise MissingDataError(f"study directory {study_dir} does not exist: pass the directory "
+                               "of a study (it holds study.json and trials/)")
     study = load_study_json(study_dir)
     trials = load_trials(study_dir)
     metrics = load_metrics(study_dir)
@@ -783,18 +848,30 @@ def build_results(study_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+@guarded
 def main(argv: Sequence[str] | None = None) -> int:
+    """Rebuild a study's results and print its report. A missing directory, a corrupt
+    ``study.json``/``trial.json``/``metrics.jsonl`` or an unwritable directory is one
+    ``error:`` line naming the file, exit code 2."""
     parser = argparse.ArgumentParser(
         prog="python -m ctt.tune.results",
         description="Rebuild trials.parquet, metrics.parquet, report.md and plots of a study.")
     parser.add_argument("study_dir", help="study directory (holds trials/ and study.json)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not os.path.isdir(args.study_dir):
+        what = "is not a directory" if os.path.exists(args.study_dir) else "does not exist"
+        raise MissingDataError(f"study directory {args.study_dir} {what}: pass the directory "
+                               "of a study (it holds study.json and trials/)")
     try:
         out = build_results(args.study_dir)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        # the reader succeeded; the outputs (Parquet, plots, report.md) could not be written
+        raise UserError(f"cannot write results to {e.filename or args.study_dir} "
+                        f"({e.strerror}): make the study directory writable") from e
     print(out["report"])
     return 0
 

@@ -7,14 +7,24 @@ checkpoints straight to the URI)::
     study.json        resolved definition, command, package versions, git commit
     ray/              the Tune experiment (trial checkpoints; resumable with --resume)
     warmup-<t>/       the shared supervised warm-up of each seed (ablations; warmup.json maps
-                      seed -> its checkpoint)
+                      seed -> its checkpoint, warmup-pending.json names the running one)
+    .study.lock       held while a study runs (pid, host, start time; ctt.rundir)
     trials/<id>/      trial.json and metrics.jsonl, written by the driver callback
     tb/<run>/         TensorBoard scalars + one HParams entry per trial
     trials.parquet, metrics.parquet, report.md, *.png
     optuna.db         the sweep's Optuna study (sqlite, copied from the driver's disk)
 
-A fresh start refuses a directory that already holds a study (``StudyExistsError``: the trials
-would mix); ``--resume`` continues it, and ``--smoke-test`` replaces its own ``*_smoke`` directory.
+One study per directory, one process per study: the directory is locked before anything else
+(before Ray starts) until the study ends, so a second study on it fails at once naming the
+holder. A fresh start refuses a directory that already holds a study (``StudyExistsError``: the
+trials would mix); ``--resume`` continues it and refuses a directory without one
+(``NoStudyError``), and ``--smoke-test`` replaces its own ``*_smoke`` directory.
+
+SIGINT/SIGTERM in any phase (Ray start, shared warm-up, trials, test evaluation, results)
+leaves :func:`run_ablation` / :func:`run_sweep` as :class:`~ctt.interrupts.Interrupted` with
+``where`` and ``resumable`` set, after Tune's graceful stop (last experiment snapshot, trial
+actors stopped): finished trials and warm-ups are kept and ``--resume`` continues the rest. No
+report is built from an unfinished grid.
 
 Ray runs in-process on loopback (no dashboard, small object store, every server bound to
 127.0.0.1; tests/test_tune_study.py checks the listening sockets) unless ``address`` joins a
@@ -24,12 +34,17 @@ TensorBoard and HParams), the classic progress table (its custom columns show on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,17 +58,21 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.search import BasicVariantGenerator  # noqa: E402
 
-from ctt.config import CTTConfig, apply_variant, get_preset  # noqa: E402
+from ctt.config import CTTConfig, apply_variant, check_semantics, get_preset  # noqa: E402
 from ctt.data.loader import dataset_root  # noqa: E402
 from ctt.envinfo import environment  # noqa: E402
+from ctt.errors import UserError, warn_all  # noqa: E402
+from ctt.interrupts import Interrupted, SignalGuard  # noqa: E402
+from ctt.rundir import STUDY_LOCK, DirLock  # noqa: E402
 from ctt.tune.callbacks import StudyLoggerCallback  # noqa: E402
 from ctt.tune.results import build_results, load_trials, summary_table  # noqa: E402
 from ctt.tune.schedulers import PruningAwareOptunaSearch, make_scheduler  # noqa: E402
 from ctt.tune.space import ONE_MINUS, resolve_config  # noqa: E402
 from ctt.tune.trainable import CHECKPOINT_FILE, train_ctt, trial_resources  # noqa: E402
 
-__all__ = ["StorageError", "StudyExistsError", "StudyFailedError", "StudyOptions",
-           "check_inputs", "check_storage", "init_ray", "run_ablation", "run_sweep"]
+__all__ = ["NoStudyError", "StorageError", "StudyExistsError", "StudyFailedError",
+           "StudyOptions", "check_inputs", "check_storage", "init_ray", "run_ablation",
+           "run_sweep"]
 
 EXPERIMENT = "ray"
 WARMUP = "warmup"
@@ -70,6 +89,10 @@ class StudyExistsError(RuntimeError):
 
 class StudyFailedError(RuntimeError):
     """Every trial of the study errored: there is nothing to compare."""
+
+
+class NoStudyError(UserError):
+    """``--resume`` of a study directory that holds no study."""
 
 
 @dataclass
@@ -287,15 +310,28 @@ def _can_restore(path: str) -> bool:
 
 def _start_or_resume(opts: StudyOptions, study_dir: Path, exp_dir: str) -> bool:
     """True to restore the Tune experiment. A fresh start needs an unused study directory:
-    Tune would add trials to the old experiment and the results would mix both studies."""
+    Tune would add trials to the old experiment and the results would mix both studies.
+    ``--resume`` needs a study there: its ``study.json`` (then, with no Tune experiment yet, the
+    study starts from its recorded warm-ups) or a restorable experiment. Call with the study
+    directory locked."""
     restorable = _can_restore(exp_dir)
+    exists = (study_dir / "study.json").exists() or restorable
     if opts.resume:
-        if not restorable:
-            print(f"nothing to resume at {exp_dir}; starting the study", flush=True)
+        if not exists:
+            raise NoStudyError(
+                f"nothing to resume at {study_dir}: it holds no study (no study.json) and "
+                f"{exp_dir} no Tune experiment; check --out/--storage, or start the study "
+                "without --resume")
         return restorable
-    if (study_dir / "study.json").exists() or restorable:
+    if exists:
         if opts.replace_existing and "://" not in opts.storage:
-            shutil.rmtree(study_dir)
+            for child in study_dir.iterdir():  # all but the lock we hold
+                if child.name == STUDY_LOCK:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         else:
             raise StudyExistsError(
                 f"study directory {study_dir} already holds a study; pass --resume to continue "
@@ -303,77 +339,243 @@ def _start_or_resume(opts: StudyOptions, study_dir: Path, exp_dir: str) -> bool:
     return False
 
 
+# --- one run of a study: lock, signals, phases ---
+
+# What Tune logs when its SIGINT handler stops a fit: a multi-line "Resume experiment with:
+# Tuner.restore(...)" that is not how a study resumes. The study prints its own one line.
+_TUNE_INTERRUPT_LOGS = ("Stop signal received", "Experiment has been interrupted",
+                        "Training has been interrupted", "Trials did not complete")
+
+
+class _QuietTuneInterrupt(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TUNE_INTERRUPT_LOGS)
+
+
+def _tune_catches_sigint() -> bool:
+    """Whether ``Tuner.fit`` installs its graceful SIGINT handler (ray.tune.tune)."""
+    return (threading.current_thread() is threading.main_thread()
+            and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0))
+
+
+@contextlib.contextmanager
+def _ray_keeps_our_sigterm() -> Iterator[None]:
+    """``ray.init`` installs SIGTERM handlers in the driver (``sys.exit(15)``, then the
+    in-process head node's "stop Ray's processes, exit 1") that would replace the study's.
+    Skip them while Ray starts: Ray's processes are still stopped at exit by its atexit hook
+    and by fate-sharing with the driver."""
+    from ray._private import utils as ray_utils
+
+    real = getattr(ray_utils, "set_sigterm_handler", None)
+    if real is None:
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = real
+
+
+class _Session:
+    """One run of a study: the study directory's lock, the SIGINT/SIGTERM guard and the phase
+    (for the line an interrupt prints)."""
+
+    def __init__(self, opts: StudyOptions, guard: SignalGuard):
+        self.opts, self.guard = opts, guard
+        self.study_dir, self.storage_path = study_paths(opts)
+        self.exp_dir = _experiment_dir(self.storage_path, EXPERIMENT)
+        self.lock = DirLock(self.study_dir, STUDY_LOCK, "study")
+        self.phase = "start"
+        self.total = 0  # trials of the study
+        self.warm = (0, 0)  # warm-up seeds done, to do
+
+    def open(self, payload: dict[str, Any]) -> bool:
+        """Lock the study directory, check start vs resume, start Ray, write study.json.
+        Returns whether the Tune experiment is restored."""
+        if (self.opts.resume and "://" not in self.opts.storage
+                and not self.study_dir.is_dir()):  # refused before the lock creates it
+            _start_or_resume(self.opts, self.study_dir, self.exp_dir)
+        self.lock.acquire()
+        self.phase = "ray"
+        restoring = _start_or_resume(self.opts, self.study_dir, self.exp_dir)
+        # Held while Ray starts: raised inside ray.init, an interrupt can land in an at-fork
+        # hook (where Python prints and drops exceptions) or leave Ray half started. A second
+        # signal still stops a start that hangs.
+        with _ray_keeps_our_sigterm(), self.guard.deferred():
+            init_ray(self.opts)
+        self.guard.install()
+        self.guard.check()
+        check_storage(self.opts.storage, self.opts.storage_shared)
+        _write_study_json(self.study_dir, payload)
+        return restoring
+
+    def fit(self, tuner: tune.Tuner) -> Any:
+        """``tuner.fit()``. On SIGINT Tune's own handler stops it gracefully (last experiment
+        snapshot written, trial actors stopped) and fit returns; SIGTERM is handed to that
+        handler. Either way ``self.guard.signum`` is set afterwards."""
+        self.guard.check()
+        quiet = _QuietTuneInterrupt()
+        tune_log = logging.getLogger("ray.tune.tune")
+        tune_log.addFilter(quiet)
+        try:
+            with self.guard.delegating():
+                grid = tuner.fit()
+        finally:
+            tune_log.removeFilter(quiet)
+        # Tune's handler reinstalls the one it replaced (ours) when it fires, and stays
+        # installed after a fit it did not stop.
+        tune_stopped = self.guard.is_installed(signal.SIGINT) and _tune_catches_sigint()
+        self.guard.install()
+        if self.guard.signum is None and tune_stopped:
+            self.guard.signum = signal.SIGINT
+        return grid
+
+    def stop_if_interrupted(self) -> None:
+        if self.guard.signum is not None:
+            raise Interrupted(self.guard.signum)
+
+    def where(self) -> str:
+        if self.phase == "start":
+            return "before the study started"
+        if self.phase == "ray":
+            return "while starting Ray"
+        if self.phase == "warmup":
+            done, todo = self.warm
+            return f"during the shared warm-up ({done} of {todo} seeds done, kept)"
+        trials = load_trials(self.study_dir) if (self.study_dir / "trials").is_dir() else []
+        done = sum(t.get("status") in ("TERMINATED", "ERROR") for t in trials)
+        total = max(self.total, len(trials))
+        if self.phase == "trials":
+            return f"during the trials ({done} of {total} finished, kept)"
+        if self.phase == "test":
+            return f"while evaluating the best trial on the test split ({done} trials finished)"
+        return f"while building the results ({done} trials finished)"
+
+    def resumable(self) -> bool:
+        """Whether ``--resume`` finds a study (else the same command starts it again)."""
+        return (self.study_dir / "study.json").exists()
+
+
+@contextlib.contextmanager
+def _session(opts: StudyOptions) -> Iterator[_Session]:
+    """A :class:`_Session` whose guard and lock last as long as the block. An interrupt leaves
+    as :class:`~ctt.interrupts.Interrupted` with ``where`` and ``resumable`` set."""
+    with SignalGuard() as guard:
+        session = _Session(opts, guard)
+        try:
+            yield session
+        except Interrupted as e:
+            with guard.deferred(forcible=False):  # reading the trials for the message
+                e.where = session.where()
+                e.resumable = session.resumable()
+            raise
+        finally:
+            with guard.deferred(forcible=False):
+                session.lock.release()
+
+
 # --- ablation ---
 
 def ablation_trials(opts: StudyOptions, variants: list[str]) -> list[dict[str, Any]]:
     """Every (variant, seed) trial config, seed-major so paired trials run close together."""
     base = opts.base_config()
+    for v in variants:  # a setting a variant cannot honour is refused here, before Ray starts
+        warn_all(check_semantics(apply_variant(base, v), v, study=True))
     return [_trial_config(apply_variant(base.override({"run.seed": s}), v), v,
                           **opts.trial_meta.get(v, {}))
             for s in opts.seeds for v in variants]
 
 
-def _run_warmups(opts: StudyOptions, storage_path: str, study_dir: Path) -> dict[int, str]:
-    """One supervised warm-up per seed (2 pairs, banks on), checkpointed at warmup_iters."""
-    record = study_dir / "warmup.json"
+def _run_warmups(opts: StudyOptions, session: _Session) -> dict[int, str]:
+    """One supervised warm-up per seed (2 pairs, banks on), checkpointed at warmup_iters.
+
+    ``warmup.json`` maps each finished seed to its checkpoint, also when the warm-up phase is
+    interrupted; ``warmup-pending.json`` names the warm-up experiment while it runs, so a
+    resume continues its unfinished trials from their checkpoints instead of starting over."""
+    study_dir, storage_path = session.study_dir, session.storage_path
+    record, pending = study_dir / "warmup.json", study_dir / "warmup-pending.json"
     done: dict[int, str] = ({int(k): v for k, v in json.loads(record.read_text()).items()}
                             if record.exists() else {})
     todo = [s for s in opts.seeds if s not in done]
     if not todo:
         return done
+    session.phase, session.warm = "warmup", (len(opts.seeds) - len(todo), len(opts.seeds))
     base = opts.base_config()
-    configs = [_trial_config(apply_variant(base.override({"run.seed": s}), "ctt"), "warmup",
-                             _until=base.method.warmup_iters) for s in todo]
-    space, gen = _points(configs, opts.max_concurrent)
-    tuner = tune.Tuner(
-        _trainable(opts), param_space=space,
-        tune_config=tune.TuneConfig(
-            search_alg=gen, num_samples=len(configs), reuse_actors=True),
-        run_config=_run_config(opts, storage_path, f"{WARMUP}-{int(time.time())}", []))
-    grid = tuner.fit()
-    for res in grid:
-        if res.error is not None or res.checkpoint is None:
-            raise RuntimeError(f"warm-up trial failed: {res.error}")
-        ckpt = res.checkpoint
-        scheme = "" if "://" not in opts.storage else opts.storage.split("://")[0] + "://"
-        done[int(res.config["seed"])] = scheme + ckpt.path
-    record.write_text(json.dumps({str(k): v for k, v in sorted(done.items())}, indent=2))
-    return done
-
-
-def run_ablation(opts: StudyOptions, variants: list[str]) -> Path:
-    """Run (or resume) the variants x seeds grid; return the local study directory."""
-    base = check_inputs(opts)
-    configs = ablation_trials(opts, variants)  # variant/--set conflicts fail here, before Ray
-    study_dir, storage_path = study_paths(opts)
-    exp_dir = _experiment_dir(storage_path, EXPERIMENT)
-    restoring = _start_or_resume(opts, study_dir, exp_dir)
-    init_ray(opts)
-    check_storage(opts.storage, opts.storage_shared)
-    _write_study_json(study_dir, {
-        "name": opts.name, "kind": "ablation", "variants": variants, "seeds": opts.seeds,
-        "preset": opts.preset, "options": asdict(opts), "base_config": base.to_flat(),
-        "command": sys.argv, "created": time.time(), "env": environment()})
-    t0 = time.time()
-    callbacks = [StudyLoggerCallback(study_dir)]
-    if restoring:
-        tuner = tune.Tuner.restore(exp_dir, _trainable(opts), resume_unfinished=True,
-                                   resume_errored=True)
+    until = base.method.warmup_iters
+    name = json.loads(pending.read_text()).get("experiment") if pending.exists() else None
+    if name and _can_restore(_experiment_dir(storage_path, name)):
+        tuner = tune.Tuner.restore(_experiment_dir(storage_path, name), _trainable(opts),
+                                   resume_unfinished=True, resume_errored=True)
     else:
-        fork = (opts.fork_warmup and base.method.warmup_iters > 0
-                and base.method.warmup_iters < base.optim.iters and len(variants) > 1)
-        if fork:
-            warm = _run_warmups(opts, storage_path, study_dir)
-            configs = [{**c, "_fork_from": warm[int(c["seed"])]} for c in configs]
+        name = f"{WARMUP}-{int(time.time())}"
+        pending.write_text(json.dumps({"experiment": name}) + "\n")
+        configs = [_trial_config(apply_variant(base.override({"run.seed": s}), "ctt"), "warmup",
+                                 _until=until) for s in todo]
         space, gen = _points(configs, opts.max_concurrent)
         tuner = tune.Tuner(
             _trainable(opts), param_space=space,
             tune_config=tune.TuneConfig(
                 search_alg=gen, num_samples=len(configs), reuse_actors=True),
-            run_config=_run_config(opts, storage_path, EXPERIMENT, callbacks))
-    tuner.fit()
-    _finish(study_dir, opts, time.time() - t0)
-    return study_dir
+            run_config=_run_config(opts, storage_path, name, []))
+    grid = session.fit(tuner)
+    failed = []
+    scheme = "" if "://" not in opts.storage else opts.storage.split("://")[0] + "://"
+    for res in grid:
+        step = (res.metrics or {}).get("step")
+        if res.error is None and res.checkpoint is not None and step is not None \
+                and int(step) >= until:
+            done[int(res.config["seed"])] = scheme + res.checkpoint.path
+        else:
+            failed.append(res)
+    record.write_text(json.dumps({str(k): v for k, v in sorted(done.items())}, indent=2))
+    session.warm = (sum(s in done for s in opts.seeds), len(opts.seeds))
+    session.stop_if_interrupted()
+    if failed:
+        raise RuntimeError(f"warm-up trial failed: {failed[0].error}")
+    pending.unlink(missing_ok=True)
+    return done
+
+
+def run_ablation(opts: StudyOptions, variants: list[str]) -> Path:
+    """Run (or resume) the variants x seeds grid; return the local study directory.
+
+    SIGINT/SIGTERM in any phase raises :class:`~ctt.interrupts.Interrupted` (with ``where`` and
+    ``resumable``) once Tune has stopped; finished trials and warm-ups are kept for --resume."""
+    with _session(opts) as session:
+        # variant/--set conflicts fail first (cheap), then the data root (it may generate data)
+        configs = ablation_trials(opts, variants)
+        base = check_inputs(opts)
+        session.total = len(configs)
+        restoring = session.open({
+            "name": opts.name, "kind": "ablation", "variants": variants, "seeds": opts.seeds,
+            "preset": opts.preset, "options": asdict(opts), "base_config": base.to_flat(),
+            "command": sys.argv, "created": time.time(), "env": environment()})
+        study_dir, storage_path = session.study_dir, session.storage_path
+        t0 = time.time()
+        callbacks = [StudyLoggerCallback(study_dir)]
+        if restoring:
+            tuner = tune.Tuner.restore(session.exp_dir, _trainable(opts),
+                                       resume_unfinished=True, resume_errored=True)
+        else:
+            fork = (opts.fork_warmup and base.method.warmup_iters > 0
+                    and base.method.warmup_iters < base.optim.iters and len(variants) > 1)
+            if fork:
+                warm = _run_warmups(opts, session)
+                configs = [{**c, "_fork_from": warm[int(c["seed"])]} for c in configs]
+            session.phase = "trials"
+            space, gen = _points(configs, opts.max_concurrent)
+            tuner = tune.Tuner(
+                _trainable(opts), param_space=space,
+                tune_config=tune.TuneConfig(
+                    search_alg=gen, num_samples=len(configs), reuse_actors=True),
+                run_config=_run_config(opts, storage_path, EXPERIMENT, callbacks))
+        session.phase = "trials"
+        session.fit(tuner)
+        session.stop_if_interrupted()  # no report of an unfinished grid
+        session.phase = "results"
+        _finish(study_dir, opts, time.time() - t0)
+        return study_dir
 
 
 def _finish(study_dir: Path, opts: StudyOptions, wall_s: float, extra: dict | None = None
@@ -398,57 +600,61 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
     the best trial is re-evaluated on the held-out test split."""
     import optuna
 
-    base = apply_variant(check_inputs(opts).override({"run.seed": opts.seeds[0]}), variant)
-    for key in space:
-        real = key.removeprefix(ONE_MINUS)
-        if real not in base.to_flat():
-            CTTConfig.from_flat({real: 0})  # raises the unknown-key error with valid keys
-    study_dir, storage_path = study_paths(opts)
-    exp_dir = _experiment_dir(storage_path, EXPERIMENT)
-    restoring = _start_or_resume(opts, study_dir, exp_dir)
-    init_ray(opts)
-    check_storage(opts.storage, opts.storage_shared)
-    _write_study_json(study_dir, {
-        "name": opts.name, "kind": "sweep", "variant": variant, "seeds": opts.seeds[:1],
-        "space": {k: repr(v) for k, v in space.items()}, "metric": metric,
-        "scheduler": scheduler, "num_samples": num_samples, "preset": opts.preset,
-        "options": asdict(opts), "base_config": base.to_flat(), "command": sys.argv,
-        "created": time.time(), "env": environment()})
-    db_local = Path(os.environ.get("CTT_OPTUNA_DIR", Path.home() / ".cache" / "ctt" / "optuna"))
-    db_local.mkdir(parents=True, exist_ok=True)
-    # sqlite must not live on S3/NFS. One file per study directory (the same name under another
-    # --storage is another study), reset on a fresh start: OptunaSearch loads an existing study
-    # of that name, and old trials would steer TPE and the importances.
-    key = hashlib.sha1(storage_path.encode()).hexdigest()[:10]
-    db_path = db_local / f"{opts.name}-{key}.db"
-    if not restoring:
-        db_path.unlink(missing_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db_path}")
-    searcher = PruningAwareOptunaSearch(
-        metric=metric, mode="max", sampler=optuna.samplers.TPESampler(seed=sampler_seed),
-        storage=storage, study_name=opts.name, time_attr="step")
-    sched = make_scheduler(scheduler, metric=metric, mode="max", time_attr="step",
-                           max_t=base.optim.iters,
-                           grace_period=grace_period or base.run.eval_every,
-                           searcher=searcher if scheduler.startswith("optuna") else None)
-    param_space = {**_trial_config(base, variant), **space}
-    callbacks = [StudyLoggerCallback(study_dir)]
-    t0 = time.time()
-    if restoring:
-        tuner = tune.Tuner.restore(exp_dir, _trainable(opts), resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            _trainable(opts), param_space=param_space,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=sched, num_samples=num_samples,
-                max_concurrent_trials=opts.max_concurrent or None, reuse_actors=True),
-            run_config=_run_config(opts, storage_path, EXPERIMENT, callbacks, list(space)))
-    grid = tuner.fit()
-    best = _evaluate_best(grid, metric, base, opts)
-    shutil.copyfile(db_path, study_dir / "optuna.db")
-    _finish(study_dir, opts, time.time() - t0, {"best": best})
-    return study_dir
+    with _session(opts) as session:
+        warn_all(check_semantics(apply_variant(opts.base_config(), variant), variant, study=True))
+        base = apply_variant(check_inputs(opts).override({"run.seed": opts.seeds[0]}), variant)
+        for key in space:
+            real = key.removeprefix(ONE_MINUS)
+            if real not in base.to_flat():
+                CTTConfig.from_flat({real: 0})  # raises the unknown-key error with valid keys
+        session.total = num_samples
+        restoring = session.open({
+            "name": opts.name, "kind": "sweep", "variant": variant, "seeds": opts.seeds[:1],
+            "space": {k: repr(v) for k, v in space.items()}, "metric": metric,
+            "scheduler": scheduler, "num_samples": num_samples, "preset": opts.preset,
+            "options": asdict(opts), "base_config": base.to_flat(), "command": sys.argv,
+            "created": time.time(), "env": environment()})
+        study_dir, storage_path = session.study_dir, session.storage_path
+        db_local = Path(os.environ.get("CTT_OPTUNA_DIR",
+                                       Path.home() / ".cache" / "ctt" / "optuna"))
+        db_local.mkdir(parents=True, exist_ok=True)
+        # sqlite must not live on S3/NFS. One file per study directory (the same name under
+        # another --storage is another study), reset on a fresh start: OptunaSearch loads an
+        # existing study of that name, and old trials would steer TPE and the importances.
+        key = hashlib.sha1(storage_path.encode()).hexdigest()[:10]
+        db_path = db_local / f"{opts.name}-{key}.db"
+        if not restoring:
+            db_path.unlink(missing_ok=True)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db_path}")
+        searcher = PruningAwareOptunaSearch(
+            metric=metric, mode="max", sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+            storage=storage, study_name=opts.name, time_attr="step")
+        sched = make_scheduler(scheduler, metric=metric, mode="max", time_attr="step",
+                               max_t=base.optim.iters,
+                               grace_period=grace_period or base.run.eval_every,
+                               searcher=searcher if scheduler.startswith("optuna") else None)
+        param_space = {**_trial_config(base, variant), **space}
+        callbacks = [StudyLoggerCallback(study_dir)]
+        t0 = time.time()
+        if restoring:
+            tuner = tune.Tuner.restore(session.exp_dir, _trainable(opts),
+                                       resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                _trainable(opts), param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, scheduler=sched, num_samples=num_samples,
+                    max_concurrent_trials=opts.max_concurrent or None, reuse_actors=True),
+                run_config=_run_config(opts, storage_path, EXPERIMENT, callbacks, list(space)))
+        session.phase = "trials"
+        grid = session.fit(tuner)
+        session.stop_if_interrupted()  # no best trial of an unfinished sweep
+        session.phase = "test"
+        best = _evaluate_best(grid, metric, base, opts)
+        session.phase = "results"
+        shutil.copyfile(db_path, study_dir / "optuna.db")
+        _finish(study_dir, opts, time.time() - t0, {"best": best})
+        return study_dir
 
 
 def _test_eval(config: dict[str, Any], checkpoint: tune.Checkpoint) -> dict[str, float]:
