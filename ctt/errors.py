@@ -84,8 +84,9 @@ def warn_all(messages: Iterable[str]) -> None:
 
 def guarded(main: Callable[..., T]) -> Callable[..., T | int]:
     """Wrap a CLI ``main(argv)``: a :class:`UserError` becomes one line on stderr and exit code
-    2; ``--debug`` among the arguments re-raises it with its traceback. Other exceptions pass
-    through untouched (their traceback is the bug report)."""
+    2; ``--debug`` among the arguments re-raises it with its traceback. A closed stdout pipe
+    (``| head``) exits 141 quietly. Other exceptions pass through untouched (their traceback
+    is the bug report)."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None, *args: Any, **kwargs: Any) -> T | int:
@@ -97,6 +98,12 @@ def guarded(main: Callable[..., T]) -> Callable[..., T | int]:
                 raise
             print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
             return 2
+        except BrokenPipeError:
+            # the reader of our stdout left (`... | head`): not an error of ours. Point stdout
+            # at devnull so the interpreter's final flush does not raise again; exit as a
+            # shell does for SIGPIPE.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
 
     return wrapper
 
