@@ -1,13 +1,13 @@
-"""Benchmark: vectorised contrastive losses vs a per-class loop transcription.
+"""Benchmark: vectorised contrastive losses vs the per-class loop the tests check them with.
 
 VOC scale by default (C=21, Q=256, D=256, 4096 anchors, full banks, random unit vectors).
 Times forward+backward of ``ctt.losses.high_level_contrast`` / ``low_level_contrast`` and of
-``loop_high_level`` / ``loop_low_level`` (a loop over classes, vectorised within a class, the
-shape of the reference code), prints times, ratio, max |value difference| and peak memory,
-and writes ``benchmarks/results/contrast.json``.
+``loop_high_level`` / ``loop_low_level`` from ``tests/contrast_reference.py`` (a loop over
+classes, vectorised within a class, the shape of the reference code), prints times, ratio,
+max |value difference| and peak memory, and writes ``benchmarks/results/contrast.json``.
 
 Peak memory: on CPU each (implementation, loss) pair runs in a fresh subprocess that builds
-its inputs, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs one
+its inputs, resets the kernel's peak-RSS mark (``common.reset_peak_rss``), runs one
 forward+backward and reports ``VmHWM - VmRSS(before)``: the extra resident memory the call
 needed, including the autograd graph and the backward's temporaries (glibc returns large
 blocks to the OS, so freed tensors do not hide later peaks; a fresh process has no cached
@@ -22,72 +22,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import pathlib
-import resource
 import subprocess
 import sys
-import time
 
+import common  # benchmarks/common.py: a script's folder is on sys.path
 import torch
 import torch.nn.functional as F
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from ctt.errors import DeviceError, UserError, check_writable, guarded, int_at_least  # noqa: E402
-from ctt.losses import (  # noqa: E402
+from ctt.errors import DeviceError, UserError, check_writable, guarded, int_at_least
+from ctt.losses import (
     CHUNK_ELEMENTS,
     CHUNK_ELEMENTS_DEFAULT,
     high_level_contrast,
     low_level_contrast,
 )
 
-
-def loop_high_level(anchors, anchor_classes, bank, bank_valid, temperature):
-    """Per-class loop transcription of the high-level loss (reference shape, no 0/0 NaN)."""
-    per_class = []
-    for c in range(bank.shape[0]):
-        a = anchors[anchor_classes == c]
-        pos = bank[c][bank_valid[c]]
-        if a.shape[0] == 0 or pos.shape[0] == 0:
-            continue
-        other = torch.ones(bank.shape[0], dtype=torch.bool, device=bank.device)
-        other[c] = False
-        neg = bank[other][bank_valid[other]]
-        s_pos = a @ pos.T / temperature  # [n_c, P]
-        if neg.shape[0] == 0:
-            per_class.append((s_pos * 0).mean())
-            continue
-        lse = torch.logsumexp(a @ neg.T / temperature, dim=1)  # [n_c]
-        per_class.append(F.softplus(lse[:, None] - s_pos).mean())
-    if not per_class:
-        return anchors.sum() * 0
-    return torch.stack(per_class).mean()
-
-
-def loop_low_level(anchors, positives, anchor_classes, bank, bank_valid, temperature):
-    """Per-class loop transcription of the low-level loss."""
-    per_class = []
-    for c in range(bank.shape[0]):
-        sel = anchor_classes == c
-        a = anchors[sel]
-        if a.shape[0] == 0:
-            continue
-        s_pos = (a * positives[sel]).sum(1) / temperature
-        other = torch.ones(bank.shape[0], dtype=torch.bool, device=bank.device)
-        other[c] = False
-        neg = bank[other][bank_valid[other]]
-        if neg.shape[0] == 0:
-            per_class.append((s_pos * 0).mean())
-            continue
-        lse = torch.logsumexp(a @ neg.T / temperature, dim=1)
-        per_class.append(F.softplus(lse - s_pos).mean())
-    if not per_class:
-        return anchors.sum() * 0
-    return torch.stack(per_class).mean()
-
+REFERENCE = common.load_module(common.ROOT / "tests" / "contrast_reference.py")
+loop_high_level, loop_low_level = REFERENCE.loop_high_level, REFERENCE.loop_low_level
 
 IMPLS = {
     ("high", "vectorised"): lambda x: high_level_contrast(
@@ -134,28 +85,20 @@ def fwd_bwd(fn, x, args, device):
     return loss.detach().float().item(), x["anchors"].grad.detach().float().clone()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_impl(fn, x, args, device):
     """Best and mean wall time, and best process CPU time (robust to other processes taking
     the cores, which inflates wall time on a shared machine; meaningless for CUDA)."""
     fwd_bwd(fn, x, args, device)  # warm-up
-    wall, cpu = [], []
+    timer = common.Timer(device)
     for _ in range(args.repeat):
-        sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        fwd_bwd(fn, x, args, device)
-        sync(device)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+        with timer("fwd_bwd"):
+            fwd_bwd(fn, x, args, device)
+    wall, cpu = timer.wall["fwd_bwd"], timer.cpu["fwd_bwd"]
     return min(wall), sum(wall) / len(wall), min(cpu)
 
 
 def peak_memory_mb(loss, impl, args, device) -> float:
-    """Extra peak memory of one forward+backward, in MB (see module docstring)."""
+    """Extra peak memory of one forward+backward, in MiB (see module docstring)."""
     if device.type == "cuda":
         x = make_inputs(args, device)
         torch.cuda.synchronize()
@@ -177,40 +120,21 @@ def _passthrough(args) -> list[str]:
     ]
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        pathlib.Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def probe(args, device) -> None:
     loss, impl = args._probe.split(":")
     x = make_inputs(args, device)
-    if _reset_peak_rss() and _proc_status_kib("VmHWM") is not None:
+    before = common.reset_peak_rss()
+    if before is not None and common.proc_status_bytes("VmHWM") is not None:
         # peak during the call minus resident memory before it
-        before = _proc_status_kib("VmRSS")
         fwd_bwd(IMPLS[(loss, impl)], x, args, device)
-        after = _proc_status_kib("VmHWM")
+        after = common.proc_status_bytes("VmHWM")
     else:
         # Fallback: growth of the process's lifetime peak; under-reports when the import
         # peak was higher than what remains resident.
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        before = common.maxrss_bytes()
         fwd_bwd(IMPLS[(loss, impl)], x, args, device)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)
+        after = common.maxrss_bytes()
+    print((after - before) / common.MIB)
 
 
 @guarded
@@ -225,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int_at_least(1), default=256)
     p.add_argument("--anchors", type=int_at_least(1), default=4096)
     p.add_argument("--repeat", type=int_at_least(1), default=3)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "contrast.json"))
+    p.add_argument("--out", default=str(common.RESULTS_DIR / "contrast.json"))
+    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. how busy "
+                   "the machine was)")
     p.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     args = p.parse_args(argv)
@@ -243,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
 
     x = make_inputs(args, device)
     results = {
+        **common.metadata(device, "bench_contrast.py", argv, threads=args.threads,
+                          note=args.note),
         "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "torch": torch.__version__,
         "chunk_elements": CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS_DEFAULT),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "memory_method": "cuda max_memory_allocated delta" if device.type == "cuda"
         else "VmHWM - VmRSS before one fwd+bwd, fresh subprocess per implementation",
     }
@@ -259,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             best, mean, cpu = time_impl(fn, x, args, device)
             row[impl] = {"best_s": best, "mean_s": mean, "best_cpu_s": cpu,
                          "value": values[impl][0],
-                         "peak_mb": peak_memory_mb(loss, impl, args, device)}
+                         "peak_mib": peak_memory_mb(loss, impl, args, device)}
         row["speedup_best"] = row["loop"]["best_s"] / row["vectorised"]["best_s"]
         row["speedup_cpu"] = row["loop"]["best_cpu_s"] / row["vectorised"]["best_cpu_s"]
         row["max_abs_value_diff"] = abs(values["vectorised"][0] - values["loop"][0])
@@ -268,16 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         results[loss] = row
         print(
             f"{loss:>4}-level: vectorised {row['vectorised']['best_s'] * 1e3:8.1f} ms "
-            f"(peak +{row['vectorised']['peak_mb']:.0f} MB) | loop "
-            f"{row['loop']['best_s'] * 1e3:8.1f} ms (peak +{row['loop']['peak_mb']:.0f} MB) | "
+            f"(peak +{row['vectorised']['peak_mib']:.0f} MiB) | loop "
+            f"{row['loop']['best_s'] * 1e3:8.1f} ms (peak +{row['loop']['peak_mib']:.0f} MiB) | "
             f"speedup x{row['speedup_best']:.2f} (cpu-time x{row['speedup_cpu']:.2f}) | "
             f"|dvalue| {row['max_abs_value_diff']:.2e} "
             f"|dgrad| {row['max_abs_grad_diff']:.2e}"
         )
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {common.write_json(args.out, results)}")
     return 0
 
 

@@ -4,19 +4,20 @@ Needs only torch + torchvision (which brings numpy and Pillow) and this reposito
 the package need not be installed (the repo root is put on ``sys.path``). Parts, each
 guarded so that one failing measurement prints its error and the rest still run:
 
-1. ``contrast``: the vectorised contrastive losses (``ctt.losses``) against a per-class loop
-   (``loop_high_level`` / ``loop_low_level`` from ``benchmarks/bench_contrast.py`` when it
-   imports, else the copies below) at VOC scale: C=21, Q=256, D=256, 4096 anchors, full
-   banks, forward+backward, float32 and bf16 autocast; median time, peak memory, value gap.
-2. ``step``: ``ctt.bench.bench_step`` (train_step vs the sum of its parts, contrast share)
-   and ``ctt.bench.peak_memory`` for the ``voc-r101`` preset (DeepLab-v2 ResNet-101, batch
-   10+10, crop 321, random weights, contrast on with full banks) without and with bf16
-   autocast. If a step runs out of memory it is retried once at half the batch.
+1. ``contrast``: the vectorised contrastive losses (``ctt.losses``) against the per-class loop
+   the tests check them with (``tests/contrast_reference.py``) at VOC scale: C=21, Q=256,
+   D=256, 4096 anchors, full banks, forward+backward, float32 and bf16 autocast; median time,
+   peak memory, value gap.
+2. ``step``: ``bench_step.bench_step`` (train_step vs the sum of its phases, the contrastive
+   terms' share) and ``bench_step.peak_memory`` for the ``voc-r101`` preset (DeepLab-v2
+   ResNet-101, batch 10+10, crop 321, random weights, contrast on with full banks) without and
+   with bf16 autocast. If a step runs out of memory it is retried once at half the batch.
 3. ``variants``: seconds per iteration of every ``ctt.config.VARIANTS`` entry (warm-up and
    full), only while the time budget (``--budget-s``) allows.
 
 Results go to ``$OUT/gpu_bench.json`` (``OUT`` defaults to ``./benchmarks/results``),
-rewritten after every part so a run cut short still leaves what it measured.
+rewritten after every part so a run cut short still leaves what it measured, with the machine
+and versions (``common.metadata``).
 
     python benchmarks/gpu_bench.py            # CUDA, about 3-5 minutes on one H100
     python benchmarks/gpu_bench.py --smoke    # tiny preset, 2 iterations, any device (CPU test)
@@ -28,7 +29,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,15 +37,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# This script runs on lent GPU machines where the package is not installed: the repository
+# root goes on sys.path so ``ctt`` imports from the checkout.
 ROOT = Path(__file__).resolve().parents[1]
-for p in (str(ROOT), str(ROOT / "benchmarks")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+import bench_step  # noqa: E402
+import common  # noqa: E402  (benchmarks/: a script's folder is on sys.path)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from ctt.config import VARIANTS, get_preset  # noqa: E402
 from ctt.errors import DeviceError, check_writable, guarded, int_at_least  # noqa: E402
+from ctt.losses import high_level_contrast, low_level_contrast  # noqa: E402
 
 RESULTS: dict[str, Any] = {}
 T_START = time.perf_counter()
@@ -56,8 +61,7 @@ def _elapsed() -> float:
 
 
 def _write(out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
+    common.write_json(out_dir / "gpu_bench.json", RESULTS)
 
 
 def _guard(name: str, fn: Callable[[], Any], out_dir: Path) -> Any:
@@ -84,49 +88,13 @@ def _is_oom(e: BaseException) -> bool:
 
 # --- 1. contrastive losses -----------------------------------------------------------------
 
-def _own_loop_high(anchors, classes, bank, valid, tau):
-    """Per-class loop of the high-level loss (used if bench_contrast.py does not import)."""
-    per_class = []
-    for c in range(bank.shape[0]):
-        a, pos = anchors[classes == c], bank[c][valid[c]]
-        if a.shape[0] == 0 or pos.shape[0] == 0:
-            continue
-        other = torch.arange(bank.shape[0], device=bank.device) != c
-        neg = bank[other][valid[other]]
-        lse = torch.logsumexp(a @ neg.T / tau, dim=1)
-        per_class.append(F.softplus(lse[:, None] - a @ pos.T / tau).mean())
-    return torch.stack(per_class).mean() if per_class else anchors.sum() * 0
-
-
-def _own_loop_low(anchors, positives, classes, bank, valid, tau):
-    """Per-class loop of the low-level loss (used if bench_contrast.py does not import)."""
-    per_class = []
-    for c in range(bank.shape[0]):
-        sel = classes == c
-        if not sel.any():
-            continue
-        a = anchors[sel]
-        other = torch.arange(bank.shape[0], device=bank.device) != c
-        neg = bank[other][valid[other]]
-        lse = torch.logsumexp(a @ neg.T / tau, dim=1)
-        per_class.append(F.softplus(lse - (a * positives[sel]).sum(1) / tau).mean())
-    return torch.stack(per_class).mean() if per_class else anchors.sum() * 0
-
-
-def _loop_refs() -> tuple[Callable, Callable, str]:
-    try:
-        from bench_contrast import loop_high_level, loop_low_level
-        return loop_high_level, loop_low_level, "benchmarks/bench_contrast.py"
-    except Exception as e:  # missing or mid-edit: fall back to the copies above
-        print(f"(bench_contrast.py loop reference unavailable: {e}; using own loops)")
-        return _own_loop_high, _own_loop_low, "benchmarks/gpu_bench.py"
+# The loop the tests check the losses with (one home: tests/contrast_reference.py).
+REFERENCE = common.load_module(ROOT / "tests" / "contrast_reference.py")
 
 
 def bench_contrast(device: torch.device, *, classes: int, queue: int, dim: int, anchors: int,
                    iters: int, warmup: int) -> dict[str, Any]:
-    from ctt.losses import high_level_contrast, low_level_contrast
-
-    loop_high, loop_low, ref_src = _loop_refs()
+    loop_high, loop_low = REFERENCE.loop_high_level, REFERENCE.loop_low_level
     g = torch.Generator().manual_seed(0)
 
     def unit(*shape: int) -> torch.Tensor:
@@ -149,7 +117,7 @@ def bench_contrast(device: torch.device, *, classes: int, queue: int, dim: int, 
     }
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out: dict[str, Any] = {"shape": {"C": classes, "Q": queue, "D": dim, "N": anchors},
-                           "loop_reference": ref_src}
+                           "loop_reference": "tests/contrast_reference.py"}
     for dtype in ("fp32", "bf16"):
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
         for loss in ("high", "low"):
@@ -210,19 +178,17 @@ def _ms(r: dict[str, Any]) -> str:
 
 def bench_step_amp(preset: str, device: torch.device, amp: str, *, iters: int, warmup: int,
                    memory_steps: int) -> dict[str, Any]:
-    from ctt.bench import bench_config, bench_step, format_memory, format_step_table, peak_memory
-
-    cfg = bench_config(preset, "ctt", amp=amp, device=device.type)
+    cfg = bench_step.bench_config(preset, "ctt", amp=amp, device=device.type)
     attempts: list[dict[str, Any]] = []
     for batch in (cfg.data.batch_size, max(1, cfg.data.batch_size // 2)):
         c = cfg.override({"data.batch_size": batch, "data.batch_size_u": batch})
         try:
             t0 = time.perf_counter()
-            res = bench_step(c, device, iters=iters, warmup=warmup)
+            res = bench_step.bench_step(c, device, iters=iters, warmup=warmup)
             res["wall_s"] = time.perf_counter() - t0
             res["batch"] = f"{batch}+{batch}"
             print(f"{preset}, amp={amp}, batch {batch}+{batch}:")
-            print(format_step_table(res), flush=True)
+            print(bench_step.format_step_table(res), flush=True)
             break
         except Exception as e:
             if not _is_oom(e) or batch == 1:
@@ -237,8 +203,8 @@ def bench_step_amp(preset: str, device: torch.device, amp: str, *, iters: int, w
     if device.type == "cuda":
         torch.cuda.empty_cache()
     try:
-        res["memory"] = peak_memory(c, device, memory_steps)
-        print(format_memory(res["memory"]), flush=True)
+        res["memory"] = bench_step.peak_memory(c, device, memory_steps)
+        print(bench_step.format_memory(res["memory"]), flush=True)
     except Exception as e:
         res["memory"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
         print(f"!! peak memory failed: {res['memory']['error'][:300]}", flush=True)
@@ -249,9 +215,6 @@ def bench_step_amp(preset: str, device: torch.device, amp: str, *, iters: int, w
 
 def bench_all_variants(preset: str, device: torch.device, amp: str, *, iters: int,
                        warmup: int, deadline_s: float, out_dir: Path) -> dict[str, Any]:
-    from ctt.bench import bench_variants
-    from ctt.config import VARIANTS
-
     rows: dict[str, Any] = {}
     RESULTS.setdefault("parts", {})["variants"] = rows
     for name in VARIANTS:
@@ -260,7 +223,7 @@ def bench_all_variants(preset: str, device: torch.device, amp: str, *, iters: in
             print(f"{name:<14} skipped (time budget)", flush=True)
             continue
         try:
-            r = bench_variants(preset, device=device.type, threads=1, iters=iters,
+            r = bench_step.bench_variants(preset, device=device.type, threads=1, iters=iters,
                                warmup=warmup, amp=amp, variants=[name])[name]
             print(f"{name:<14} warm-up {r['warmup_s']:.4f} s/iter | full "
                   f"{r['s_per_iter']:.4f} s/iter", flush=True)
@@ -276,23 +239,6 @@ def bench_all_variants(preset: str, device: torch.device, amp: str, *, iters: in
 
 
 # --- main -----------------------------------------------------------------------------------
-
-def _environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "device": str(device), "platform": platform.platform()}
-    for mod in ("torchvision", "numpy", "PIL"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception as e:
-            env[mod] = f"missing ({type(e).__name__})"
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cudnn"] = torch.backends.cudnn.version()
-        env["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-        env["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-        env["matmul_precision"] = torch.get_float32_matmul_precision()
-    return env
-
 
 @guarded
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -314,8 +260,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     args = p.parse_args(argv)
 
-    from ctt.config import get_preset
-
     if args.preset is not None:
         get_preset(args.preset)  # an unknown name fails here, not in every part
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -336,9 +280,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "very slow (use --smoke for a quick test)", flush=True)
 
     RESULTS.clear()
-    RESULTS.update({"environment": _environment(device), "smoke": smoke, "preset": preset,
-                    "iters": iters, "warmup": warmup, "parts": {}})
-    print(json.dumps(RESULTS["environment"]), flush=True)
+    RESULTS.update({"environment": common.metadata(device, "gpu_bench.py", argv),
+                     "smoke": smoke, "preset": preset, "iters": iters, "warmup": warmup,
+                     "parts": {}})
+    print(json.dumps(RESULTS["environment"], default=str), flush=True)
     _write(out_dir)
 
     shape = (dict(classes=7, queue=16, dim=32, anchors=256) if smoke
@@ -375,8 +320,9 @@ def summary(results: dict[str, Any]) -> str:
             row(f"step {amp}", f"ERROR {str(r.get('error', 'not run'))[:32]}")
             continue
         row(f"step {amp} (batch {r['batch']})",
-            f"{r['step_s'] * 1e3:.1f} ms, parts {r['sum_s'] * 1e3:.1f} ms, x{r['ratio']:.3f}")
-        row(f"  contrast share {amp}", f"{100 * r['contrast_share']:.1f}%")
+            f"{r['step_s'] * 1e3:.1f} ms, phases {r['sum_s'] * 1e3:.1f} ms, x{r['ratio']:.3f}")
+        if "contrast_share" in r:
+            row(f"  contrast share {amp}", f"{100 * r['contrast_share']:.1f}%")
         mem = r.get("memory", {})
         if "peak_mib" in mem:
             row(f"  peak memory {amp}", f"{mem['peak_mib']:.0f} MiB "

@@ -69,6 +69,13 @@ def _check_images(x: Tensor, name: str = "x") -> None:
         )
 
 
+def _check_random_images(x: Tensor, generator: torch.Generator, per: str) -> None:
+    """The inputs of a random per-image (or per-batch) colour augmentation."""
+    _check_generator(generator)
+    _check_images(x)
+    _check_per(per)
+
+
 # ---------------------------------------------------------------------------------------------
 # Masks and mixing
 # ---------------------------------------------------------------------------------------------
@@ -186,21 +193,6 @@ def mix_batch(x: Tensor, masks: Tensor) -> Tensor:
     return torch.where(m.to(x.device), src, x)
 
 
-def mix_probs_to_labels(probs_mixed: Tensor) -> tuple[Tensor, Tensor]:
-    """Confidence and hard pseudo-label of a (mixed) probability map.
-
-    Args:
-        probs_mixed: ``[B, C, H, W]`` probabilities.
-
-    Returns:
-        ``conf [B, H, W]`` (max probability) and ``yhat [B, H, W]`` long (argmax).
-    """
-    if probs_mixed.dim() != 4:
-        raise ValueError(f"probs_mixed must be [B, C, H, W], got {tuple(probs_mixed.shape)}")
-    conf, yhat = probs_mixed.max(dim=1)
-    return conf, yhat
-
-
 # ---------------------------------------------------------------------------------------------
 # Colour jitter
 # ---------------------------------------------------------------------------------------------
@@ -297,9 +289,7 @@ def color_jitter(
     Returns:
         ``[B, 3, H, W]`` in ``[0, 1]``; images not selected are returned bit-exact.
     """
-    _check_generator(generator)
-    _check_images(x)
-    _check_per(per)
+    _check_random_images(x, generator, per)
     if not 0.0 <= strength <= 0.5:
         raise ValueError(f"jitter strength must be in [0, 0.5], got {strength}")
     u = torch.rand(x.shape[0], 5, generator=generator)  # [B, 5]
@@ -381,9 +371,7 @@ def gaussian_blur(
     Returns:
         ``[B, 3, H, W]`` in ``[0, 1]``; images not selected are returned bit-exact.
     """
-    _check_generator(generator)
-    _check_images(x)
-    _check_per(per)
+    _check_random_images(x, generator, per)
     lo, hi = sigma
     if not 0.0 < lo <= hi:
         raise ValueError(f"blur sigma range must satisfy 0 < low <= high, got {sigma}")

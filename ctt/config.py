@@ -290,23 +290,10 @@ class CTTConfig:
         """Serialise as ``{"config": flat, **extra}``; write it to ``path`` when given."""
         text = json.dumps({"config": self.to_flat(), **extra}, indent=2, sort_keys=False)
         if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+            from ctt.fileio import atomic_write_text  # no partial config.json on a kill
 
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> CTTConfig:
-        """Inverse of :meth:`to_json` (accepts the JSON text or a file path)."""
-        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
-        try:
-            obj = json.loads(p.read_text() if p is not None else str(text_or_path))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {p}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config {p or 'text'} is not valid JSON: {e}") from None
-        flat = obj.get("config", obj) if isinstance(obj, dict) else None
-        if not isinstance(flat, dict):
-            raise ConfigError(f"config {p or 'text'}: expected a JSON object of dotted keys")
-        return cls.from_flat(flat)
+            atomic_write_text(Path(path), text + "\n")
+        return text
 
     @staticmethod
     def field_doc(key: str) -> str:

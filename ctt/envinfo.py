@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 _PACKAGES = ("ctt-studies", "torch", "torchvision", "numpy", "pillow", "pyarrow", "tensorboardX",
-             "ray", "optuna")
+             "ray", "optuna", "scipy", "matplotlib")
 
 
 def git_commit(path: str | Path | None = None) -> str:
@@ -39,8 +39,25 @@ def versions() -> dict[str, str]:
     return out
 
 
-def environment() -> dict[str, Any]:
-    """Versions, git commit, host and accelerator, for ``config.json``/``study.json``."""
+def device_name(device: Any = None) -> str:
+    """A readable name of the device a run or benchmark uses: the GPU's model for CUDA, else
+    ``cpu (<processor>, <n> cores)``."""
+    import torch
+
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def environment(device: Any = None) -> dict[str, Any]:
+    """Versions, git commit, host and accelerator, for ``config.json``, ``study.json`` and
+    benchmark results: one snapshot everywhere.
+
+    With a ``device`` (``torch.device`` or string) it also names that device and, for CUDA,
+    the numerics settings that change speed and results: cuDNN version, TF32 use, cuDNN
+    autotuning and float32 matmul precision.
+    """
     import torch
 
     env: dict[str, Any] = {
@@ -52,4 +69,14 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
+    if device is not None:
+        env["device"] = device_name(device)
+        if torch.device(device).type == "cuda":
+            env.update({
+                "cudnn": torch.backends.cudnn.version(),
+                "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "matmul_precision": torch.get_float32_matmul_precision(),
+            })
     return env

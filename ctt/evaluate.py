@@ -8,9 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ctt.data.transforms import IGNORE_INDEX
+
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = 255) -> torch.Tensor:
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """`pred`, `target` integer tensors of the same shape `[N, ...]` -> `[C, C]` int64,
     rows = target class, columns = predicted class; pixels with `target == ignore_index` are
     skipped. Any other value outside `[0, C)` in either tensor is an error."""
@@ -58,7 +60,7 @@ def _same_size_groups(batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int,
-             device: str | torch.device = "cpu", ignore_index: int = 255) -> dict:
+             device: str | torch.device = "cpu", ignore_index: int = IGNORE_INDEX) -> dict:
     """Run `model` over `loader` (batches `(images [B, 3, H, W], labels [B, H, W], ...)`).
 
     Batches from :func:`ctt.data.transforms.eval_collate` carry each item's size: their padding

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from ctt.data.transforms import IGNORE_INDEX
+
 WEIGHTINGS = ("uniform", "power", "mask")
 
 
@@ -177,18 +178,22 @@ def _class_balanced_mean(
     return (class_mean * present).sum() / present.sum().clamp(min=1)
 
 
-def _maybe_subsample(
+def _subsample_anchors(
     anchor_classes: torch.Tensor,
     max_anchors: int | None,
     generator: torch.Generator | None,
-) -> torch.Tensor | None:
+    *rows: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """``(*rows, anchor_classes)`` restricted to at most ``max_anchors`` random anchors per
+    class (every ``[N, ...]`` tensor indexed alike); unchanged when ``max_anchors`` is 0/None."""
     if not max_anchors:
-        return None
+        return (*rows, anchor_classes)
     if max_anchors < 0:
         raise ValueError(
             f"max_anchors must be >= 0 (0 or None = no sub-sampling), got {max_anchors}"
         )
-    return subsample_per_class(anchor_classes, max_anchors, generator)
+    keep = subsample_per_class(anchor_classes, max_anchors, generator)
+    return (*(t[keep] for t in rows), anchor_classes[keep])
 
 
 def _bank_similarities(
@@ -313,6 +318,8 @@ def _chunked(fn, row_args: tuple, shared_args: tuple) -> tuple[torch.Tensor, ...
     return tuple(torch.cat(parts) for parts in zip(*outs))
 
 
+# The two public losses repeat their parameter lists on purpose: each signature is the contract
+# of architecture.md, read at the call site; the shared work lives in the helpers above.
 def high_level_contrast(
     anchors: torch.Tensor,
     anchor_classes: torch.Tensor,
@@ -348,9 +355,7 @@ def high_level_contrast(
         0-dim tensor in ``anchors.dtype``; computed internally in at least float32.
     """
     _check_contrast_inputs(anchors, anchor_classes, bank, bank_valid)
-    keep = _maybe_subsample(anchor_classes, max_anchors, generator)
-    if keep is not None:
-        anchors, anchor_classes = anchors[keep], anchor_classes[keep]
+    anchors, anchor_classes = _subsample_anchors(anchor_classes, max_anchors, generator, anchors)
     per_anchor, has_pos = _chunked(
         _high_per_anchor, (anchors, anchor_classes), (bank, bank_valid, temperature)
     )
@@ -397,9 +402,8 @@ def low_level_contrast(
         raise ValueError(
             f"positives must match anchors {tuple(anchors.shape)}, got {tuple(positives.shape)}"
         )
-    keep = _maybe_subsample(anchor_classes, max_anchors, generator)
-    if keep is not None:
-        anchors, positives, anchor_classes = anchors[keep], positives[keep], anchor_classes[keep]
+    anchors, positives, anchor_classes = _subsample_anchors(
+        anchor_classes, max_anchors, generator, anchors, positives)
     (per_anchor,) = _chunked(
         _low_per_anchor, (anchors, positives, anchor_classes), (bank, bank_valid, temperature)
     )

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IGNORE_INDEX = 255
+from ctt.data.transforms import IGNORE_INDEX
+
 READY_MODES = ("all_full", "min_fill")
 
 

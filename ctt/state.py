@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch import nn
 from ctt.config import CTTConfig
 from ctt.ema import make_teacher, set_teacher_mode
 from ctt.errors import DeviceError
+from ctt.fileio import atomic_open
 from ctt.memory_bank import MemoryBank
 from ctt.models import build_model
 
@@ -159,17 +159,8 @@ class TrainState:
         """Write atomically: a temp file in the same directory, fsync, then ``os.replace``, so
         the final name never holds a half-written checkpoint."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb", fsync=True) as f:
+            torch.save(self.state_dict(), f)
         return path
 
     @staticmethod

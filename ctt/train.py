@@ -25,9 +25,6 @@ where it stopped, the last checkpoint and the command that continues it.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import shutil
 import sys
 import time
@@ -54,6 +51,7 @@ from ctt.data.loader import BatchStream, build_datasets, dataset_root, eval_load
 from ctt.envinfo import environment  # noqa: E402
 from ctt.errors import UserError, guarded, warn_all  # noqa: E402
 from ctt.evaluate import evaluate  # noqa: E402
+from ctt.fileio import append_record, truncate_records  # noqa: E402
 from ctt.interrupts import Interrupted, SignalGuard, continue_command  # noqa: E402
 from ctt.rundir import RUN_LOCK, DirLock  # noqa: E402
 from ctt.state import CheckpointError, TrainState, derive_seed  # noqa: E402
@@ -233,20 +231,12 @@ class _RunFiles:
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (written after the checkpoint we resume from)."""
-        if not self.metrics_path.exists():
-            return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if _record_step(line) <= step]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
+        truncate_records(self.metrics_path, step + 1)
 
     def record(self, m: dict[str, float], *, tb: bool = True) -> None:
         """Append ``m`` to metrics.jsonl; and to TensorBoard unless ``tb`` is False (an
         evaluation of the same step follows and carries these values: one point per step)."""
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps({k: (v if math.isfinite(v) else str(v)) for k, v in m.items()})
-                    + "\n")
+        append_record(self.metrics_path, m)
         self._tb_held = None if tb else m
         if tb:
             self._add_scalars(m)
@@ -271,15 +261,6 @@ class _RunFiles:
 
     def close(self) -> None:
         self.tb.close()
-
-
-def _record_step(line: str) -> float:
-    """The step of a metrics.jsonl line; inf for a torn line (a run stopped mid-write), so
-    truncation drops it."""
-    try:
-        return float(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return math.inf
 
 
 def _listing(paths: list[Path], limit: int = 4) -> str:
@@ -410,10 +391,7 @@ def _train(a: argparse.Namespace, cfg: CTTConfig, out: Path, guard: SignalGuard,
         print(_interrupted_line(e, out, trainer, files, guard, argv, total, where["evaluating"]),
               file=sys.stderr, flush=True)
         return e.exit_code
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except CheckpointError as e:
+    except (NonFiniteLossError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

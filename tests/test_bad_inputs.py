@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -386,17 +387,17 @@ CASES = [
     C("synthetic-bad-label-counts", "synthetic", ["--root", "{d}/syn", "--label-counts", "a,b"],
       r"--label-counts must be comma-separated ints", argparse=True),
     # --- benchmarks -----------------------------------------------------------------------
-    C("bench-unknown-variant", "bench", ["--variant", "cttt"], r"invalid choice: 'cttt'",
+    C("bench-unknown-variant", "bench_step", ["--variant", "cttt"], r"invalid choice: 'cttt'",
       argparse=True),
-    C("bench-zero-iters", "bench", ["--iters", "0"], r"--iters: must be >= 1, got 0",
+    C("bench-zero-iters", "bench_step", ["--iters", "0"], r"--iters: must be >= 1, got 0",
       argparse=True),
-    C("bench-cuda-without-device", "bench", ["--device", "cuda", "--json", "{d}/b.json"],
+    C("bench-cuda-without-device", "bench_step", ["--device", "cuda", "--json", "{d}/b.json"],
       r"run.device='cuda' but no CUDA device is available: use --device cpu", no_cuda=True),
-    C("bench-unwritable-json", "bench", ["--json", "{d}/afile/step.json"],
+    C("bench-unwritable-json", "bench_step", ["--json", "{d}/afile/step.json"],
       r"cannot write .*afile/step.json \(--json\)", setup=data_root_is_file),
-    C("tune-bench-unknown-key", "tune_bench", ["--set", "method.lr=0.1", "--json", "{d}/t.json"],
+    C("tune-bench-unknown-key", "bench_study", ["--set", "method.lr=0.1", "--json", "{d}/t.json"],
       r"unknown config key 'method.lr': did you mean 'optim.lr'\?", before_ray=True),
-    C("tune-bench-unknown-scheduler", "tune_bench",
+    C("tune-bench-unknown-scheduler", "bench_study",
       ["--what", "pruning", "--schedulers", "asha,hyperband9", "--json", "{d}/t.json"],
       r"unknown scheduler\(s\) hyperband9 \(--schedulers\)", before_ray=True),
     C("bench-contrast-unknown-device", "bench_contrast", ["--device", "tpu9"],
@@ -448,14 +449,10 @@ def entry_main(entry: str) -> Callable:
         from ctt.tune.results import main
     elif entry == "synthetic":
         from ctt.data.synthetic import main
-    elif entry == "bench":
-        from ctt.bench import main
-    elif entry == "tune_bench":
-        from ctt.tune.bench import main
     elif entry in ("voc_ablation", "voc_sweep", "cityscapes_sweep"):
         main = _load_file(f"_bad_inputs_{entry}", ROOT / "studies" / f"{entry}.py").main
-    elif entry in ("bench_contrast", "gpu_bench"):
-        main = _load_file(f"_bad_inputs_{entry}", ROOT / "benchmarks" / f"{entry}.py").main
+    elif entry in ("bench_step", "bench_study", "bench_contrast", "gpu_bench"):
+        main = load_benchmark(entry).main
     else:
         raise AssertionError(entry)
     return main
@@ -569,7 +566,8 @@ def test_bad_input(case: Case, case_dir: Path, capsys: pytest.CaptureFixture,
 def test_table_covers_every_entry_point() -> None:
     entries = {p.values[0].entry for p in CASES}
     assert entries == {"train", "voc_ablation", "voc_sweep", "cityscapes_sweep", "results",
-                       "synthetic", "bench", "tune_bench", "bench_contrast", "gpu_bench"}
+                       "synthetic", "bench_step", "bench_study", "bench_contrast",
+                       "gpu_bench"}
     assert len(CASES) >= 40
 
 
@@ -586,7 +584,8 @@ PROCESS_CASES = [
      lambda d: study(d, study_json=b"{")),
     (["-m", "ctt.data.synthetic", "--root", "{d}/syn", "--size", "8"],
      r"^error: size must be an int >= 16", None),
-    (["-m", "ctt.bench", "--preset", "tiny", "--variant", "ctt", "--set-nothing"],
+    ([str(ROOT / "benchmarks" / "bench_step.py"), "--preset", "tiny", "--variant", "ctt",
+      "--set-nothing"],
      r"unrecognized arguments: --set-nothing", None),
     ([str(ROOT / "benchmarks" / "bench_contrast.py"), "--device", "tpu9"],
      r"^error: unknown device 'tpu9'", None),
@@ -633,15 +632,16 @@ def test_sweep_samples_only_what_its_variant_uses(capsys: pytest.CaptureFixture)
     are left out (with a note), so no trial records a weight that never acted."""
     pytest.importorskip("ray")
     from ctt.config import PRESETS
+    from ctt.tune.space import variant_space
 
-    sweep = vars(_load_file("_bad_inputs_sweep_space", ROOT / "studies" / "voc_sweep.py"))
-    space = sweep["search_space"]()
-    kept = sweep["variant_space"](space, PRESETS["tiny"], "mean_teacher")
+    sweep = _load_file("_bad_inputs_sweep_space", ROOT / "studies" / "voc_sweep.py")
+    space = sweep.STUDY.space()
+    kept = variant_space(space, PRESETS["tiny"], "mean_teacher")
     assert set(kept) == {"1-method.ema_decay", "method.lambda_u", "method.tau_p"}
     note = capsys.readouterr().out
     assert note.startswith("note: variant mean_teacher fixes or ignores method.tau_h, "
                            "method.tau_l, method.lambda_h, method.lambda_l; not sampled")
-    assert sweep["variant_space"](space, PRESETS["tiny"], "ctt") == space
+    assert variant_space(space, PRESETS["tiny"], "ctt") == space
     assert capsys.readouterr().out == ""
 
 

@@ -1,17 +1,20 @@
-"""ctt.bench and benchmarks/gpu_bench.py on a very small config (CPU, seconds)."""
+"""benchmarks/bench_step.py and benchmarks/gpu_bench.py on a very small config (CPU, seconds).
+That the benchmark's phases compose to train_step exactly is tested in tests/test_step.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
-from ctt import bench
 from ctt.config import VARIANTS
+
+bench = load_benchmark("bench_step")
+common = load_benchmark("common")
 
 SMALL = {"data.crop_size": 32, "data.batch_size": 2, "data.batch_size_u": 2,
          "model.width": 8, "model.feat_dim": 16, "method.bank_size": 8,
@@ -44,44 +47,38 @@ def test_make_state_fills_banks_and_latches_contrast():
     assert not bench.make_state(small_cfg("cross"), "cpu").contrast_on
 
 
-@pytest.mark.parametrize("variant, expected", [
-    ("ctt", set(bench.COMPONENTS)),
-    ("cross", {"teacher_label", "augment", "student_fwd_bwd", "loss_sup", "loss_unsup",
-               "optimizer", "ema"}),
-    ("supervised", {"student_fwd_bwd", "loss_sup", "optimizer"}),
-])
-def test_step_components_runs_exactly_the_parts_of_the_config(variant, expected):
+@pytest.mark.parametrize("variant", ["ctt", "cross", "supervised"])
+def test_phased_step_times_every_phase_once_and_steps(variant):
     cfg = small_cfg(variant)
     state = bench.make_state(cfg, "cpu")
     before = [p.detach().clone() for p in state.students[0].parameters()]
-    wall, cpu = bench.step_components(state, bench.make_batch(cfg, "cpu"),
-                                      torch.Generator().manual_seed(0))
-    assert set(wall) == expected and set(cpu) == expected
-    assert all(v > 0 for v in wall.values())
-    # the optimiser part really stepped and cleared the gradients
+    timer = common.Timer("cpu")
+    out = bench.phased_step(state, bench.make_batch(cfg, "cpu"), timer)
+    assert tuple(timer.wall) == bench.PHASES and tuple(timer.cpu) == bench.PHASES
+    assert all(len(v) == 1 and v[0] >= 0 for v in timer.wall.values())
+    # the optimiser phase really stepped; the step counter moved like train_step's
     after = list(state.students[0].parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
-    assert all(p.grad is None for p in after)
-    assert state.step == 0
+    assert state.step == 1 and out["step"] == 1
+    assert (out["loss/hc"] > 0) == (variant == "ctt")
 
 
-def test_step_components_skip_contrast_when_not_latched():
-    cfg = small_cfg()
-    state = bench.make_state(cfg, "cpu", contrast_on=False)
-    wall, _ = bench.step_components(state, bench.make_batch(cfg, "cpu"),
-                                    torch.Generator().manual_seed(0))
-    assert "loss_hc" not in wall and "loss_lc" not in wall and "bank" in wall
-
-
-def test_bench_step_reports_ratio_and_shares():
+def test_bench_step_reports_overhead_and_contrast_shares():
     res = bench.bench_step(small_cfg(), "cpu", iters=2, warmup=1)
-    assert set(res["parts_s"]) == set(bench.COMPONENTS)
-    assert math.isclose(res["sum_s"], sum(res["parts_s"].values()))
+    assert tuple(res["phases_s"]) == bench.PHASES
+    assert math.isclose(res["sum_s"], sum(res["phases_s"].values()))
     assert math.isclose(res["ratio"], res["step_s"] / res["sum_s"])
-    assert math.isclose(res["contrast_s"], res["parts_s"]["loss_hc"] + res["parts_s"]["loss_lc"])
-    assert 0 < res["contrast_share"] < 1 and len(res["step_s_all"]) == 2
-    assert set(res["cpu"]["parts_s"]) == set(bench.COMPONENTS)
-    assert "loss_hc" in bench.format_step_table(res)
+    assert len(res["step_s_all"]) == 2 and res["ratio_per_iter_median"] > 0
+    assert set(res["without_s"]) == set(res["contrast_shares"]) == {"hc", "lc", "both"}
+    for name, share in res["contrast_shares"].items():
+        assert math.isclose(share, 1 - res["without_s"][name] / res["step_s"])
+    assert res["contrast_share"] == res["contrast_shares"]["both"]
+    assert tuple(res["cpu"]["phases_s"]) == bench.PHASES and "contrast_share" in res["cpu"]
+    text = bench.format_step_table(res)
+    assert "update_teachers_and_banks" in text and "overhead step/sum" in text
+    # a variant without banks has no contrastive terms to switch off
+    assert "contrast_share" not in bench.bench_step(small_cfg("cross"), "cpu", iters=1,
+                                                    warmup=0)
 
 
 def test_bench_variants_times_warmup_and_full():
@@ -94,14 +91,17 @@ def test_bench_variants_times_warmup_and_full():
     assert set(VARIANTS) >= set(rows)
 
 
-def test_main_writes_json_with_memory(tmp_path):
+def test_main_writes_json_with_memory_and_metadata(tmp_path):
     out = tmp_path / "step.json"
-    res = bench.main(["--iters", "1", "--warmup", "0", "--json", str(out),
-                      "--memory-steps", "1", "--preset", "tiny", "--variant", "supervised"])
+    res = bench.main(["--iters", "1", "--warmup", "0", "--json", str(out), "--memory-steps",
+                      "1", "--preset", "tiny", "--variant", "supervised", "--note", "busy"])
     saved = json.loads(out.read_text())
-    for key in ("config", "device", "torch", "threads", "parts_s", "step_s", "sum_s", "ratio",
-                "memory"):
+    for key in ("config", "device", "threads", "env", "command", "load_avg_1m", "phases_s",
+                "step_s", "sum_s", "ratio", "memory"):
         assert key in saved, key
+    assert saved["note"] == "busy"
+    assert torch.__version__.startswith(saved["env"]["versions"]["torch"])  # 2.x.y(+cpu)
+    assert saved["command"][:2] == ["python", "benchmarks/bench_step.py"]
     assert saved["config"]["method.warmup_iters"] == 0
     assert saved["config"]["method.pairs"] == 1 and saved["threads"] == 1
     mem = saved["memory"]
@@ -116,16 +116,32 @@ def test_unknown_variant_names_the_valid_ones():
         bench.bench_config("tiny", "nope")
 
 
-def _load_gpu_bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
-    spec = importlib.util.spec_from_file_location("gpu_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def test_memory_probes_see_an_allocation():
+    if common.reset_peak_rss() is None:
+        pytest.skip("no writable /proc/self/clear_refs")
+    rss = common.reset_peak_rss()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    peak = common.proc_status_bytes("VmHWM")
+    assert peak - rss >= 60 * 2**20
+    del block
+
+
+def test_bench_contrast_times_both_and_agrees(tmp_path):
+    bc = load_benchmark("bench_contrast")
+    out = tmp_path / "contrast.json"
+    assert bc.main(["--classes", "3", "--queue", "4", "--dim", "8", "--anchors", "32",
+                    "--repeat", "1", "--threads", "1", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    for loss in ("high", "low"):
+        row = saved[loss]
+        assert row["max_abs_value_diff"] < 1e-5 and row["max_abs_grad_diff"] < 1e-5, row
+        for impl in ("vectorised", "loop"):
+            assert row[impl]["best_s"] > 0 and math.isfinite(row[impl]["peak_mib"]), row
+    assert saved["config"]["anchors"] == 32 and "env" in saved
 
 
 def test_gpu_bench_contrast_matches_loop_and_summary():
-    gb = _load_gpu_bench()
+    gb = load_benchmark("gpu_bench")
     res = gb.bench_contrast(torch.device("cpu"), classes=4, queue=8, dim=16, anchors=64,
                             iters=1, warmup=0)
     for key in ("high/fp32", "low/fp32"):
@@ -137,10 +153,21 @@ def test_gpu_bench_contrast_matches_loop_and_summary():
 
 
 def test_gpu_bench_guard_records_failure_and_continues(tmp_path):
-    gb = _load_gpu_bench()
+    gb = load_benchmark("gpu_bench")
     gb.RESULTS.clear()
     res = gb._guard("bad", lambda: 1 / 0, tmp_path)
     assert res["error"].startswith("ZeroDivisionError")
     assert gb._guard("good", lambda: {"x": 1}, tmp_path) == {"x": 1}
     saved = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert set(saved["parts"]) == {"bad", "good"}
+
+
+@pytest.mark.slow
+def test_gpu_bench_smoke_runs_every_part(tmp_path):
+    """The script the lent GPU machines run, end to end on the CPU (about a minute)."""
+    gb = load_benchmark("gpu_bench")
+    out = gb.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--no-variants"])
+    parts = out["parts"]
+    assert "error" not in parts["contrast"] and "error" not in parts["step/none"], parts
+    assert tuple(parts["step/none"]["phases_s"]) == load_benchmark("bench_step").PHASES
+    assert json.loads((tmp_path / "gpu_bench.json").read_text())["smoke"] is True

@@ -1,14 +1,14 @@
-"""ctt.losses against slow float64 loop references written here."""
+"""ctt.losses against slow float64 loop references (the contrastive one in
+tests/contrast_reference.py, which the benchmarks time the losses against too)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from contrast_reference import loop_high_level, loop_low_level
 
 import ctt.losses as losses
 from ctt.losses import (
@@ -29,52 +29,6 @@ def ref_pixel_ce(logits, b, y, x, target):
     m = max(row)
     lse = m + math.log(sum(math.exp(v - m) for v in row))
     return lse - row[target]
-
-
-def ref_infonce(a, p, negs, tau):
-    """-log(e^{s(a,p)} / (e^{s(a,p)} + sum_n e^{s(a,n)})) in torch float64 scalar ops."""
-    e_pos = torch.exp(torch.dot(a, p) / tau)
-    denom = e_pos
-    for n in negs:
-        denom = denom + torch.exp(torch.dot(a, n) / tau)
-    return -torch.log(e_pos / denom)
-
-
-def ref_high(anchors, classes, bank, valid, tau):
-    num_classes, size, _ = bank.shape
-    per_class = []
-    for c in range(num_classes):
-        pos = [bank[c, q] for q in range(size) if valid[c, q]]
-        if not pos:
-            continue  # class skipped: no positives
-        negs = [bank[o, q] for o in range(num_classes) if o != c
-                for q in range(size) if valid[o, q]]
-        per_anchor = []
-        for i in range(anchors.shape[0]):
-            if int(classes[i]) != c:
-                continue
-            terms = [ref_infonce(anchors[i], p, negs, tau) for p in pos]
-            per_anchor.append(sum(terms) / len(terms))
-        if per_anchor:
-            per_class.append(sum(per_anchor) / len(per_anchor))
-    if not per_class:
-        return anchors.sum() * 0
-    return sum(per_class) / len(per_class)
-
-
-def ref_low(anchors, positives, classes, bank, valid, tau):
-    num_classes, size, _ = bank.shape
-    per_class = []
-    for c in range(num_classes):
-        negs = [bank[o, q] for o in range(num_classes) if o != c
-                for q in range(size) if valid[o, q]]
-        per_anchor = [ref_infonce(anchors[i], positives[i], negs, tau)
-                      for i in range(anchors.shape[0]) if int(classes[i]) == c]
-        if per_anchor:
-            per_class.append(sum(per_anchor) / len(per_anchor))
-    if not per_class:
-        return anchors.sum() * 0
-    return sum(per_class) / len(per_class)
 
 
 def unit(*shape, generator, dtype=torch.float64):
@@ -215,7 +169,7 @@ def test_masked_logsumexp_values_and_safe_empty_rows():
 def test_high_level_matches_reference_values_and_grads():
     anchors, classes, bank, valid, _ = contrast_case()
     loss = high_level_contrast(anchors, classes, bank, valid, 0.1)
-    ref = ref_high(anchors, classes, bank, valid, 0.1)
+    ref = loop_high_level(anchors, classes, bank, valid, 0.1)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
     ga, gb = grads(loss, anchors, bank)
     ra, rb = grads(ref, anchors, bank)
@@ -230,7 +184,7 @@ def test_high_level_matches_reference_values_and_grads():
 def test_high_level_matches_reference_other_seeds(seed):
     anchors, classes, bank, valid, _ = contrast_case(seed=seed, n=9, size=3, dim=4)
     loss = high_level_contrast(anchors, classes, bank, valid, 0.2)
-    ref = ref_high(anchors, classes, bank, valid, 0.2)
+    ref = loop_high_level(anchors, classes, bank, valid, 0.2)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
 
 
@@ -286,7 +240,7 @@ def test_dtype_preserved_and_bfloat16_runs():
 def test_low_level_matches_reference_values_and_grads():
     anchors, classes, bank, valid, positives = contrast_case()
     loss = low_level_contrast(anchors, positives, classes, bank, valid, 0.5)
-    ref = ref_low(anchors, positives, classes, bank, valid, 0.5)
+    ref = loop_low_level(anchors, positives, classes, bank, valid, 0.5)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
     ga, gb = grads(loss, anchors, bank)
     ra, rb = grads(ref, anchors, bank)
@@ -301,7 +255,7 @@ def test_low_level_concatenated_banks():
     bank2 = torch.cat([bank, bank.detach().flip(1)], dim=1)
     valid2 = torch.cat([valid, valid.flip(1)], dim=1)
     loss = low_level_contrast(anchors, positives, classes, bank2, valid2, 0.5)
-    ref = ref_low(anchors, positives, classes, bank2, valid2, 0.5)
+    ref = loop_low_level(anchors, positives, classes, bank2, valid2, 0.5)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
 
 
@@ -355,23 +309,6 @@ def test_max_anchors_equals_loss_on_the_kept_subset(fn):
     assert call(max_anchors=0).item() == full
     with pytest.raises(ValueError, match="max_anchors"):
         call(max_anchors=-1)
-
-
-# ---------------------------------------------------------------------------- benchmark
-
-
-def test_benchmark_loop_transcriptions_agree():
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_contrast.py"
-    spec = importlib.util.spec_from_file_location("bench_contrast", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    anchors, classes, bank, valid, positives = contrast_case(n=40, size=6)
-    high = high_level_contrast(anchors, classes, bank, valid, 0.1)
-    assert high.item() == pytest.approx(
-        bench.loop_high_level(anchors, classes, bank, valid, 0.1).item(), rel=1e-10)
-    low = low_level_contrast(anchors, positives, classes, bank, valid, 0.5)
-    assert low.item() == pytest.approx(
-        bench.loop_low_level(anchors, positives, classes, bank, valid, 0.5).item(), rel=1e-10)
 
 
 @pytest.mark.parametrize("fn", ["high", "low"])

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmark_scripts import load_benchmark
 
 import ctt.step
 from ctt.config import PRESETS, VARIANTS, apply_variant
@@ -289,6 +290,31 @@ def test_warmup_is_identical_for_both_student_forward_modes():
         for _ in range(2):
             train_step(state, batch)
     assert_same(snapshot(states[0]), snapshot(states[1]))
+
+
+# --- the phases, as the step benchmark runs them ----------------------------------------------
+
+@pytest.mark.parametrize("variant, flat", [
+    ("ctt", {}),
+    ("ctt", {"method__shared_aug": False, "method__student_forward": "joint",
+             "method__max_anchors": 5, "method__teacher_mode": "train"}),
+    ("ctt", {"method__warmup_iters": 1, "method__strong_color": "permute"}),
+    ("cross", {}), ("mean_teacher", {}), ("supervised", {})])
+def test_benchmark_phases_compose_to_train_step(variant, flat):
+    """benchmarks/bench_step.py times train_step's phases by calling them one by one
+    (``phased_step``): from one state and batch, both give the same metrics (values and order)
+    and the same state, bit for bit, so the benchmark times the real step."""
+    bench = load_benchmark("bench_step")
+    state = TrainState(make_cfg(variant, **flat))
+    fill_banks(state)
+    twin = copy.deepcopy(state)
+    for i in range(3):
+        batch = make_batch(i)
+        expected = train_step(state, batch)
+        got = bench.phased_step(twin, batch)
+        assert list(got.items()) == list(expected.items()), i
+    assert (twin.step, twin.contrast_on) == (state.step, state.contrast_on)
+    assert_same(snapshot(state), snapshot(twin))
 
 
 # --- NaN guard --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -14,7 +15,7 @@ pytest.importorskip("ray")
 from tb_events import hparams_records, read_events  # noqa: E402
 
 from ctt.tune.callbacks import StudyLoggerCallback, clean_result  # noqa: E402
-from ctt.tune.results import tb_run_name  # noqa: E402
+from ctt.tune.layout import metrics_jsonl_path, read_metrics_jsonl, tb_run_name  # noqa: E402
 
 ITERS = 4
 
@@ -168,6 +169,26 @@ def test_metrics_jsonl_and_trial_json(study):
     nan = load_json(root / "trials" / "t_nan" / "trial.json")
     assert nan["status"] == "ERROR" and nan["error"] == "loss is NaN at step 2"
     assert nan["pruned"] is False  # step 2 < iters, but an error is not a pruning
+
+
+def test_nonfinite_metrics_written_as_strict_json_and_read_back(tmp_path):
+    """The callback writes metrics.jsonl through ctt.fileio's one encoder (the one ctt.train
+    uses): NaN/inf as strings any JSON reader accepts; the study reader turns them back."""
+    cb = StudyLoggerCallback(tmp_path)
+    t = FakeTrial("t1", flat_config("cross", 0))
+    cb.on_trial_start(0, [t], t)
+    cb.on_trial_result(0, [t], t, result(2, 7.0, **{"loss/hc": float("inf")}))
+    cb.on_trial_result(0, [t], t, result(4, float("nan")))
+    cb.on_trial_complete(0, [t], t)
+    path = metrics_jsonl_path(tmp_path, "t1")
+    with open(path) as f:
+        strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}"))
+                  for line in f]
+    assert strict[0]["loss/hc"] == "inf" and strict[1]["miou"] == "nan"
+    back = read_metrics_jsonl(path, strict=True)
+    assert back[0]["loss/hc"] == float("inf") and math.isnan(back[1]["miou"])
+    info = load_json(tmp_path / "trials" / "t1" / "trial.json")
+    assert info["miou_final"] == 7.0 and info["miou_best"] == 7.0  # NaN is no score
 
 
 def test_trial_json_running_after_start(tmp_path):

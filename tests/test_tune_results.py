@@ -1,5 +1,6 @@
-"""ctt.tune.results: statistics against scipy, tables from hand-made study files, and one small
-real Ray Tune study (with StudyLoggerCallback) rebuilt into Parquet, report and plots."""
+"""ctt.tune.results and the modules it composes (layout, tables, stats, report, plots): the
+paired t-test against scipy, tables from hand-made study files, strict and lenient readers, and
+one small real Ray Tune study (with StudyLoggerCallback) rebuilt into Parquet, report and plots."""
 
 from __future__ import annotations
 
@@ -11,35 +12,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import scipy.special
 import scipy.stats
 
-from ctt.tune import results as R
-from ctt.tune.results import (
-    METRIC_NAMES,
-    TRIAL_COLUMNS,
-    build_results,
-    paired_t_test,
-    regularized_incomplete_beta,
-    summary_table,
-)
+from ctt.metric_names import METRIC_NAMES
+from ctt.tune import layout, tables
+from ctt.tune.report import summary_table
+from ctt.tune.results import build_results, main
+from ctt.tune.stats import paired_t_test
+from ctt.tune.tables import TRIAL_COLUMNS
 
 # ------------------------------------------------------------------------------------------
 # statistics
 # ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("a", "b", "x"), [
-    (0.5, 0.5, 0.3), (1.0, 0.5, 0.999), (2.5, 0.5, 0.01), (10.0, 0.5, 0.9), (30.0, 0.5, 0.5),
-    (3.0, 7.0, 0.2), (0.5, 4.0, 0.95)])
-def test_regularized_incomplete_beta_matches_scipy(a, b, x):
-    assert regularized_incomplete_beta(a, b, x) == pytest.approx(
-        scipy.special.betainc(a, b, x), rel=1e-10, abs=1e-14)
-
-
-def test_incomplete_beta_rejects_x_outside_unit_interval():
-    with pytest.raises(ValueError, match="outside"):
-        regularized_incomplete_beta(1.0, 1.0, 1.5)
 
 
 @pytest.mark.parametrize(("a", "b"), [
@@ -57,11 +41,21 @@ def test_paired_t_test_matches_scipy_ttest_rel(a, b):
     assert p == pytest.approx(ref.pvalue, rel=1e-8, abs=1e-300)
 
 
-def test_paired_t_test_edge_cases():
+def test_paired_t_test_by_hand_for_two_pairs():
+    """Independent of scipy: differences (3, 4) give t = 3.5 / (sd / sqrt 2) = 7, and Student's
+    t with one degree of freedom is the Cauchy distribution: p = 1 - 2 atan(|t|) / pi."""
+    mean, t, p = paired_t_test([53.0, 57.0], [50.0, 53.0])
+    assert mean == 3.5 and t == pytest.approx(7.0, rel=1e-12)
+    assert p == pytest.approx(1 - 2 * math.atan(7.0) / math.pi, rel=1e-10)
+    assert paired_t_test([50.0, 53.0], [53.0, 57.0])[1] == pytest.approx(-7.0)  # a - b, signed
+
+
+def test_paired_t_test_edge_cases(recwarn):
     assert math.isnan(paired_t_test([1.0], [0.0])[2])
     assert paired_t_test([1.0, 2.0], [0.0, 1.0])[1:] == (math.inf, 0.0)
     mean, t, p = paired_t_test([1.0, 2.0], [1.0, 2.0])
     assert mean == 0.0 and math.isnan(t) and p == 1.0
+    assert not recwarn.list  # zero spread is handled before scipy, which would warn
     with pytest.raises(ValueError, match="3 values in a but 2 in b"):
         paired_t_test([1.0, 2.0, 3.0], [1.0, 2.0])
 
@@ -132,7 +126,7 @@ def test_ablation_table_order_delta_and_exclusions(tmp_path):
                 pruned=True, step=2, miou_final=1.0, miou_best=1.0)
     (tmp_path / "study.json").write_text(json.dumps({"name": "abl", "variants": ["ctt",
                                                                                 "supervised"]}))
-    rows = R.ablation_rows(R.load_trials(tmp_path), R.load_study_json(tmp_path))
+    rows = tables.ablation_rows(tables.load_trials(tmp_path), tables.load_study_json(tmp_path))
     assert [r["variant"] for r in rows] == ["ctt", "supervised"]
     ctt = rows[0]
     assert ctt["seeds"] == 3 and ctt["excluded"] == {"ERROR": 1, "PRUNED": 1}
@@ -159,7 +153,7 @@ def test_ablation_table_order_delta_and_exclusions(tmp_path):
 def test_default_order_puts_supervised_first(tmp_path):
     for tid, variant in [("t0", "ctt"), ("t1", "self"), ("t2", "supervised")]:
         write_trial(tmp_path, tid, variant, 0, "TERMINATED", [{"step": 4, "miou": 1.0}])
-    rows = R.ablation_rows(R.load_trials(tmp_path), {})
+    rows = tables.ablation_rows(tables.load_trials(tmp_path), {})
     assert [r["variant"] for r in rows] == ["supervised", "ctt", "self"]
     assert all(math.isnan(r["p"]) for r in rows)  # one seed each: no test possible
     assert "n/a" in build_results(tmp_path)["report"]
@@ -199,9 +193,9 @@ def test_sweep_report_top_trials_importances_and_plots(tmp_path):
 
 def test_cli_prints_report_and_rejects_missing_dir(tmp_path, capsys):
     write_trial(tmp_path, "t0", "supervised", 0, "TERMINATED", [{"step": 4, "miou": 1.0}])
-    assert R.main([str(tmp_path)]) == 0
+    assert main([str(tmp_path)]) == 0
     assert "# Study report:" in capsys.readouterr().out
-    assert R.main([str(tmp_path / "nope")]) == 2
+    assert main([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -313,16 +307,16 @@ def test_metrics_reader_lenient_for_the_driver_strict_for_results(tmp_path, capl
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 2, "miou": 1}\n{"step": "x", "miou": 2}\n{"step": 4.0}\n'
                     '{"step": 6, "mi')  # a bad step, an integral float, a torn last line
-    recs = R.read_metrics_jsonl(str(path))
+    recs = layout.read_metrics_jsonl(str(path))
     assert [r["step"] for r in recs] == [2, 4] and all(type(r["step"]) is int for r in recs)
     assert "line 2: 'step' must be an integer" in caplog.text
     with pytest.raises(ResultsError, match=r"metrics.jsonl, line 2: 'step' must be an integer"):
-        R.read_metrics_jsonl(str(path), strict=True)
+        layout.read_metrics_jsonl(str(path), strict=True)
     path.write_text('{"step": 2}\n{"step": 4, "mi')  # only the torn last line: kept going
-    assert [r["step"] for r in R.read_metrics_jsonl(str(path), strict=True)] == [2]
+    assert [r["step"] for r in layout.read_metrics_jsonl(str(path), strict=True)] == [2]
     path.write_text('{"step": 2, "mi\n{"step": 4}\n')  # a broken line before others: corrupt
     with pytest.raises(ResultsError, match=r"metrics.jsonl, line 1 is not valid JSON"):
-        R.read_metrics_jsonl(str(path), strict=True)
+        layout.read_metrics_jsonl(str(path), strict=True)
 
 
 def test_json_reader_lenient_for_the_driver_strict_for_results(tmp_path, capsys):
@@ -330,15 +324,15 @@ def test_json_reader_lenient_for_the_driver_strict_for_results(tmp_path, capsys)
 
     path = tmp_path / "study.json"
     path.write_text('{"name": ')
-    assert R.read_json(str(path)) is None
+    assert layout.read_json(str(path)) is None
     with pytest.raises(ResultsError, match=r"study.json is not valid JSON \(.* at line 1"):
-        R.read_json(str(path), strict=True)
+        layout.read_json(str(path), strict=True)
     write_trial(tmp_path, "t0", "supervised", 0, "TERMINATED", [{"step": 4, "miou": 1.0}])
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert R.main([str(tmp_path)]) == 2
+    assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {path} is not valid JSON (Expecting value at line 1, column 10): " \
                   "repair or delete the file\n"
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     with pytest.raises(ResultsError):
-        R.main([str(tmp_path), "--debug"])
+        main([str(tmp_path), "--debug"])

@@ -31,13 +31,14 @@ ray = pytest.importorskip("ray")
 
 import psutil  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from fault_trainable import faulty_trainable  # noqa: E402
 from PIL import Image  # noqa: E402
 from tb_events import hparams_records  # noqa: E402
 
 from ctt.config import get_preset  # noqa: E402
 from ctt.tune import study as study_mod  # noqa: E402
 from ctt.tune.cli import add_common_args, options_from_args  # noqa: E402
-from ctt.tune.results import (  # noqa: E402
+from ctt.tune.layout import (  # noqa: E402
     dedupe_by_step,
     metrics_jsonl_path,
     read_metrics_jsonl,
@@ -161,8 +162,9 @@ def fault_study(ray_local, smoke_ablation, tmp_path_factory):
     add_common_args(p)
     a = p.parse_args(["--smoke-test", "--storage", str(tmp_path_factory.mktemp("faults"))])
     opts = options_from_args(a, "faults")
-    opts.trial_meta = {"supervised": {"_nan_at": 4}, "ctt": {"_crash_at": 5}}
-    with contextlib.redirect_stdout(io.StringIO()):
+    faulty = faulty_trainable(nan_at={"supervised": 4}, crash_at={"ctt": 5})
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(study_mod, "train_ctt", faulty)  # the trainable the study hands to Tune
         study_dir = study_mod.run_ablation(opts, ["supervised", "ctt"])
     return study_dir, {t["variant"]: t for t in trials_of(study_dir)}
 

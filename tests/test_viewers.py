@@ -29,7 +29,7 @@ pytest.importorskip("ray")
 from test_tune_callbacks import FakeTrial, flat_config, result  # noqa: E402
 
 from ctt.tune.callbacks import StudyLoggerCallback  # noqa: E402
-from ctt.tune.results import tb_run_name  # noqa: E402
+from ctt.tune.layout import tb_run_name  # noqa: E402
 
 START_S = 60.0
 

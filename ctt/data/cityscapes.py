@@ -127,12 +127,7 @@ class CityscapesDataset(SegmentationDataset):
             seed=seed, resize=resize,
         )
         self.ids = [image.name.removesuffix(_IMAGE_SUFFIX) for image, _ in files]
-        if validate not in (True, False, "full"):
-            raise ValueError(f"validate must be True, False or 'full', got {validate!r}")
-        if validate:
-            self.check_files_exist()
-        if validate == "full":
-            self.check_all()
+        self.validate(validate)
 
     def map_label(self, raw: np.ndarray, path: Path, source: Source) -> np.ndarray:
         """``*_labelIds.png``: raw ids (checked < 34) -> train ids; others checked as train ids."""

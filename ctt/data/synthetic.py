@@ -69,6 +69,7 @@ import numpy as np
 from PIL import Image
 
 from ctt.errors import DataRootError, UserError, guarded
+from ctt.fileio import atomic_write_text, is_atomic_temp
 
 __all__ = [
     "CLASS_NAMES",
@@ -371,7 +372,7 @@ def _check_safe_to_write(root: Path) -> None:
             f"(found {', '.join(sorted(names)[:5])}); pass an empty or new directory as root"
         )
     for entry in root.iterdir():
-        if entry.name in (MARKER, _LOCK, _PARTIAL, MARKER + ".tmp"):
+        if entry.name in (MARKER, _LOCK, _PARTIAL) or is_atomic_temp(entry.name, MARKER):
             continue
         if entry.name not in _OUR_DIRS:
             raise FileExistsError(
@@ -468,9 +469,7 @@ def generate(
         "class_names": list(CLASS_NAMES[:num_classes]),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    tmp = root / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / MARKER)
+    atomic_write_text(root / MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
     (root / _PARTIAL).unlink()
     return root
 

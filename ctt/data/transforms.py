@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# The label value of pixels without a class (VOC's object borders, Cityscapes' void classes,
+# padding, unlabeled images): the one definition, which losses, banks and evaluation import.
 IGNORE_INDEX = 255
 
 PairTransform = Callable[..., tuple[torch.Tensor, torch.Tensor]]

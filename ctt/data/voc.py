@@ -218,6 +218,16 @@ class SegmentationDataset(Dataset):
         for index in range(len(self)):
             self._load(index)
 
+    def validate(self, level: bool | str) -> None:
+        """The readers' ``validate`` argument: ``True`` checks that every listed file exists,
+        ``"full"`` also reads every item, ``False`` leaves both to loading."""
+        if level not in (True, False, "full"):
+            raise ValueError(f"validate must be True, False or 'full', got {level!r}")
+        if level:
+            self.check_files_exist()
+        if level == "full":
+            self.check_all()
+
     def map_label(self, raw: np.ndarray, path: Path, source: Source) -> np.ndarray:
         """Stored label values -> class ids; checks they lie in ``[0, C) ∪ {255}``."""
         bad = np.unique(raw[(raw < 0) | ((raw >= self.num_classes) & (raw != IGNORE_INDEX))])
@@ -318,12 +328,7 @@ class VOCDataset(SegmentationDataset):
             files, sources, num_classes=num_classes, transform=transform, labeled=labeled,
             seed=seed,
         )
-        if validate not in (True, False, "full"):
-            raise ValueError(f"validate must be True, False or 'full', got {validate!r}")
-        if validate:
-            self.check_files_exist()
-        if validate == "full":
-            self.check_all()
+        self.validate(validate)
 
     def _paths(
         self, tokens: list[str], labeled: bool, label_dir: str | None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ctt.models.resnet import InputNorm, ResNetBackbone, SegModel, classify
+from ctt.models.resnet import InputNorm, ResNetBackbone, SegModel, classify, init_head
 
 ASPP_RATES = (6, 12, 18, 24)
 
@@ -55,13 +55,7 @@ class DeepLabV2Head(nn.Module):
             nn.Conv2d(cat_ch, feat_dim, 3, padding=1, bias=True), nn.GroupNorm(32, feat_dim))
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(feat_dim, num_classes, 1, bias=False)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        # near-uniform initial softmax (the reference draws the classifier from N(0, 0.01))
-        nn.init.normal_(self.classifier.weight, std=0.01)
+        init_head(self, self.classifier)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([branch(x) for branch in self.branches], dim=1)  # [B, 1280, h, w]

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctt.models.resnet import InputNorm, ResNetBackbone, SegModel, classify
+from ctt.models.resnet import InputNorm, ResNetBackbone, SegModel, classify, init_head
 
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
@@ -53,12 +53,7 @@ class DeepLabV3PlusHead(nn.Module):
         self.fuse = nn.Sequential(_conv_bn_relu(256 + 48, 256, 3), _conv_bn_relu(256, feat_dim, 3))
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(feat_dim, num_classes, 1, bias=False)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.classifier.weight, std=0.01)
+        init_head(self, self.classifier)
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = F.interpolate(self.aspp(high), size=low.shape[2:], mode="bilinear", align_corners=True)

@@ -94,6 +94,18 @@ def classify(features: torch.Tensor, dropout: nn.Module, classifier: nn.Module):
     return classifier(x), nn.functional.normalize(x, dim=1)
 
 
+def init_head(head: nn.Module, classifier: nn.Conv2d) -> None:
+    """The DeepLab heads' initialisation: every conv of `head` Kaiming-normal (fan_in, ReLU
+    gain) with zero bias, then `classifier` from N(0, 0.01), as the reference draws it, for a
+    near-uniform initial softmax."""
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(classifier.weight, std=0.01)
+
+
 class ResNetBackbone(nn.Module):
     """conv1 ... layer4 of a torchvision ResNet (no avgpool/fc).
 

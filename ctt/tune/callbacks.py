@@ -40,15 +40,15 @@ end of a trial, so they survive a driver restart.
 Robustness: no hook ever raises (Ray would abort the whole study); a failure is logged as a
 warning and the study goes on.
 
-All file access is in small functions (here and in `ctt.tune.results`) so that a pyarrow.fs
-version for S3/GCS study directories replaces only them.
+Paths and file formats are those of :mod:`ctt.tune.layout` (the reader uses the same module):
+metrics.jsonl records go through :mod:`ctt.fileio`'s one encoder, trial.json is replaced
+atomically.
 """
 
 from __future__ import annotations
 
 import functools
 import glob
-import json
 import logging
 import math
 import os
@@ -59,16 +59,17 @@ from typing import Any
 
 from ray.tune import Callback
 
-from ctt.tune.results import (
-    dedupe_by_step,
+from ctt.fileio import append_record, truncate_records
+from ctt.tune.layout import (
+    NON_METRIC_KEYS,
     metrics_jsonl_path,
+    read_history,
     read_json,
-    read_metrics_jsonl,
     summarise_metrics,
     tb_dir,
     tb_run_name,
     trial_json_path,
-    write_text_atomic,
+    write_json,
 )
 from ctt.tune.space import resolve_config
 
@@ -104,24 +105,6 @@ def clean_result(result: dict, trial_id: str) -> dict:
     if isinstance(result.get("time_total_s"), (int, float)):
         rec["time/total_s"] = float(result["time_total_s"])
     return rec
-
-
-def _json_line(rec: dict) -> str:
-    # NaN is written as the JSON extension NaN that Python's json reads back.
-    return json.dumps(rec, sort_keys=False, default=str) + "\n"
-
-
-def _truncate_jsonl(path: str, before_step: int) -> None:
-    """Keep only records with step < before_step (a restarted trial replays the rest)."""
-    records = [r for r in read_metrics_jsonl(path) if int(r["step"]) < before_step]
-    if os.path.exists(path):
-        write_text_atomic(path, "".join(_json_line(r) for r in records))
-
-
-def _append_jsonl(path: str, rec: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(_json_line(rec))
 
 
 def _has_event_files(logdir: str) -> bool:
@@ -270,9 +253,14 @@ class StudyLoggerCallback(Callback):
             writer, tl.writer = tl.writer, None
             writer.close()
 
-    def _write_trial_json(self, trial_id: str, info: dict) -> None:
-        write_text_atomic(trial_json_path(self.study_dir, trial_id),
-                          json.dumps(info, indent=2, default=str) + "\n")
+    def _write_trial_json(self, trial: Any, tl: Any, variant: Any, seed: Any,
+                          config: dict, **fields: Any) -> None:
+        """trial.json: the trial's identity, then ``fields`` (status, summary, times), then
+        its config."""
+        write_json(trial_json_path(self.study_dir, trial.trial_id), {
+            "trial_id": trial.trial_id, "trial_name": str(trial), "tb_run": tl.run_name,
+            "variant": variant, "seed": seed, **fields,
+            "num_failures": getattr(trial, "num_failures", 0), "config": config})
 
     def _mark_restarted(self, trial: Any) -> None:
         tl = self._log_for(trial)
@@ -288,24 +276,10 @@ class StudyLoggerCallback(Callback):
         config = resolve_config(dict(trial.config))
         variant, seed = self._variant_seed(config)
         old = read_json(trial_json_path(self.study_dir, trial.trial_id)) or {}
-        self._write_trial_json(trial.trial_id, {
-            "trial_id": trial.trial_id,
-            "trial_name": str(trial),
-            "tb_run": tl.run_name,
-            "variant": variant,
-            "seed": seed,
-            "status": "RUNNING",
-            "error": None,
-            "pruned": False,
-            "step": None,
-            "wall_s": None,
-            "miou_final": None,
-            "miou_best": None,
-            "node_id": None,
-            "num_failures": getattr(trial, "num_failures", 0),
-            "start_time": old.get("start_time", time.time()),
-            "config": config,
-        })
+        self._write_trial_json(
+            trial, tl, variant, seed, config, status="RUNNING", error=None, pruned=False,
+            step=None, wall_s=None, miou_final=None, miou_best=None, node_id=None,
+            start_time=old.get("start_time", time.time()))
 
     @_never_raise
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -325,10 +299,10 @@ class StudyLoggerCallback(Callback):
         purge_step = None
         if tl.restarted:
             tl.restarted = False
-            _truncate_jsonl(path, rec["step"])
+            truncate_records(path, rec["step"])  # a restarted trial replays the later steps
             if _has_event_files(logdir):
                 purge_step = rec["step"]
-        _append_jsonl(path, rec)
+        append_record(path, rec)
         if tl.writer is None:
             from tensorboardX import SummaryWriter
 
@@ -338,9 +312,7 @@ class StudyLoggerCallback(Callback):
                                       flush_secs=self.flush_secs,
                                       filename_suffix=f".{time.time_ns()}")
         for k, v in rec.items():
-            if k in ("step", "trial_id", "node_id", "node_ip", "hostname", "error", "pruned"):
-                continue
-            if isinstance(v, (bool, int, float)):
+            if k not in NON_METRIC_KEYS and isinstance(v, (bool, int, float)):
                 tl.writer.add_scalar(k, float(v), rec["step"])
 
     @_never_raise
@@ -363,9 +335,7 @@ class StudyLoggerCallback(Callback):
         self._close_writer(tl)
         config = resolve_config(dict(trial.config))
         variant, seed = self._variant_seed(config)
-        records = dedupe_by_step(read_metrics_jsonl(
-            metrics_jsonl_path(self.study_dir, trial.trial_id)))
-        s = summarise_metrics(records)
+        s = summarise_metrics(read_history(metrics_jsonl_path(self.study_dir, trial.trial_id)))
 
         error = detail = None
         if s["error"] is not None:  # the trial's own diagnosis is the most precise
@@ -383,26 +353,11 @@ class StudyLoggerCallback(Callback):
             wall_s = time.time() - tl.started_at
         node_id = s["node_id"] or getattr(trial, "node_ip", None)
         old = read_json(trial_json_path(self.study_dir, trial.trial_id)) or {}
-        self._write_trial_json(trial.trial_id, {
-            "trial_id": trial.trial_id,
-            "trial_name": str(trial),
-            "tb_run": tl.run_name,
-            "variant": variant,
-            "seed": seed,
-            "status": status,
-            "error": error,
-            "error_detail": detail,
-            "pruned": bool(pruned),
-            "step": s["step"],
-            "wall_s": wall_s,
-            "miou_final": s["miou_final"],
-            "miou_best": s["miou_best"],
-            "node_id": node_id,
-            "num_failures": getattr(trial, "num_failures", 0),
-            "start_time": old.get("start_time"),
-            "end_time": time.time(),
-            "config": config,
-        })
+        self._write_trial_json(
+            trial, tl, variant, seed, config, status=status, error=error, error_detail=detail,
+            pruned=bool(pruned), step=s["step"], wall_s=wall_s, miou_final=s["miou_final"],
+            miou_best=s["miou_best"], node_id=node_id, start_time=old.get("start_time"),
+            end_time=time.time())
 
         hp_status = "PRUNED" if pruned else status
         hparams = {k: config[k] for k in sorted(config) if k not in ("variant", "seed")}

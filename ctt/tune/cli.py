@@ -1,18 +1,163 @@
-"""Command-line plumbing shared by ``studies/*.py``: common flags, smoke tests, ``--dry-run``."""
+"""The command line of every study: ``studies/*.py`` hold an :class:`Ablation` or a
+:class:`Sweep` (what the study is) and get their ``main(argv)`` from :func:`study_main`, which
+owns the flags, smoke tests, ``--dry-run``, the checks and the exit codes.
+
+    # studies/my_ablation.py
+    main = study_main(Ablation(name="my_ablation", script=__file__, doc=__doc__,
+                               variants=("supervised", "ctt")))
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ctt.config import PRESETS, VARIANTS, apply_variant, get_preset, parse_set_args
-from ctt.tune.study import StudyOptions
+from ctt.errors import guarded
+from ctt.tune.schedulers import SCHEDULERS
+from ctt.tune.space import variant_space
+from ctt.tune.study import StudyOptions, ablation_trials, run_ablation, run_sweep
 
-__all__ = ["SMOKE_OVERRIDES", "SMOKE_SYNTHETIC_OVERRIDES", "add_common_args",
-           "estimate_seconds_per_step", "options_from_args", "print_dry_run"]
+__all__ = ["SMOKE_OVERRIDES", "SMOKE_SYNTHETIC_OVERRIDES", "Ablation", "Sweep",
+           "add_common_args", "estimate_seconds_per_step", "options_from_args", "print_dry_run",
+           "run_study", "study_main"]
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """A grid study: every variant x every seed (paired: a seed fixes initialisation and data
+    order across variants), supervised warm-ups shared per seed (``--no-fork`` turns that off).
+
+    Attributes:
+        name: default study name, the directory under ``--storage`` (``--out`` overrides).
+        script: the study file (``__file__``): the command an interrupted study prints.
+        doc: the study file's docstring; its first line is the ``--help`` description.
+        variants: ``ctt.config.VARIANTS`` names, in table order (``--variants`` default).
+        preset, seeds: defaults of ``--preset`` and ``--seeds``.
+        defaults: config overrides of this study (below ``--smoke-test`` and ``--set``).
+    """
+
+    name: str
+    script: str
+    doc: str
+    variants: tuple[str, ...]
+    preset: str = "tiny"
+    seeds: str = "0,1,2"
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"{self.name}: unknown variants {unknown}; valid: {sorted(VARIANTS)}")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """An Optuna TPE search (seeded) over ``space`` for one variant, weak trials pruned on their
+    intermediate val mIoU; the best trial is re-evaluated on the held-out test split.
+
+    Attributes:
+        name, script, doc, preset, seeds, defaults: as in :class:`Ablation`.
+        space: returns ``{flat config key: Tune domain}``, fresh objects per run (keys the
+            chosen variant fixes or ignores are left out, :func:`ctt.tune.space.variant_space`).
+        variant, num_samples, scheduler: defaults of ``--variant``, ``--num-samples``,
+            ``--scheduler``.
+    """
+
+    name: str
+    script: str
+    doc: str
+    space: Callable[[], dict[str, Any]]
+    preset: str = "tiny"
+    seeds: str = "0"
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    variant: str = "ctt"
+    num_samples: int = 16
+    scheduler: str = "optuna-median"
+
+
+def study_main(study: Ablation | Sweep) -> Callable[[list[str] | None], int]:
+    """The ``main(argv)`` of a study file (``argv`` None: the command line).
+
+    Parses the common flags (:func:`add_common_args`) and the study's own, then prints the
+    ``--dry-run`` estimate or runs the study; the config and data root are checked before Ray
+    starts. Exit codes: 0 done, 2 an input error (one line, ``ctt.errors.guarded``), 1 every
+    trial failed, 130/143 interrupted (:func:`run_study`).
+    """
+    run = _run_ablation_cli if isinstance(study, Ablation) else _run_sweep_cli
+
+    @guarded
+    def main(argv: list[str] | None = None) -> int:
+        return run(study, argv)
+
+    return main
+
+
+def _parser(study: Ablation | Sweep) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=study.doc.strip().splitlines()[0])
+    add_common_args(p, default_preset=study.preset, default_seeds=study.seeds)
+    return p
+
+
+def _options(study: Ablation | Sweep, a: argparse.Namespace) -> StudyOptions:
+    return options_from_args(a, study.name + ("_smoke" if a.smoke_test else ""),
+                             dict(study.defaults))
+
+
+def _slots(opts: StudyOptions) -> int:
+    """Trials that run at once on this machine (for the ``--dry-run`` wall-time estimate)."""
+    return max(1, int((opts.num_cpus or os.cpu_count() or 1) // opts.cpus_per_trial))
+
+
+def _prog(study: Ablation | Sweep) -> list[str]:
+    """The command before the arguments in the line that continues an interrupted study."""
+    return ["python", os.path.relpath(study.script)]
+
+
+def _run_ablation_cli(study: Ablation, argv: list[str] | None) -> int:
+    p = _parser(study)
+    order = list(study.variants)
+    p.add_argument("--variants", default=",".join(order),
+                   help="comma-separated subset of " + ", ".join(order))
+    p.add_argument("--no-fork", action="store_true",
+                   help="run each trial's warm-up itself instead of forking a shared one")
+    a = p.parse_args(argv)
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(order)}")
+    opts = _options(study, a)
+    opts.fork_warmup = not a.no_fork
+    if a.dry_run:
+        print_dry_run(ablation_trials(opts, variants), opts, slots=_slots(opts),
+                      warmup_fork=opts.fork_warmup)
+        return 0
+    return run_study(run_ablation, opts, variants, debug=a.debug, argv=argv, prog=_prog(study))
+
+
+def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
+    p = _parser(study)
+    p.add_argument("--variant", default=study.variant, choices=sorted(VARIANTS))
+    p.add_argument("--num-samples", type=int, default=study.num_samples)
+    p.add_argument("--scheduler", default=study.scheduler, choices=SCHEDULERS)
+    p.add_argument("--metric", default="miou", help="reported metric to maximise")
+    a = p.parse_args(argv)
+    opts = _options(study, a)
+    num_samples = min(a.num_samples, 3) if a.smoke_test else a.num_samples
+    space = variant_space(study.space(), opts.base_config(), a.variant)
+    if a.dry_run:
+        trial = {**opts.base_config().to_flat(), "variant": a.variant, "seed": opts.seeds[0]}
+        print(f"search space: {', '.join(space)}")
+        print_dry_run([trial] * num_samples, opts, slots=_slots(opts), warmup_fork=False)
+        return 0
+    return run_study(run_sweep, opts, a.variant, space, num_samples=num_samples,
+                     scheduler=a.scheduler, metric=a.metric, debug=a.debug, argv=argv,
+                     prog=_prog(study))
 
 # --smoke-test: a few iterations on a tiny synthetic set, every code path (warm-up fork,
 # contrast on, checkpoints, evaluation) exercised in seconds.

@@ -49,26 +49,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+import ray
+from ray import tune
+from ray.tune.search import BasicVariantGenerator
 
-import ray  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune.search import BasicVariantGenerator  # noqa: E402
-
-from ctt.config import CTTConfig, apply_variant, check_semantics, get_preset  # noqa: E402
-from ctt.data.loader import dataset_root  # noqa: E402
-from ctt.envinfo import environment  # noqa: E402
-from ctt.errors import UserError, warn_all  # noqa: E402
-from ctt.interrupts import Interrupted, SignalGuard  # noqa: E402
-from ctt.rundir import STUDY_LOCK, DirLock  # noqa: E402
-from ctt.tune.callbacks import StudyLoggerCallback  # noqa: E402
-from ctt.tune.results import build_results, load_trials, summary_table  # noqa: E402
-from ctt.tune.schedulers import PruningAwareOptunaSearch, make_scheduler  # noqa: E402
-from ctt.tune.space import ONE_MINUS, resolve_config  # noqa: E402
-from ctt.tune.trainable import CHECKPOINT_FILE, train_ctt, trial_resources  # noqa: E402
+from ctt.config import CTTConfig, apply_variant, check_semantics, get_preset
+from ctt.data.loader import dataset_root
+from ctt.envinfo import environment
+from ctt.errors import UserError, warn_all
+from ctt.fileio import atomic_write_text
+from ctt.interrupts import Interrupted, SignalGuard
+from ctt.rundir import STUDY_LOCK, DirLock
+from ctt.tune.callbacks import StudyLoggerCallback
+from ctt.tune.layout import write_json
+from ctt.tune.report import summary_table
+from ctt.tune.results import build_results
+from ctt.tune.schedulers import PruningAwareOptunaSearch, make_scheduler
+from ctt.tune.space import ONE_MINUS, resolve_config
+from ctt.tune.tables import load_trials
+from ctt.tune.trainable import CHECKPOINT_FILE, train_ctt, trial_resources
 
 __all__ = ["NoStudyError", "StorageError", "StudyExistsError", "StudyFailedError",
            "StudyOptions", "check_inputs", "check_storage", "init_ray", "run_ablation",
@@ -77,6 +76,8 @@ __all__ = ["NoStudyError", "StorageError", "StudyExistsError", "StudyFailedError
 EXPERIMENT = "ray"
 WARMUP = "warmup"
 OBJECT_STORE_BYTES = 300 * 1024**2
+RAY_ENV_DEFAULTS = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_OUTPUT": "0",
+                    "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "5"}
 
 
 class StorageError(RuntimeError):
@@ -118,9 +119,6 @@ class StudyOptions:
     device: str | None = None
     fork_warmup: bool = True
     verbose: int = 1
-    # variant -> private trainable keys (``_crash_at``, ``_nan_at``) merged into that variant's
-    # trials (not the shared warm-ups); used by tests of the failure paths.
-    trial_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     # A fresh start deletes an existing local study directory of this name instead of refusing
     # (--smoke-test: throwaway results).
     replace_existing: bool = False
@@ -145,7 +143,13 @@ class StudyOptions:
 
 def init_ray(opts: StudyOptions) -> None:
     """Join ``opts.address`` or start Ray in-process on 127.0.0.1 (never a bare ``ray.init()``,
-    which would attach to any running cluster)."""
+    which would attach to any running cluster).
+
+    Sets our defaults for Ray's and Tune's environment variables first (a value the user set
+    wins); Ray and Tune read them when a run starts, not at import: the study callback owns all
+    logging, the classic progress output, no usage stats, experiment state synced every 5 s."""
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
     if opts.address:
@@ -239,9 +243,7 @@ def _write_study_json(study_dir: Path, payload: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
         old.setdefault("resumed", []).append({"time": time.time(), "command": sys.argv})
         payload = old
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(path, payload)
 
 
 # --- Tune plumbing ---
@@ -482,8 +484,7 @@ def ablation_trials(opts: StudyOptions, variants: list[str]) -> list[dict[str, A
     base = opts.base_config()
     for v in variants:  # a setting a variant cannot honour is refused here, before Ray starts
         warn_all(check_semantics(apply_variant(base, v), v, study=True))
-    return [_trial_config(apply_variant(base.override({"run.seed": s}), v), v,
-                          **opts.trial_meta.get(v, {}))
+    return [_trial_config(apply_variant(base.override({"run.seed": s}), v), v)
             for s in opts.seeds for v in variants]
 
 
@@ -509,7 +510,7 @@ def _run_warmups(opts: StudyOptions, session: _Session) -> dict[int, str]:
                                    resume_unfinished=True, resume_errored=True)
     else:
         name = f"{WARMUP}-{int(time.time())}"
-        pending.write_text(json.dumps({"experiment": name}) + "\n")
+        atomic_write_text(pending, json.dumps({"experiment": name}) + "\n")
         configs = [_trial_config(apply_variant(base.override({"run.seed": s}), "ctt"), "warmup",
                                  _until=until) for s in todo]
         space, gen = _points(configs, opts.max_concurrent)
@@ -528,7 +529,7 @@ def _run_warmups(opts: StudyOptions, session: _Session) -> dict[int, str]:
             done[int(res.config["seed"])] = scheme + res.checkpoint.path
         else:
             failed.append(res)
-    record.write_text(json.dumps({str(k): v for k, v in sorted(done.items())}, indent=2))
+    atomic_write_text(record, json.dumps({str(k): v for k, v in sorted(done.items())}, indent=2))
     session.warm = (sum(s in done for s in opts.seeds), len(opts.seeds))
     session.stop_if_interrupted()
     if failed:
@@ -583,7 +584,7 @@ def _finish(study_dir: Path, opts: StudyOptions, wall_s: float, extra: dict | No
     info = json.loads((study_dir / "study.json").read_text())
     info.setdefault("wall_s_runs", []).append(wall_s)
     info.update(extra or {})
-    (study_dir / "study.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    write_json(study_dir / "study.json", info)
     build_results(study_dir)
     print(summary_table(study_dir), flush=True)
     print(f"study wall time {wall_s / 60:.1f} min; results in {study_dir}", flush=True)

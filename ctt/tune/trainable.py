@@ -7,10 +7,6 @@ A trial's ``config`` is a flat dict: every ``CTTConfig.to_flat()`` key plus ``va
   (:meth:`ctt.state.TrainState.fork`); used by ablations so the supervised warm-up shared by all
   variants of a seed is computed once.
 - ``_until``: stop at this iteration instead of ``optim.iters`` (the warm-up trials).
-- ``_crash_at``: raise once at this iteration when the trial was not restored (tests of the
-  crash-resume path).
-- ``_nan_at``: poison the labeled images of this iteration with NaN, so its loss is NaN
-  (tests of the deterministic-failure path: recorded as an error, never retried).
 
 Reporting: one ``tune.report`` per evaluation (``run.eval_every``), with a ``Checkpoint`` attached
 whenever the step is a multiple of ``run.checkpoint_every`` and at the end. A NaN/inf loss is a
@@ -22,7 +18,6 @@ exception propagates, and Tune restarts the trial from its last checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +37,7 @@ __all__ = ["CHECKPOINT_FILE", "META_KEYS", "split_config", "train_ctt"]
 
 CHECKPOINT_FILE = "state.pt"
 META_FILE = "trial_meta.json"
-META_KEYS = ("variant", "seed", "_fork_from", "_until", "_crash_at", "_nan_at")
+META_KEYS = ("variant", "seed", "_fork_from", "_until")
 
 
 def split_config(config: dict[str, Any]) -> tuple[CTTConfig, dict[str, Any]]:
@@ -87,7 +82,6 @@ def train_ctt(config: dict[str, Any]) -> None:
         state = None
     trainer = Trainer(cfg, state)
     until = int(meta.get("_until") or cfg.optim.iters)
-    crash_at = int(meta.get("_crash_at") or 0) if restored is None else 0
     # Ray's node id (not the IP: several nodes may share one address, e.g. in tests).
     node_id = ray.get_runtime_context().get_node_id()
 
@@ -106,27 +100,8 @@ def train_ctt(config: dict[str, Any]) -> None:
         else:
             tune.report(report)
 
-    def on_log(metrics: dict[str, float]) -> None:
-        if crash_at and int(metrics["step"]) == crash_at:
-            raise RuntimeError(f"injected crash at step {crash_at} (_crash_at, tests)")
-
-    if crash_at:  # make sure the crash step is seen by on_log
-        cfg_log = cfg.run.log_every
-        if crash_at % cfg_log:
-            raise ValueError(f"_crash_at={crash_at} must be a multiple of run.log_every={cfg_log}")
-    nan_at = int(meta.get("_nan_at") or 0)
-    if nan_at:
-        clean_batch = trainer.next_batch
-
-        def poisoned_batch() -> dict[str, torch.Tensor]:
-            batch = clean_batch()
-            if trainer.state.step + 1 == nan_at:  # state.step counts completed iterations
-                batch["x_l"] = torch.full_like(batch["x_l"], float("nan"))
-            return batch
-
-        trainer.next_batch = poisoned_batch  # type: ignore[method-assign]
     try:
-        trainer.fit(until=until, on_eval=on_eval, on_log=on_log)
+        trainer.fit(until=until, on_eval=on_eval)
     except NonFiniteLossError as e:
         tune.report({"step": e.step, "error": str(e), "nan_step": e.step,
                      "variant": meta.get("variant", ""), "seed": int(meta.get("seed", 0)),
@@ -141,8 +116,3 @@ def trial_resources(cpus_per_trial: float, gpus_per_trial: float) -> dict[str, f
     if gpus_per_trial:
         res["gpu"] = float(gpus_per_trial)
     return res
-
-
-def set_thread_env(num_threads: int) -> None:
-    """Ray sets OMP_NUM_THREADS from the trial's CPUs; we pin torch threads explicitly."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))

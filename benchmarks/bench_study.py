@@ -1,33 +1,34 @@
-"""Study-system benchmarks: ``python -m ctt.tune.bench [--what efficiency,pruning]``.
+"""Study-system benchmarks: ``python benchmarks/bench_study.py [--what efficiency,pruning]``.
 
-Two measurements of the Ray Tune layer, on CPU, with the real study plumbing
-(:func:`ctt.tune.study._points`, the ``train_ctt`` trainable with ``reuse_actors=True``, the
-study's ``RunConfig`` and its driver-side :class:`~ctt.tune.callbacks.StudyLoggerCallback`):
+Two measurements of the Ray Tune layer, on CPU, through public APIs only:
 
-**(a) Efficiency.** ``n_trials`` (8) tiny trials (variant ``mean_teacher``, seeds 0..7, 300
-iterations of which the first 40 % are the supervised warm-up, evaluation and checkpoint every
-100) on ``num_cpus`` (2) CPUs with ``cpus_per_trial=1`` and ``run.num_threads=1``::
+**(a) Efficiency.** A real ablation study (:func:`ctt.tune.study.run_ablation`: the study's
+trainable, ``RunConfig`` and driver-side callback, ``reuse_actors=True``) of ``n_trials`` (8)
+tiny trials (variant ``mean_teacher``, seeds 0..7, 300 iterations of which the first 40 % are
+the supervised warm-up, evaluation and checkpoint every 100) on ``num_cpus`` (2) CPUs with
+``cpus_per_trial=1`` and ``run.num_threads=1``::
 
     ratio = sum_i compute_i / (wall x slots)
 
-``compute_i`` is the last ``time/trial_compute_s`` trial *i* reports: the time inside the
-trainable from its entry to the final evaluation (dataset build, training, evaluations,
-checkpoints; the ~5 ms blocking of each ``tune.report`` is included, see the report).
-``wall`` is measured around ``Tuner.fit()`` only, after ``ray.init`` (which is ~3 s and paid
-once per study). ``slots = min(n_trials, max_concurrent, cluster CPUs / cpus_per_trial)``.
-What the ratio misses is Tune's own cost: actor start-up and imports in the worker, scheduling
-between trials, result and checkpoint handling on the driver (which shares the two cores), and
-the tail where one slot idles while the last trial finishes. Target >= 0.90. At the default
-size this part takes about 2 minutes on an idle 2-core machine.
+``compute_i`` is the last ``time/trial_compute_s`` trial *i* reports (read from the study's
+``metrics.parquet``): the time inside the trainable from its entry to the final evaluation
+(dataset build, training, evaluations, checkpoints; the ~5 ms blocking of each ``tune.report``
+is included). ``wall`` is the study's own ``wall_s_runs`` (``study.json``): from after Ray has
+started (~3 s, paid once per study, timed separately as ``ray_init_s``) to the end of
+``Tuner.fit()``, before the results are built. ``slots = min(n_trials, cluster CPUs /
+cpus_per_trial)``. What the ratio misses is Tune's own cost: actor start-up and imports in the
+worker, scheduling between trials, result and checkpoint handling on the driver (which shares
+the two cores), and the tail where one slot idles while the last trial finishes. Target
+>= 0.90. At the default size this part takes about 2 minutes on an idle 2-core machine.
 
 **(b) Pruning.** ``optuna-median``, ``asha`` and ``none`` on the *same* fixed list of
 ``n_configs`` (12) configurations, pre-sampled once by :func:`sample_configs` from a seeded
 NumPy RNG (no TPE: its suggestions depend on completion order under concurrency, see
-``shared/design/ray-notes.md``). Each scheduler is fed the list in the same order through a
-points-to-evaluate generator, with ``max_concurrent_trials=2``. Repeat ``r`` uses
-``run.seed = r`` and the order ``r`` (the identity for ``r = 0``, a seeded permutation
-otherwise), the same for every scheduler. Trials: tiny ``mean_teacher``, 450 iterations (the
-preset's supervised warm-up share: 20 %, 90 iterations), evaluation every 50;
+``shared/design/ray-notes.md``). Tune runs the list as a grid over its index, in order, with
+``max_concurrent_trials=2``; each trial is :func:`ctt.tune.trainable.train_ctt` on that config.
+Repeat ``r`` uses ``run.seed = r`` and the order ``r`` (the identity for ``r = 0``, a seeded
+permutation otherwise), the same for every scheduler. Trials: tiny ``mean_teacher``, 450
+iterations (the preset's supervised warm-up share: 20 %, 90 iterations), evaluation every 50;
 ``grace_period`` 50 (ASHA: rungs at 50 and 150 with reduction factor 3; median:
 ``n_warmup_steps=50``); the median pruner's ``n_startup_trials`` is 2, the number of
 concurrent slots (the first wave runs before any reference exists anyway).
@@ -39,34 +40,32 @@ seconds). At the default size one repeat costs about 12 trial-minutes for ``none
 whole part takes roughly 10-15 minutes on an idle 2-core machine.
 
 Output: a summary on stdout and one JSON file (``--json``, default
-``benchmarks/results/tune.json``); the Tune experiments go to a temporary directory unless
-``--out-dir`` is given. Run it on an otherwise idle machine: other processes on the same cores
-stretch the trials and the Ray driver differently.
+``benchmarks/results/tune.json``) with the machine, versions and a hash of ``ctt/*.py`` before
+and after (a shared working tree may change under a long run); the Tune experiments go to a
+temporary directory unless ``--out-dir`` is given. Run it on an otherwise idle machine: other
+processes on the same cores stretch the trials and the Ray driver differently.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import common  # benchmarks/common.py: a script's folder is on sys.path
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+from ray import tune
+from ray.tune import Callback
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune import Callback  # noqa: E402
-
-from ctt.config import (  # noqa: E402
+from ctt.config import (
     VARIANTS,
     ConfigError,
     CTTConfig,
@@ -75,56 +74,44 @@ from ctt.config import (  # noqa: E402
     get_preset,
     parse_set_args,
 )
-from ctt.data.loader import dataset_root  # noqa: E402
-from ctt.envinfo import environment  # noqa: E402
-from ctt.errors import guarded, int_at_least, warn_all  # noqa: E402
-from ctt.tune.callbacks import StudyLoggerCallback  # noqa: E402
-from ctt.tune.schedulers import make_scheduler  # noqa: E402
-from ctt.tune.study import StudyOptions, _points, _run_config, _trainable, init_ray  # noqa: E402
-
-__all__ = [
-    "EFFICIENCY_TARGET",
-    "PRUNING_COMPUTE_TARGET",
-    "PRUNING_GAP_TARGET",
-    "SAMPLED_KEYS",
-    "bench_efficiency",
-    "bench_pruning",
-    "main",
-    "sample_configs",
-    "source_hash",
-    "summarise_pruning",
-]
+from ctt.data.loader import dataset_root
+from ctt.errors import guarded, int_at_least, warn_all
+from ctt.tune.layout import METRICS_PARQUET, TRIALS_PARQUET, read_json, study_json_path
+from ctt.tune.schedulers import SCHEDULERS, make_scheduler
+from ctt.tune.study import StudyOptions, init_ray, run_ablation
+from ctt.tune.trainable import train_ctt, trial_resources
 
 EFFICIENCY_TARGET = 0.90
 PRUNING_GAP_TARGET = 1.0  # mIoU points below none's best
 PRUNING_COMPUTE_TARGET = 0.35  # fraction of none's compute
 SAMPLED_KEYS = ("optim.lr", "method.ema_decay", "method.lambda_u", "method.tau_p")
-DEFAULT_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "tune.json"
 COMPUTE_KEY = "time/trial_compute_s"
 
 
-# --- trial configs -------------------------------------------------------------------------
+# --- trial configs ------------------------------------------------------------------------------
 
-def _base_config(preset: str, variant: str, iters: int, eval_every: int,
-                 overrides: dict[str, Any] | None) -> CTTConfig:
-    """Preset + variant + bench sizes (the preset's warm-up share of the iterations, checkpoint
-    at every evaluation), then the caller's overrides (which win, so smoke sizes can shrink
-    everything).
+def bench_overrides(preset: str, iters: int, eval_every: int,
+                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Flat config keys of the bench's trials on top of the preset: ``iters`` with the preset's
+    warm-up share of them, evaluation, checkpoint and log every ``eval_every``, one thread on
+    the CPU; then the caller's ``overrides`` (which win, so smoke sizes can shrink everything).
 
     The warm-up share matters for pruning: during the supervised warm-up the sampled EMA decay,
     ``lambda_u`` and ``tau_p`` have no effect yet, so a rung inside it ranks trials on the
     learning rate alone."""
     base = get_preset(preset)
     share = base.method.warmup_iters / base.optim.iters
-    sizes = {"optim.iters": iters, "run.eval_every": eval_every,
-             "run.checkpoint_every": eval_every, "run.log_every": eval_every,
-             "method.warmup_iters": int(share * iters), "run.num_threads": 1, "run.device": "cpu"}
-    cfg = apply_variant(base.override(sizes), variant)
-    return cfg.override(dict(overrides or {}))
+    return {"optim.iters": iters, "run.eval_every": eval_every,
+            "run.checkpoint_every": eval_every, "run.log_every": eval_every,
+            "method.warmup_iters": int(share * iters), "run.num_threads": 1,
+            "run.device": "cpu", **(overrides or {})}
 
 
-def _trial(cfg: CTTConfig, variant: str) -> dict[str, Any]:
-    return {**cfg.to_flat(), "variant": variant, "seed": cfg.run.seed}
+def base_config(preset: str, variant: str, iters: int, eval_every: int,
+                overrides: dict[str, Any] | None = None) -> CTTConfig:
+    """The config every trial of the bench starts from (:func:`bench_overrides`, variant)."""
+    flat = bench_overrides(preset, iters, eval_every, overrides)
+    return apply_variant(get_preset(preset).override(flat), variant)
 
 
 def sample_configs(n: int = 12, seed: int = 0) -> list[dict[str, float]]:
@@ -157,34 +144,84 @@ def sample_configs(n: int = 12, seed: int = 0) -> list[dict[str, float]]:
     return out
 
 
-# --- Tune plumbing -------------------------------------------------------------------------
+def study_options(name: str, storage: str | Path, num_cpus: int, **kw: Any) -> StudyOptions:
+    # max_failures=0: a crash in a benchmark is a bug to see, not to retry (retries would
+    # double-count compute).
+    return StudyOptions(name=name, storage=str(storage), num_cpus=num_cpus, max_failures=0,
+                        verbose=0, **kw)
+
+
+# --- (a) efficiency -----------------------------------------------------------------------------
+
+def _last_compute(metrics: Any) -> dict[str, float]:
+    """trial_id -> its last reported ``time/trial_compute_s`` (``metrics.parquet`` rows)."""
+    rows = metrics.select(["trial_id", "step", COMPUTE_KEY]).to_pylist()
+    last: dict[str, tuple[int, float]] = {}
+    for r in rows:
+        if r[COMPUTE_KEY] is not None and r["step"] >= last.get(r["trial_id"], (-1, 0.0))[0]:
+            last[r["trial_id"]] = (r["step"], r[COMPUTE_KEY])
+    return {tid: c for tid, (_, c) in last.items()}
+
+
+def bench_efficiency(storage: str | Path, *, n_trials: int = 8, num_cpus: int = 2,
+                     cpus_per_trial: float = 1.0, preset: str = "tiny",
+                     variant: str = "mean_teacher", iters: int = 300, eval_every: int = 100,
+                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run an ablation study of ``variant`` x seeds ``0..n_trials-1`` in ``storage`` and measure
+    the compute/wall ratio (module docstring). Starts in-process Ray with ``num_cpus`` CPUs
+    unless Ray is already running (then its CPUs decide the slots). Returns the
+    ``efficiency`` record of the JSON."""
+    if n_trials < 1:
+        raise ValueError(f"bench_efficiency: n_trials must be >= 1, got {n_trials}")
+    opts = study_options("efficiency", storage, num_cpus, preset=preset,
+                         seeds=list(range(n_trials)), cpus_per_trial=cpus_per_trial,
+                         overrides=bench_overrides(preset, iters, eval_every, overrides),
+                         fork_warmup=False)
+    dataset_root(opts.base_config())  # a one-time synthetic cache, before any timed region
+    t0 = time.perf_counter()
+    init_ray(opts)
+    ray_init_s = time.perf_counter() - t0
+    study_dir = run_ablation(opts, [variant])
+    wall = float(read_json(study_json_path(study_dir), strict=True)["wall_s_runs"][-1])
+    trials = sorted(pq.read_table(study_dir / TRIALS_PARQUET).to_pylist(),
+                    key=lambda t: t["seed"])
+    compute_by_id = _last_compute(pq.read_table(study_dir / METRICS_PARQUET))
+    compute = [compute_by_id.get(t["trial_id"], 0.0) for t in trials]
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    slots = max(1, min(n_trials, int(cluster_cpus // cpus_per_trial)))
+    ratio = sum(compute) / (wall * slots)
+    cfg = opts.base_config()
+    return {
+        "n_trials": n_trials, "slots": slots, "cpus_per_trial": cpus_per_trial,
+        "cluster_cpus": cluster_cpus, "preset": preset, "variant": variant,
+        "iters": cfg.optim.iters, "eval_every": cfg.run.eval_every,
+        "warmup_iters": cfg.method.warmup_iters, "overrides": dict(overrides or {}),
+        "ray_init_s": ray_init_s, "wall_s": wall, "trial_compute_s": compute,
+        "sum_compute_s": sum(compute), "steps": [t["step"] for t in trials],
+        "errors": [t["error"] for t in trials if t["error"]],
+        "ratio": ratio, "target": EFFICIENCY_TARGET, "meets_target": ratio >= EFFICIENCY_TARGET,
+    }
+
+
+# --- (b) pruning --------------------------------------------------------------------------------
 
 class _Recorder(Callback):
-    """Driver-side record of every trial: last step, last compute time, best/final mIoU."""
+    """Driver-side record of every trial of a fixed list (Tune config ``{"point": i}``): last
+    step, last compute time, best/final mIoU, status."""
 
     def __init__(self) -> None:
         self.trials: dict[str, dict[str, Any]] = {}
-        self.t0 = time.perf_counter()  # reset by _fit just before Tuner.fit
-
-    def _now(self) -> float:
-        return time.perf_counter() - self.t0
 
     def _rec(self, trial: Any) -> dict[str, Any]:
         if trial.trial_id not in self.trials:
             self.trials[trial.trial_id] = {
-                "trial_id": trial.trial_id, "config": dict(trial.config), "step": 0,
-                "compute_s": 0.0, "miou_best": None, "miou_final": None, "error": None,
-                "status": "RUNNING", "t_start": None, "t_first_result": None, "t_end": None}
+                "index": int(trial.config["point"]), "step": 0, "compute_s": 0.0,
+                "miou_best": None, "miou_final": None, "error": None, "status": "RUNNING"}
         return self.trials[trial.trial_id]
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._rec(trial)["t_start"] = self._now()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         rec = self._rec(trial)
-        if rec["t_first_result"] is None:
-            rec["t_first_result"] = self._now()
         if "step" in result:
             rec["step"] = max(rec["step"], int(result["step"]))
         if COMPUTE_KEY in result:
@@ -197,46 +234,37 @@ class _Recorder(Callback):
             rec["error"] = str(result["error"])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        rec = self._rec(trial)
-        rec["status"], rec["t_end"] = "TERMINATED", self._now()
+        self._rec(trial)["status"] = "TERMINATED"
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self._rec(trial)
-        rec["status"], rec["t_end"] = "ERROR", self._now()
+        rec["status"] = "ERROR"
         rec["error"] = rec["error"] or "trial raised (see the Ray experiment directory)"
 
 
-def _options(num_cpus: int) -> StudyOptions:
-    # max_failures=0: a crash in a benchmark is a bug to see, not to retry (retries would
-    # double-count compute).
-    return StudyOptions(name="bench", num_cpus=num_cpus, max_failures=0, verbose=0)
+def _fixed_list(configs: list[dict[str, Any]], cpus_per_trial: float) -> Callable:
+    """A trainable that runs ``configs[config["point"]]`` with :func:`train_ctt`: Tune then runs
+    exactly the list, in order, as a grid over the index (its points stay comparable across
+    schedulers whatever finishes first)."""
+    def run_point(config: dict[str, Any]) -> None:
+        train_ctt(configs[int(config["point"])])
+
+    return tune.with_resources(run_point, trial_resources(cpus_per_trial, 0))
 
 
-def _slots(n_trials: int, max_concurrent: int, cpus_per_trial: float) -> int:
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    return max(1, min(n_trials, max_concurrent, int(cpus // cpus_per_trial)))
-
-
-def _fit(configs: list[dict[str, Any]], storage: Path, name: str, opts: StudyOptions, *,
-         max_concurrent: int, scheduler: Any = None, study_logger: bool = False
-         ) -> tuple[float, _Recorder]:
-    """Run ``configs`` exactly, in order; return (wall seconds of ``Tuner.fit``, recorder)."""
+def _fit_list(configs: list[dict[str, Any]], storage: Path, name: str, *, scheduler: Any,
+              max_concurrent: int) -> tuple[float, _Recorder]:
+    """Run ``configs`` in order; return (wall seconds of ``Tuner.fit``, recorder)."""
     recorder = _Recorder()
-    callbacks: list = [recorder]
-    if study_logger:
-        callbacks.append(StudyLoggerCallback(storage / f"{name}-study"))
-    space, gen = _points(configs)
-    # Tune ignores TuneConfig(max_concurrent_trials) for a SearchGenerator such as
-    # BasicVariantGenerator (it warns and runs as many trials as resources allow): the limit
-    # must be set on the generator itself.
-    gen.max_concurrent = max_concurrent
     tuner = tune.Tuner(
-        _trainable(opts), param_space=space,
-        tune_config=tune.TuneConfig(search_alg=gen, scheduler=scheduler,
-                                    num_samples=len(configs), reuse_actors=True),
-        run_config=_run_config(opts, str(storage), name, callbacks))
+        _fixed_list(configs, 1.0),
+        param_space={"point": tune.grid_search(list(range(len(configs))))},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=max_concurrent,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[recorder],
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  verbose=0))
     t0 = time.perf_counter()
-    recorder.t0 = t0
     tuner.fit()
     wall = time.perf_counter() - t0
     if len(recorder.trials) != len(configs):
@@ -245,89 +273,14 @@ def _fit(configs: list[dict[str, Any]], storage: Path, name: str, opts: StudyOpt
     return wall, recorder
 
 
-def _ensure_data(cfg: CTTConfig) -> None:
-    """Generate the synthetic data set (a one-time cache) before any timed region."""
-    dataset_root(cfg)
-
-
-# --- (a) efficiency ------------------------------------------------------------------------
-
-def bench_efficiency(storage: str | os.PathLike, *, n_trials: int = 8, num_cpus: int = 2,
-                     cpus_per_trial: float = 1.0, preset: str = "tiny",
-                     variant: str = "mean_teacher", iters: int = 300, eval_every: int = 100,
-                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run ``n_trials`` trials (seeds ``0..n_trials-1``) and measure the compute/wall ratio.
-
-    Starts in-process Ray with ``num_cpus`` CPUs unless Ray is already running (then its CPUs
-    decide the slots). Returns the ``efficiency`` record of the JSON (see :func:`main`).
-    """
-    if n_trials < 1:
-        raise ValueError(f"bench_efficiency: n_trials must be >= 1, got {n_trials}")
-    base = _base_config(preset, variant, iters, eval_every, overrides)
-    configs = [_trial(base.override({"run.seed": s}), variant) for s in range(n_trials)]
-    _ensure_data(base)
-    opts = _options(num_cpus)
-    opts.cpus_per_trial = cpus_per_trial
-    t0 = time.perf_counter()
-    init_ray(opts)
-    ray_init_s = time.perf_counter() - t0
-    slots = _slots(n_trials, n_trials, cpus_per_trial)
-    wall, rec = _fit(configs, Path(storage), "efficiency", opts, max_concurrent=slots,
-                     study_logger=True)
-    trials = sorted(rec.trials.values(), key=lambda t: int(t["config"]["seed"]))
-    compute = [t["compute_s"] for t in trials]
-    ratio = sum(compute) / (wall * slots)
-    return {
-        "n_trials": n_trials, "slots": slots, "cpus_per_trial": cpus_per_trial,
-        "cluster_cpus": float(ray.cluster_resources().get("CPU", 0.0)), "preset": preset,
-        "variant": variant, "iters": base.optim.iters, "eval_every": base.run.eval_every,
-        "warmup_iters": base.method.warmup_iters, "overrides": dict(overrides or {}),
-        "ray_init_s": ray_init_s, "wall_s": wall, "trial_compute_s": compute,
-        "sum_compute_s": sum(compute), "steps": [t["step"] for t in trials],
-        "errors": [t["error"] for t in trials if t["error"]],
-        "timeline": _timeline(trials, wall),
-        "ratio": ratio, "target": EFFICIENCY_TARGET, "meets_target": ratio >= EFFICIENCY_TARGET,
-    }
-
-
-def _timeline(trials: list[dict[str, Any]], wall: float) -> dict[str, Any]:
-    """Where the wall time went, on the driver's clock (seconds from the start of ``fit``).
-
-    ``entry_s`` = trial end - its own compute: about when the trainable was entered (the first
-    trial of each slot pays the actor start and the worker's imports before it); ``end_s`` =
-    when the driver saw the trial finish; ``after_last_s`` = wall - the last end (shutdown).
-    """
-    rows = []
-    for t in trials:
-        end = t["t_end"]
-        rows.append({"seed": int(t["config"]["seed"]), "start_s": t["t_start"],
-                     "first_result_s": t["t_first_result"], "end_s": end,
-                     "entry_s": None if end is None else end - t["compute_s"],
-                     "compute_s": t["compute_s"]})
-    ends = [r["end_s"] for r in rows if r["end_s"] is not None]
-    entries = [r["entry_s"] for r in rows if r["entry_s"] is not None]
-    return {"trials": rows, "first_entry_s": min(entries, default=None),
-            "after_last_s": wall - max(ends) if ends else None}
-
-
-# --- (b) pruning ---------------------------------------------------------------------------
-
-def _order(n: int, repeat: int) -> list[int]:
+def trial_order(n: int, repeat: int) -> list[int]:
     """Repeat 0 keeps the sampled order; later repeats use a seeded permutation."""
     if repeat == 0:
         return list(range(n))
     return [int(i) for i in np.random.default_rng(1000 + repeat).permutation(n)]
 
 
-def _index_of(config: dict[str, Any], params: list[dict[str, float]]) -> int:
-    for i, p in enumerate(params):
-        if all(config.get(k) == v for k, v in p.items()):
-            return i
-    raise KeyError(f"trial config matches none of the sampled configs: "
-                   f"{ {k: config.get(k) for k in SAMPLED_KEYS} }")
-
-
-def bench_pruning(storage: str | os.PathLike, *, params: list[dict[str, float]] | None = None,
+def bench_pruning(storage: str | Path, *, params: list[dict[str, float]] | None = None,
                   schedulers: tuple[str, ...] = ("none", "asha", "optuna-median"),
                   repeats: int = 2, num_cpus: int = 2, max_concurrent: int = 2,
                   preset: str = "tiny", variant: str = "mean_teacher", iters: int = 450,
@@ -344,35 +297,31 @@ def bench_pruning(storage: str | os.PathLike, *, params: list[dict[str, float]] 
     if repeats < 1:
         raise ValueError(f"bench_pruning: repeats must be >= 1, got {repeats}")
     params = sample_configs() if params is None else params
-    base = _base_config(preset, variant, iters, eval_every, overrides)
-    _ensure_data(base)
-    opts = _options(num_cpus)
-    init_ray(opts)
+    base = base_config(preset, variant, iters, eval_every, overrides)
+    dataset_root(base)  # a one-time synthetic cache, before any timed region
+    init_ray(study_options("pruning", storage, num_cpus))
     runs: list[dict[str, Any]] = []
     for r in range(repeats):
-        order = _order(len(params), r)
+        order = trial_order(len(params), r)
         seeded = base.override({"run.seed": r})
-        configs = [_trial(seeded.override(params[i]), variant) for i in order]
+        # The trainable's trial config: flat config keys plus variant and seed.
+        configs = [{**seeded.override(params[i]).to_flat(), "variant": variant, "seed": r}
+                   for i in order]
         for name in schedulers:
             kw = {"n_startup_trials": median_startup} if name in (
                 "optuna-median", "optuna-percentile") else {}
             sched = make_scheduler(name, metric="miou", mode="max", time_attr="step",
                                    max_t=base.optim.iters, grace_period=grace_period,
                                    seed=r, **kw)
-            wall, rec = _fit(configs, Path(storage), f"prune-{name}-r{r}", opts,
-                             max_concurrent=max_concurrent, scheduler=sched)
-            trials = []
-            for t in rec.trials.values():
-                trials.append({"index": _index_of(t["config"], params), "step": t["step"],
-                               "compute_s": t["compute_s"], "miou_best": t["miou_best"],
-                               "miou_final": t["miou_final"], "status": t["status"],
-                               "error": t["error"],
-                               "stopped_early": t["step"] < base.optim.iters})
-            trials.sort(key=lambda t: order.index(t["index"]))
+            wall, rec = _fit_list(configs, Path(storage), f"prune-{name}-r{r}", scheduler=sched,
+                                  max_concurrent=max_concurrent)
+            trials = sorted(rec.trials.values(), key=lambda t: t["index"])
+            for t in trials:  # position in this repeat's list -> index into params
+                t["index"] = order[t["index"]]
+                t["stopped_early"] = t["step"] < base.optim.iters
             runs.append({"repeat": r, "seed": r, "order": order, "scheduler": name,
                          "wall_s": wall, "trials": trials})
-            print(f"[pruning] repeat {r} {name}: {_run_line(runs[-1], base.optim.iters)}",
-                  flush=True)
+            print(f"[pruning] repeat {r} {name}: {_run_line(runs[-1])}", flush=True)
     out = {
         "preset": preset, "variant": variant, "iters": base.optim.iters,
         "eval_every": base.run.eval_every, "warmup_iters": base.method.warmup_iters,
@@ -385,7 +334,7 @@ def bench_pruning(storage: str | os.PathLike, *, params: list[dict[str, float]] 
     return out
 
 
-def _run_line(run: dict[str, Any], iters: int) -> str:
+def _run_line(run: dict[str, Any]) -> str:
     ts = run["trials"]
     best = max((t["miou_best"] for t in ts if t["miou_best"] is not None), default=float("nan"))
     n_early = sum(t["stopped_early"] for t in ts)
@@ -451,7 +400,7 @@ def summarise_pruning(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "target": {"gap": PRUNING_GAP_TARGET, "compute_frac": PRUNING_COMPUTE_TARGET}}
 
 
-# --- CLI -------------------------------------------------------------------------------------
+# --- CLI ----------------------------------------------------------------------------------------
 
 def _print_efficiency(e: dict[str, Any]) -> None:
     print(f"efficiency: {e['n_trials']} trials x {e['iters']} iters ({e['variant']}) on "
@@ -473,23 +422,8 @@ def _print_pruning(p: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def source_hash() -> str:
-    """SHA-256 over the package's ``*.py`` files: a bench whose code changed while it ran
-    (a shared working tree) compares two programs; :func:`main` records it before and after."""
-    import hashlib
-
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _check_inputs(a: argparse.Namespace, what: list[str], overrides: dict[str, Any]) -> None:
     """Every config the bench will run, and the schedulers, checked before Ray starts."""
-    from ctt.tune.schedulers import SCHEDULERS
-
     if a.variant not in VARIANTS:
         raise ConfigError(f"unknown variant {a.variant!r} (--variant): choose one of "
                           f"{', '.join(VARIANTS)}")
@@ -504,7 +438,7 @@ def _check_inputs(a: argparse.Namespace, what: list[str], overrides: dict[str, A
             raise ConfigError(f"unknown scheduler(s) {', '.join(unknown)} (--schedulers): "
                               f"choose from {', '.join(SCHEDULERS)}")
     for iters, eval_every in sizes:
-        cfg = _base_config(a.preset, a.variant, iters, eval_every, overrides)
+        cfg = base_config(a.preset, a.variant, iters, eval_every, overrides)
         warn_all(check_semantics(cfg, a.variant, study=True))
         dataset_root(cfg)
 
@@ -513,13 +447,14 @@ def _check_inputs(a: argparse.Namespace, what: list[str], overrides: dict[str, A
 def main(argv: list[str] | None = None) -> int:
     """Run the bench; input errors (preset, variant, --set, schedulers) are one ``error:``
     line and exit code 2, before Ray starts."""
-    p = argparse.ArgumentParser(prog="python -m ctt.tune.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_study.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", default="efficiency,pruning",
                    help="comma-separated: efficiency, pruning")
     p.add_argument("--repeats", type=int_at_least(1), default=2,
                    help="pruning repeats (>= 2 for figures)")
-    p.add_argument("--json", default=str(DEFAULT_JSON), help="output JSON file")
+    p.add_argument("--json", default=str(common.RESULTS_DIR / "tune.json"),
+                   help="output JSON file")
     p.add_argument("--out-dir", help="keep the Tune experiments here (default: a temporary "
                    "directory, deleted at the end)")
     p.add_argument("--num-cpus", type=int_at_least(1), default=2)
@@ -539,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedulers", default="none,asha,optuna-median")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any flat config key in every trial (repeatable)")
+    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. how busy "
+                   "the machine was)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     a = p.parse_args(argv)
     what = [w.strip() for w in a.what.split(",") if w.strip()]
@@ -547,13 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--what: unknown part(s) {unknown}; choose from efficiency, pruning")
     overrides = parse_set_args(a.overrides)
     _check_inputs(a, what, overrides)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    out: dict[str, Any] = {"bench": "ctt.tune.bench", "created": time.time(),
-                           "command": [sys.executable, "-m", "ctt.tune.bench", *(argv or
-                                                                               sys.argv[1:])],
-                           "load_avg_1m_before": load, "source_hash_before": source_hash(),
-                           "env": environment()}
-    tmp = None if a.out_dir else tempfile.mkdtemp(prefix="ctt-tune-bench-")
+    out: dict[str, Any] = {**common.metadata("cpu", "bench_study.py", argv, note=a.note),
+                           "source_hash_before": common.source_hash()}
+    tmp = None if a.out_dir else tempfile.mkdtemp(prefix="ctt-bench-study-")
     storage = Path(a.out_dir or tmp).resolve()
     try:
         if "efficiency" in what:
@@ -576,15 +509,12 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    out["load_avg_1m_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    out["source_hash_after"] = source_hash()
+    out["load_avg_1m_after"] = common.load_average()
+    out["source_hash_after"] = common.source_hash()
     if out["source_hash_after"] != out["source_hash_before"]:
         print("WARNING: ctt/*.py changed while the bench ran; the runs compare different code "
               "(source_hash_before != source_hash_after in the JSON)", flush=True)
-    path = Path(a.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {common.write_json(a.json, out)}")
     return 0
 
 

@@ -1,0 +1,166 @@
+"""Helpers shared by the benchmark scripts: timing, memory probes, loading a file as a module,
+and the JSON every benchmark writes (its numbers plus the machine and versions behind them).
+
+The scripts in ``benchmarks/`` are not a package: running ``python benchmarks/<name>.py`` puts
+this folder on ``sys.path``, which is how they ``import common`` (tests do the same through
+``tests/benchmark_scripts.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ctt.envinfo import environment
+from ctt.fileio import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"  # the JSON behind README's figures (tracked)
+MIB = 2.0 ** 20
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+def synchronizer(device: torch.device | str) -> Callable[[], None]:
+    """A function that waits for the device's queued work (a no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+class Timer:
+    """Synchronised wall time and this process's CPU time of named blocks, one list entry per
+    block run: ``with timer("name"): ...``, then ``timer.wall["name"]``, ``timer.cpu["name"]``.
+
+    CPU time (all threads of this process) is what other processes on shared cores inflate far
+    less than wall time; on CUDA it only counts the host side."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.sync = synchronizer(device)
+        self.wall: dict[str, list[float]] = {}
+        self.cpu: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        self.sync()
+        self.wall.setdefault(name, []).append(time.perf_counter() - t0)
+        self.cpu.setdefault(name, []).append(time.process_time() - c0)
+
+    def clear(self) -> None:
+        """Forget every time so far (after the untimed warm-up iterations)."""
+        self.wall.clear()
+        self.cpu.clear()
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# --- memory (Linux /proc; ru_maxrss elsewhere) --------------------------------------------------
+
+def proc_status_bytes(key: str) -> int | None:
+    """``VmRSS``/``VmHWM`` (current / peak resident set) of this process in bytes, or ``None``
+    without /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> int | None:
+    """Reset this process's peak-RSS mark (``VmHWM``) to its current RSS (Linux >= 4.0: write 5
+    to /proc/self/clear_refs); return that RSS in bytes, or ``None`` where it cannot be reset.
+    ``proc_status_bytes("VmHWM")`` minus this value, read after some work, is the extra resident
+    memory the work needed at its peak."""
+    rss = proc_status_bytes("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return rss
+
+
+def maxrss_bytes() -> int:
+    """This process's lifetime peak resident set (cannot be reset: it only shows peaks above
+    every earlier one, e.g. importing torch)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024  # Linux reports KiB, macOS bytes
+
+
+# --- modules and output -------------------------------------------------------------------------
+
+def load_module(path: str | os.PathLike, name: str | None = None) -> ModuleType:
+    """Import a Python file that is not on ``sys.path`` (e.g. ``tests/contrast_reference.py``)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def metadata(device: torch.device | str, script: str, argv: list[str] | None, *,
+             threads: int | None = None, note: str = "") -> dict[str, Any]:
+    """What every benchmark JSON starts with: the command (``script`` with ``argv``, default
+    ``sys.argv[1:]``), when, the device, torch threads, the 1-minute load average (other
+    processes on the cores show here), the package versions and git commit
+    (:func:`ctt.envinfo.environment`, with the device's numerics settings on CUDA) and a
+    free-text ``note`` (e.g. "shared machine")."""
+    env = environment(device)
+    return {
+        "command": ["python", f"benchmarks/{script}",
+                    *(sys.argv[1:] if argv is None else argv)],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": env["device"],
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "load_avg_1m": load_average(),
+        "note": note,
+        "env": env,
+    }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes; above the core count, the benchmark
+    shared the cores), or ``None`` where the OS has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def source_hash() -> str:
+    """SHA-256 (16 hex digits) over ``ctt/**/*.py``: a long benchmark records it before and
+    after, since a shared working tree may change under it (then the runs compare two
+    programs)."""
+    h = hashlib.sha256()
+    package = ROOT / "ctt"
+    for f in sorted(package.rglob("*.py")):
+        h.update(str(f.relative_to(package)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def write_json(path: str | os.PathLike, obj: dict[str, Any]) -> Path:
+    """Write ``obj`` as indented JSON (atomically: a reader never sees half a file); values JSON
+    cannot hold become text. Returns the path."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    return path
