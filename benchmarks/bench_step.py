@@ -21,9 +21,16 @@ Measures, in one process on one fixed synthetic batch, with every term of the va
   (2) where ``/proc/self/clear_refs`` is writable, the peak-RSS mark (``VmHWM``) is reset to the
   current RSS and ``VmHWM - VmRSS(before)`` read after the first step (activations, gradients,
   autograd graph, the optimiser state created on that step) and after ``n`` further steps.
+* **FLOPs per step against this machine's floor.** ``torch.utils.flop_counter`` counts the
+  matmul/convolution FLOPs (2 per multiply-add, forward and backward) of one step (the second,
+  so the optimiser state exists); :func:`throughput` measures what this core does on a large
+  matmul and on a 3x3 convolution shaped like the tiny net's; ``floor_s`` = FLOPs / the faster
+  of the two, and ``step_s / floor_s`` is how far the step is from what the machine could do
+  (element-wise work, which the counter leaves out, is part of that gap).
 * ``--all-variants``: seconds per iteration of every entry of :data:`ctt.config.VARIANTS`
-  (1 thread by default), during the supervised warm-up and after it with contrast on: the
-  numbers behind the studies' compute estimate. Data loading and evaluation are excluded.
+  (1 thread by default), during the supervised warm-up and after it with contrast on, and the
+  FLOPs of a step of each: the numbers behind the studies' compute estimate. Data loading and
+  evaluation are excluded.
 
 Results are printed and written as JSON (``--json``; default ``benchmarks/results/step.json``,
 or ``variants.json`` with ``--all-variants``), with the machine, versions and ``--note``.
@@ -38,6 +45,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +53,7 @@ from typing import Any
 import common  # benchmarks/common.py: a script's folder is on sys.path
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from ctt import step
 from ctt.config import PRESETS, VARIANTS, CTTConfig, apply_variant, get_preset
@@ -185,6 +194,57 @@ def bench_step(cfg: CTTConfig, device: torch.device | str, *, iters: int = 20,
     return {**summary(timer.wall), "cpu": summary(timer.cpu)}
 
 
+def count_flops(state: TrainState, batch: dict[str, torch.Tensor]) -> int:
+    """Matmul/convolution FLOPs of one :func:`ctt.step.train_step` on ``state`` (which it
+    advances), as ``torch.utils.flop_counter.FlopCounterMode`` counts them: 2 per multiply-add,
+    forward and backward; element-wise work is not counted."""
+    with FlopCounterMode(display=False) as counter:
+        step.train_step(state, batch)
+    return int(counter.get_total_flops())
+
+
+def step_flops(cfg: CTTConfig, device: torch.device | str, seed: int = 0) -> int:
+    """:func:`count_flops` of the second step of a fresh :func:`make_state` (every term on),
+    so that the count does not depend on the first step creating the optimiser state."""
+    state, batch = make_state(cfg, device, seed=seed), make_batch(cfg, device, seed=seed)
+    step.train_step(state, batch)
+    return count_flops(state, batch)
+
+
+def throughput(device: torch.device | str = "cpu", threads: int = 1, *, reps: int = 10
+               ) -> dict[str, float]:
+    """This machine's measured GFLOP/s (best of ``reps``, fp32, ``threads`` threads) on a 512^3
+    matmul and on the forward of a 3x3 convolution shaped like the tiny net's 1/4-resolution
+    layers (batch 16, 32 -> 32 channels, 24 x 24): ``{"matmul_gflops", "conv_gflops",
+    "peak_gflops"}`` (peak = the faster of the two, the floor's denominator)."""
+    device = torch.device(device)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    sync = common.synchronizer(device)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(512, 512, generator=g).to(device) for _ in range(2))
+    x = torch.randn(16, 32, 24, 24, generator=g).to(device)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False).to(device)
+    work = {"matmul_gflops": (lambda: a @ b, 2 * 512 ** 3),
+            "conv_gflops": (lambda: conv(x), 2 * 16 * 24 * 24 * 32 * 32 * 9)}
+    out = {}
+    try:
+        with torch.no_grad():
+            for name, (fn, flops) in work.items():
+                best = float("inf")
+                for _ in range(reps + 2):
+                    sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    best = min(best, time.perf_counter() - t0)
+                out[name] = flops / best / 1e9
+    finally:
+        torch.set_num_threads(old_threads)
+    out["peak_gflops"] = max(out["matmul_gflops"], out["conv_gflops"])
+    return out
+
+
 def _memory_in_process(cfg: CTTConfig, device: torch.device, steps: int) -> dict[str, Any]:
     torch.set_num_threads(cfg.run.num_threads)
     state = make_state(cfg, device)
@@ -253,8 +313,9 @@ def bench_variants(preset: str = "tiny", *, device: str = "cpu", threads: int = 
     """Median seconds per :func:`ctt.step.train_step` for each variant: ``warmup_s`` during the
     supervised warm-up (``step < method.warmup_iters``) and ``s_per_iter`` after it with the
     contrast latched on and full banks (the steady state; an upper bound before the banks
-    fill); ``cpu_warmup_s`` and ``cpu_s_per_iter`` are the same on this process's CPU time.
-    All variants step round-robin, so a change in machine load hits them alike."""
+    fill); ``cpu_warmup_s`` and ``cpu_s_per_iter`` are the same on this process's CPU time;
+    ``gflop_warmup_s`` and ``gflop_s_per_iter`` the :func:`count_flops` of a step of each
+    (GFLOP). All variants step round-robin, so a change in machine load hits them alike."""
     dev = torch.device(device)
     torch.set_num_threads(threads)
     runs = []  # (variant, key, state, batch)
@@ -271,9 +332,11 @@ def bench_variants(preset: str = "tiny", *, device: str = "cpu", threads: int = 
             with timer(f"{name}/{key}"):
                 step.train_step(state, batch)
     out: dict[str, dict[str, float]] = {}
-    for name, key, _, _ in runs:
+    for name, key, state, batch in runs:
         out.setdefault(name, {})[key] = common.median(timer.wall[f"{name}/{key}"])
         out[name]["cpu_" + key] = common.median(timer.cpu[f"{name}/{key}"])
+        # after the timed steps, so the count never slows a timed one
+        out[name]["gflop_" + key] = count_flops(state, batch) / 1e9
     return out
 
 
@@ -302,6 +365,15 @@ def format_step_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_floor(res: dict[str, Any]) -> str:
+    """FLOPs per step, the measured throughput and the step against its floor, as text."""
+    t = res["throughput"]
+    return (f"FLOPs per step (matmul/conv, fwd+bwd): {res['flops'] / 1e9:.3f} GFLOP; this "
+            f"machine: matmul {t['matmul_gflops']:.1f}, conv {t['conv_gflops']:.1f} GFLOP/s; "
+            f"floor {res['floor_s'] * 1e3:.2f} ms, step / floor = {res['floor_ratio']:.1f} "
+            f"(on process CPU time {res['floor_ratio_cpu']:.1f})")
+
+
 def format_memory(mem: dict[str, Any]) -> str:
     parts = [f"{k} = {v:.1f}" for k, v in mem.items() if isinstance(v, float)]
     return f"peak memory ({mem.get('method', '')}): " + ", ".join(parts)
@@ -309,10 +381,11 @@ def format_memory(mem: dict[str, Any]) -> str:
 
 def format_variants_table(rows: dict[str, dict[str, float]]) -> str:
     lines = [f"{'variant':<14}{'warm-up s/iter':>16}{'full s/iter':>13}"
-             f"{'cpu warm-up':>13}{'cpu full':>10}"]
+             f"{'cpu warm-up':>13}{'cpu full':>10}{'GFLOP full':>12}"]
     for name, r in rows.items():
         lines.append(f"{name:<14}{r['warmup_s']:>16.4f}{r['s_per_iter']:>13.4f}"
-                     f"{r['cpu_warmup_s']:>13.4f}{r['cpu_s_per_iter']:>10.4f}")
+                     f"{r['cpu_warmup_s']:>13.4f}{r['cpu_s_per_iter']:>10.4f}"
+                     f"{r['gflop_s_per_iter']:>12.3f}")
     return "\n".join(lines)
 
 
@@ -371,10 +444,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        threads=args.threads)
     threads = cfg.run.num_threads
     res = bench_step(cfg, device, iters=args.iters, warmup=args.warmup)
+    res["flops"] = step_flops(cfg, device)
+    res["throughput"] = throughput(device, threads)
+    res["floor_s"] = res["flops"] / (res["throughput"]["peak_gflops"] * 1e9)
+    res["floor_ratio"] = res["step_s"] / res["floor_s"]
+    res["floor_ratio_cpu"] = res["cpu"]["step_s"] / res["floor_s"]  # less hit by other load
     print(f"{args.preset}/{args.variant} on {device_name(device)}, {threads} "
           f"thread(s), amp={args.amp}, median of {args.iters} iterations after "
           f"{args.warmup} warm-up")
     print(format_step_table(res))
+    print(format_floor(res))
     out = {**common.metadata(device, "bench_step.py", argv, threads=threads, note=args.note),
            "preset": args.preset, "variant": args.variant, "amp": args.amp,
            "iters": args.iters, "warmup": args.warmup, "config": cfg.to_flat(), **res}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -73,21 +73,39 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int,
     afterwards. Returns `{"miou": float, "per_class": list[float], "pixel_acc": float,
     "confusion": [C, C]}` (percentages; pixel_acc is 0.0 when no pixel is labelled).
     """
-    was_training = model.training
-    model.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    return evaluate_many([model], loader, num_classes, device, ignore_index)[0]
+
+
+@torch.no_grad()
+def evaluate_many(models: Sequence[nn.Module], loader: Iterable, num_classes: int,
+                  device: str | torch.device = "cpu", ignore_index: int = IGNORE_INDEX
+                  ) -> list[dict]:
+    """:func:`evaluate` of each of `models` in one pass over `loader`: every batch is loaded
+    (and its images decoded) once and run through each model in turn. Each model sees the
+    same inputs as in a pass of its own, so its result is identical to :func:`evaluate`'s.
+    Returns one result dict per model, in order."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    cms = [torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+           for _ in models]
     try:
         for batch in loader:
             for images, labels in _same_size_groups(batch):
                 images, labels = images.to(device), labels.to(device)
-                out = model(images)
-                logits = out[0] if isinstance(out, (tuple, list)) else out  # [n, C, h, w]
-                logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear",
-                                       align_corners=True)
-                cm += confusion_matrix(logits.argmax(1), labels, num_classes, ignore_index)
+                for model, cm in zip(models, cms, strict=True):
+                    out = model(images)
+                    logits = out[0] if isinstance(out, (tuple, list)) else out  # [n, C, h, w]
+                    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear",
+                                           align_corners=True)
+                    cm += confusion_matrix(logits.argmax(1), labels, num_classes, ignore_index)
     finally:
-        model.train(was_training)
-    cm = cm.cpu()
+        for m, was_training in zip(models, modes, strict=True):
+            m.train(was_training)
+    return [_summary(cm.cpu()) for cm in cms]
+
+
+def _summary(cm: torch.Tensor) -> dict:
     total = int(cm.sum())
     mean, per_class = miou(cm)
     pixel_acc = 100.0 * int(cm.diag().sum()) / total if total else 0.0

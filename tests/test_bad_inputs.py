@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -188,6 +189,12 @@ def out_with_notes(d: Path) -> None:
     (d / "out" / "notes.txt").write_text("my notes\n")
 
 
+def old_study(directory: Path, **fields) -> None:
+    """The study.json of an earlier ablation in ``directory``."""
+    directory.mkdir(parents=True)
+    (directory / "study.json").write_text(json.dumps({"kind": "ablation", **fields}))
+
+
 _HELD: list = []  # DirLocks held by a row's setup (released after each test)
 
 
@@ -255,7 +262,7 @@ CASES = [
       [*TINY, "--variant", "supervised", "--set", "method.lambda_h=0.1"],
       r"method.lambda_h=0.1 cannot act with method.unsup='none' \(variant supervised\)"),
     C("train-iters-inside-warmup", "train", [*TINY, "--variant", "ctt", "--iters", "6"],
-      r"optim.iters=6 <= method.warmup_iters=400 \(variant ctt\): .*raise optim.iters"),
+      r"optim.iters=6 <= method.warmup_iters=200 \(variant ctt\): .*raise optim.iters"),
     C("train-min-fill-above-bank", "train", [*TINY, "--set", "method.bank_size=8"],
       r"method.bank_min_fill=16 exceeds method.bank_size=8"),
     C("train-scale-min-above-max", "train",
@@ -324,12 +331,12 @@ CASES = [
       ["--set", "method.lr=0.1", "--storage", "{d}/s"],
       r"unknown config key 'method.lr': did you mean 'optim.lr'\?", before_ray=True),
     C("ablation-iters-inside-warmup", "voc_ablation", ["--iters", "6", "--storage", "{d}/s"],
-      r"optim.iters=6 <= method.warmup_iters=400 \(variant mean_teacher\)", before_ray=True),
+      r"optim.iters=6 <= method.warmup_iters=200 \(variant mean_teacher\)", before_ray=True),
     C("ablation-dry-run-iters-inside-warmup", "voc_ablation",
-      ["--variants", "supervised,ctt", "--iters", "300", "--dry-run", "--storage", "{d}/s"],
-      r"optim.iters=300 <= method.warmup_iters=400 \(variant ctt\)", before_ray=True),
+      ["--variants", "supervised,ctt", "--iters", "150", "--dry-run", "--storage", "{d}/s"],
+      r"optim.iters=150 <= method.warmup_iters=200 \(variant ctt\)", before_ray=True),
     C("sweep-iters-inside-warmup", "voc_sweep", ["--iters", "100", "--storage", "{d}/s"],
-      r"optim.iters=100 <= method.warmup_iters=400 \(variant ctt\)", before_ray=True),
+      r"optim.iters=100 <= method.warmup_iters=200 \(variant ctt\)", before_ray=True),
     C("ablation-rare-checkpoints", "voc_ablation",
       ["--set", "run.checkpoint_every=300", "--storage", "{d}/s"],
       r"run.checkpoint_every=300 is not a multiple of run.eval_every=200: a study trial saves "
@@ -427,6 +434,10 @@ CASES = [
       r"for it to end", setup=lambda d: hold_lock(d / "out", ".run.lock")),
     C("ablation-resume-without-study", "voc_ablation", [*VOC_STUDY, "--resume"],
       r"nothing to resume at .*s/voc_ablation: it holds no study", before_ray=True),
+    C("ablation-resume-with-other-flags", "voc_ablation", [*VOC_STUDY, "--seeds", "0", "--resume"],
+      r"--resume of .*s/voc_ablation with flags that differ from the study's: seeds: \[7\] -> "
+      r"\[0\]", setup=lambda d: old_study(d / "s" / "voc_ablation", seeds=[7]),
+      before_ray=True),
     C("ablation-study-dir-locked", "voc_ablation", VOC_STUDY,
       rf"study directory .*s/voc_ablation is in use by pid {os.getpid()} on host",
       setup=lambda d: hold_lock(d / "s" / "voc_ablation", ".study.lock"), before_ray=True),

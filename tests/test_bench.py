@@ -85,8 +85,14 @@ def test_bench_variants_times_warmup_and_full():
     rows = bench.bench_variants("tiny", iters=1, warmup=0, variants=["supervised", "ctt"])
     assert list(rows) == ["supervised", "ctt"]
     for r in rows.values():
-        assert set(r) == {"warmup_s", "s_per_iter", "cpu_warmup_s", "cpu_s_per_iter"}
+        assert set(r) == {"warmup_s", "s_per_iter", "cpu_warmup_s", "cpu_s_per_iter",
+                          "gflop_warmup_s", "gflop_s_per_iter"}
         assert all(v > 0 for v in r.values())
+    # a ctt step runs two students, two teachers and the contrast: several supervised steps
+    assert rows["ctt"]["gflop_s_per_iter"] > 4 * rows["supervised"]["gflop_s_per_iter"]
+    # its warm-up step trains both students on labels only (and fills the banks)
+    sup, ctt = rows["supervised"], rows["ctt"]
+    assert 2 * sup["gflop_warmup_s"] <= ctt["gflop_warmup_s"] < ctt["gflop_s_per_iter"]
     assert "ctt" in bench.format_variants_table(rows)
     assert set(VARIANTS) >= set(rows)
 
@@ -97,7 +103,8 @@ def test_main_writes_json_with_memory_and_metadata(tmp_path):
                       "1", "--preset", "tiny", "--variant", "supervised", "--note", "busy"])
     saved = json.loads(out.read_text())
     for key in ("config", "device", "threads", "env", "command", "load_avg_1m", "phases_s",
-                "step_s", "sum_s", "ratio", "memory"):
+                "step_s", "sum_s", "ratio", "memory", "flops", "throughput", "floor_s",
+                "floor_ratio", "floor_ratio_cpu"):
         assert key in saved, key
     assert saved["note"] == "busy"
     assert torch.__version__.startswith(saved["env"]["versions"]["torch"])  # 2.x.y(+cpu)
@@ -109,6 +116,9 @@ def test_main_writes_json_with_memory_and_metadata(tmp_path):
     if Path("/proc/self/clear_refs").exists():
         assert mem["first_step_peak_delta_mib"] > 0
     assert res["ratio"] == saved["ratio"]
+    assert saved["flops"] == bench.step_flops(bench.bench_config("tiny", "supervised"), "cpu")
+    assert math.isclose(saved["floor_s"],
+                        saved["flops"] / (saved["throughput"]["peak_gflops"] * 1e9))
 
 
 def test_unknown_variant_names_the_valid_ones():

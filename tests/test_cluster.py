@@ -317,7 +317,8 @@ def test_study_runs_on_both_nodes(two_nodes, tmp_path):
     assert sorted(t["variant"] for t in trials) == ["ctt", "supervised"]
     assert all(t["status"] == "TERMINATED" and not t["pruned"] for t in trials), trials
     assert all(t["step"] == t["optim.iters"] for t in trials)
-    assert len({t["node_id"] for t in trials}) == 2, [t["node_id"] for t in trials]
+    assert len({t["node_id"] for t in trials}) == 2, ([t["node_id"] for t in trials],
+                                                       _tail(proc))
     for t in trials:  # every trial's results came back to the driver on the head
         assert [r["step"] for r in _records(study, t["trial_id"])][-1] == t["optim.iters"]
     for name in ("report.md", "metrics.parquet", "study.json"):

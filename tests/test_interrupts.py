@@ -206,7 +206,7 @@ def test_train_sigterm_mid_training(root, reference, tmp_path, monkeypatch, caps
 
 def test_train_sigint_during_evaluation(root, reference, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    signal_on_call(monkeypatch, "evaluate", signal.SIGINT, call=1)  # the step-3 evaluation
+    signal_on_call(monkeypatch, "evaluate_many", signal.SIGINT, call=1)  # step 3's evaluation
     code, m = interrupt(root, out, capsys)
     assert code == 130
     assert m.group(2) == f"at step 3 of {ITERS} during evaluation; last checkpoint step 3"
@@ -398,10 +398,21 @@ def test_ablation_sigint_in_trials_then_sigterm_in_ray_start_then_resume(ray_loc
     assert len(read_json(study / "study.json")["resumed"]) == 1
 
 
+def warmup_results(study: Path) -> list[str]:
+    """The ``result.json`` of every warm-up trial in the study's Tune experiment."""
+    out = []
+    for params in glob.glob(str(study / "ray" / "*" / "params.json")):
+        with contextlib.suppress(ValueError, OSError):
+            if read_json(params).get("variant") == "warmup":
+                out.append(str(Path(params).with_name("result.json")))
+    return out
+
+
 @pytest.mark.slow
 def test_ablation_sigterm_in_shared_warmup_then_resume(ray_local, tmp_path, capfd):
-    """SIGTERM during the shared warm-up: exit 143; the resume continues that warm-up from its
-    checkpoint (one warm-up experiment, its early steps not replayed) and runs the grid."""
+    """SIGTERM during the shared warm-up: exit 143, no variant started (they wait for their
+    seed's warm-up); the resume continues that warm-up from its checkpoint (one warm-up
+    trial, its early steps not replayed) and runs the grid."""
     storage = tmp_path / "s"
     study = storage / "warm"
     argv = ["--smoke-test", "--variants", "supervised,ctt", "--storage", str(storage),
@@ -409,28 +420,31 @@ def test_ablation_sigterm_in_shared_warmup_then_resume(ray_local, tmp_path, capf
             "--set", "run.eval_every=10", "--set", "run.checkpoint_every=10"]
 
     def warmup_reported() -> bool:
-        return any('"step": 10' in Path(p).read_text()
-                   for p in glob.glob(str(study / "warmup-*" / "*" / "result.json")))
+        return any('"step": 10' in Path(p).read_text() for p in warmup_results(study))
 
     with signal_when(warmup_reported, signal.SIGTERM) as sent:
         code, err = run_script("voc_ablation", argv, capfd)
     assert sent.is_set() and code == 143, err[-3000:]
     m = the_line(err)
-    assert m.group(2) == "during the shared warm-up (0 of 1 seeds done, kept)"
+    assert m.group(2) == ("during the shared warm-up (0 of 1 seeds done) and the trials "
+                          "(0 of 2 finished), kept")
     resume = assert_continues(m, "voc_ablation", argv)
-    assert (study / "warmup-pending.json").exists() and not (study / "trials").exists()
+    assert not (study / "warmup.json").exists() and not (study / "trials").exists()
 
     code, err = run_script("voc_ablation", resume, capfd)
     assert code == 0, err[-3000:]
-    warmups = [p for p in glob.glob(str(study / "warmup-*")) if os.path.isdir(p)]
-    assert len(warmups) == 1  # continued, not started again
-    results = glob.glob(str(study / "warmup-*" / "*" / "result.json"))
+    results = warmup_results(study)
+    assert len(results) == 1  # continued, not started again
     steps = [json.loads(line)["step"] for line in Path(results[0]).read_text().splitlines()]
     assert steps.count(10) == 1 and steps[-1] == 60, steps
-    assert read_json(study / "warmup.json")["0"].startswith(warmups[0])
-    assert not (study / "warmup-pending.json").exists()
+    published = study / "warmup" / "seed-0"
+    assert read_json(study / "warmup.json") == {"0": str(published)}
+    assert (published / "state.pt").is_file()
     trials = check_study_outputs(study, n_trials=2, kind="ablation")
     assert all(t["status"] == "TERMINATED" and t["step"] == 80 for t in trials)
+    for t in trials:  # each variant forked the published warm-up
+        config = read_json(study / "trials" / t["trial_id"] / "trial.json")["config"]
+        assert config["_fork_from"] == str(published)
 
 
 @pytest.mark.slow

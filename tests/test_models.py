@@ -30,7 +30,7 @@ def v2_r50():
 
 def _model_cfg(**model):
     base = dict(arch="tiny", depth=50, resnet_style="torchvision", pretrained="none",
-                pretrained_peer="none", feat_dim=64, width=8, dropout=0.1)
+                pretrained_peer="none", feat_dim=64, width=8, fuse="3x3", dropout=0.1)
     base.update(model)
     return SimpleNamespace(model=SimpleNamespace(**base), data=SimpleNamespace(num_classes=7))
 
@@ -41,6 +41,7 @@ def _factories():
         "v2": lambda: DeepLabV2(NUM_CLASSES, depth=50, feat_dim=64),
         "v3plus_os16": lambda: DeepLabV3Plus(NUM_CLASSES, depth=50, feat_dim=64, output_stride=16),
         "v3plus_os8": lambda: DeepLabV3Plus(NUM_CLASSES, depth=50, feat_dim=64, output_stride=8),
+        "tiny_1x1": lambda: TinySegNet(NUM_CLASSES, width=8, feat_dim=32, fuse="1x1"),
     }
 
 
@@ -51,7 +52,7 @@ def test_shapes_norms_and_classifier_input(name):
     head = model.head
     seen = {}
     head.classifier.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
-    sizes = [(33, 47), (65, 65)] if name == "tiny" else [(33, 47)]
+    sizes = [(33, 47), (65, 65)] if name.startswith("tiny") else [(33, 47)]
     for train in (True, False):
         model.train(train)
         for h, w in sizes:
@@ -78,6 +79,23 @@ def test_param_groups_disjoint_complete_and_trained(name):
         logits, feats = model(torch.rand(2, 3, 32, 32))
         (logits.sum() + feats.sum()).backward()
         assert all(p.grad is not None for p in model.parameters())
+
+
+def test_tiny_fuse_kernel_is_the_only_difference_between_its_options():
+    """`fuse=1x1` swaps the decoder's 3x3 fuse conv for a 1x1 one and changes nothing else;
+    the default stays 3x3 (tiny-v1's network), and an unknown kernel is refused."""
+    nets = {k: TinySegNet(NUM_CLASSES, width=8, feat_dim=32, **kw)
+            for k, kw in (("default", {}), ("3x3", {"fuse": "3x3"}), ("1x1", {"fuse": "1x1"}))}
+    shapes = {k: {n: tuple(t.shape) for n, t in net.state_dict().items()}
+              for k, net in nets.items()}
+    assert shapes["default"] == shapes["3x3"]
+    fuse = "head.fuse.0.weight"
+    assert shapes["3x3"][fuse] == (32, 48, 3, 3) and shapes["1x1"][fuse] == (32, 48, 1, 1)
+    assert {n: s for n, s in shapes["1x1"].items() if n != fuse} == {
+        n: s for n, s in shapes["3x3"].items() if n != fuse}
+    assert build_model(_model_cfg(fuse="1x1")).head.fuse[0].kernel_size == (1, 1)
+    with pytest.raises(ValueError, match="model.fuse must be one of 3x3, 1x1, got '5x5'"):
+        TinySegNet(NUM_CLASSES, fuse="5x5")
 
 
 def test_tiny_is_small_and_normalises_inputs_without_state():

@@ -98,7 +98,7 @@ def run_entry(args: list[str], work: Path, data_roots: list[Path],
 
 def train_args(preset: str, data_root: Path, out: Path, *extra: str) -> list[str]:
     shrink = SHRINK_CITYSCAPES if preset.startswith("cityscapes") else SHRINK
-    if preset == "tiny":  # its 400-iteration warm-up would outlast --iters (refused as such)
+    if preset == "tiny":  # its 200-iteration warm-up would outlast --iters (refused as such)
         shrink = [*shrink, "--set", "method.warmup_iters=2"]
     return ["-m", "ctt.train", "--preset", preset, "--data-root", str(data_root),
             "--iters", str(TRAIN_ITERS), "--out", str(out), *shrink, *extra]

@@ -122,6 +122,33 @@ def test_evaluate_reports_every_network(root, datasets):
     assert all(0.0 <= v <= 100.0 for v in res.values())
     assert not any(m.training for t in trainer.state.teachers for m in t.modules())
     assert all(m.training for s in trainer.state.students for m in s.modules())
+    # one pass over the images gives each network exactly what a pass of its own gives
+    from ctt.data.loader import eval_loader
+    from ctt.evaluate import evaluate
+
+    loader = eval_loader(datasets["val"])
+    for role, nets in (("student", trainer.state.students), ("teacher", trainer.state.teachers)):
+        for k, net in enumerate(nets):
+            assert res[f"miou/{role}{k}"] == evaluate(net, loader, 7)["miou"]
+    students = trainer.evaluate(teachers=False)
+    assert students == {k: v for k, v in res.items() if "teacher" not in k}
+
+
+def test_fit_evaluates_teachers_only_at_the_end(root, datasets):
+    """Periodic evaluations measure the students (``miou``); the teachers are evaluated once,
+    at the run's last iteration, not at an intermediate ``until`` (a shared warm-up)."""
+    cfg = make_cfg(root, optim__iters=6, run__eval_every=2)
+    trainer = Trainer(cfg, datasets=datasets)
+    evals: list[dict[str, float]] = []
+    trainer.fit(until=4, on_eval=evals.append)
+    trainer.fit(on_eval=evals.append)
+    assert [int(m["step"]) for m in evals] == [2, 4, 6]
+    for m in evals[:2]:
+        assert {"miou", "miou/student0", "miou/student1"} <= m.keys()
+        assert not any(k.startswith("miou/teacher") for k in m)
+    assert {"miou/teacher0", "miou/teacher1"} <= evals[2].keys()
+    final = trainer.evaluate()
+    assert {k: evals[2][k] for k in final} == final
 
 
 # --- CLI ---------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def hparams_session(logdir: str) -> dict:
-    """The experiment, session start/end of a run dir (asserting there is exactly one)."""
+    """The experiment, session start/end of a run dir (asserting there is exactly one);
+    ``hparams`` keyed by the columns' display names (the keys), in the experiment's order."""
     found: dict[str, list] = {"experiment": [], "start": [], "end": []}
     for data in hparams_records(logdir):
         if data.HasField("experiment"):
@@ -88,10 +89,12 @@ def hparams_session(logdir: str) -> dict:
         if data.HasField("session_end_info"):
             found["end"].append(data.session_end_info)
     assert all(len(v) == 1 for v in found.values()), {k: len(v) for k, v in found.items()}
-    ssi = found["start"][0]
+    ssi, exp = found["start"][0], found["experiment"][0]
+    assert sorted(ssi.hparams) == sorted(h.name for h in exp.hparam_infos)
     hp = {}
-    for k, val in ssi.hparams.items():
-        hp[k] = getattr(val, val.WhichOneof("kind"))
+    for info in exp.hparam_infos:
+        val = ssi.hparams[info.name]
+        hp[info.display_name] = getattr(val, val.WhichOneof("kind"))
     return {"hparams": hp,
             "metrics": [m.name.tag for m in found["experiment"][0].metric_infos],
             "end_status": found["end"][0].status}
@@ -232,10 +235,11 @@ def test_hparams_same_keys_full_config_every_trial(study):
         variant, seed = t.config["variant"], t.config["seed"]
         sessions[t.trial_id] = hparams_session(str(root / "tb" / tb_run_name(variant, seed,
                                                                              t.trial_id)))
-    expected_keys = (set(flat_config("supervised", 0)) - {"variant", "seed"}
-                     | {"variant", "seed", "status"})
+    # the flat config without run.seed (= seed), variant/seed/status first
+    expected = ["variant", "seed", "status", *sorted(set(flat_config("supervised", 0))
+                                                     - {"variant", "seed", "run.seed"})]
     for tid, s in sessions.items():
-        assert set(s["hparams"]) == expected_keys, tid
+        assert list(s["hparams"]) == expected, tid
         assert s["metrics"] == ["miou_best", "miou_final"], tid
     ok = sessions["t_ok"]["hparams"]
     assert ok["method.ema_decay"] == pytest.approx(0.99) and ok["method.unsup"] == "none"
@@ -246,9 +250,106 @@ def test_hparams_same_keys_full_config_every_trial(study):
     assert sessions["t_nan"]["hparams"]["status"] == "ERROR"
     # STATUS_SUCCESS = 1, STATUS_FAILURE = 2 in the HParams api proto.
     assert sessions["t_ok"]["end_status"] == 1 and sessions["t_err"]["end_status"] == 2
-    # An errored trial without any mIoU shows 0.0 (HParams mishandles NaN).
-    err_sc = scalars(str(root / "tb" / tb_run_name("cross", 1, "t_err")))
-    assert err_sc["miou_best"] == [(2, 0.0)] and err_sc["miou_final"] == [(2, 0.0)]
+
+
+def test_hparams_metrics_only_where_measured(study):
+    """No made-up score: a finished trial has both metrics, a pruned one the best it reached,
+    an errored one (with or without an mIoU before the error) neither."""
+    root, _, _ = study
+    sc = {tid: scalars(str(root / "tb" / name)) for tid, name in [
+        ("t_ok", "supervised_seed0_t_ok"), ("t_pruned", "cross_seed0_t_pruned"),
+        ("t_err", "cross_seed1_t_err"), ("t_nan", "cross_seed2_t_nan")]}
+    assert sc["t_ok"]["miou_best"] == [(4, 40.0)] and sc["t_ok"]["miou_final"] == [(4, 38.0)]
+    assert sc["t_pruned"]["miou_best"] == [(2, 30.0)] and "miou_final" not in sc["t_pruned"]
+    for tid in ("t_err", "t_nan"):
+        assert "miou_best" not in sc[tid] and "miou_final" not in sc[tid], tid
+    assert sc["t_nan"]["miou"] == [(2, 10.0)]  # the curve itself is kept
+
+
+def tensorboard_hparams(tb_root: str) -> tuple[list, dict]:
+    """What TensorBoard's own HParams backend serves for ``tb_root``: the experiment's
+    columns in display order ``(display_name, differs)`` and per run ``(hparams by display
+    name, {metric: value}, session status)``."""
+    pytest.importorskip("tensorboard.plugins.hparams.list_session_groups")
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import (
+        api_pb2,
+        backend_context,
+        get_experiment,
+        list_session_groups,
+    )
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(tb_root)
+    mux.Reload()
+    tb = base_plugin.TBContext(logdir=tb_root, multiplexer=mux,
+                               data_provider=data_provider.MultiplexerDataProvider(mux, tb_root))
+    bctx = backend_context.Context(tb)
+    exp = get_experiment.Handler(context.RequestContext(), bctx, "", api_pb2.GetExperimentRequest(
+        experiment_name="", hparams_limit=1000)).run()
+    # the dashboard: a stable sort putting `differs` first (the server sorted by name)
+    infos = sorted(exp.hparam_infos, key=lambda h: not h.differs)
+    columns = [(h.display_name or h.name, h.differs) for h in infos]
+    request = api_pb2.ListSessionGroupsRequest(
+        experiment_name="", start_index=0, slice_size=100, allowed_statuses=[0, 1, 2, 3],
+        col_params=[api_pb2.ColParams(hparam=h.name, include_in_result=True) for h in infos]
+        + [api_pb2.ColParams(metric=m.name, include_in_result=True) for m in exp.metric_infos])
+    groups = list_session_groups.Handler(context.RequestContext(), bctx, "", request).run()
+    display = {h.name: h.display_name or h.name for h in infos}
+    runs = {}
+    for g in groups.session_groups:
+        hp = {display[k]: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+              for k, v in g.hparams.items()}
+        runs[g.name] = (hp, {m.name.tag: m.value for m in g.metric_values},
+                        g.sessions[0].status)
+    return columns, runs
+
+
+def test_tensorboard_shows_the_study_columns_first(tmp_path):
+    """Read back by TensorBoard's HParams backend: variant, seed, status and the swept
+    parameters first (and among the 5 columns shown by default), internal keys absent,
+    metrics only where measured, status filterable."""
+    (tmp_path / "study.json").write_text(json.dumps({
+        "name": "s", "kind": "sweep", "variant": "cross",
+        "space": {"1-method.ema_decay": "loguniform", "method.tau_h": "loguniform"}}))
+    cb = StudyLoggerCallback(tmp_path)
+    internal = {"_fork_from": str(tmp_path / "warmup" / "checkpoint_000000"), "_until": 2}
+    ok = FakeTrial("t_ok", flat_config("cross", 0, **internal, **{"method.tau_h": 0.2}))
+    pruned = FakeTrial("t_pr", flat_config("cross", 1, **internal, **{"method.tau_h": 0.3}))
+    nan = FakeTrial("t_nan", flat_config("cross", 2, **internal, **{"method.tau_h": 0.4}))
+    trials = [ok, pruned, nan]
+    for t in trials:
+        cb.on_trial_start(0, trials, t)
+    cb.on_trial_result(0, trials, ok, result(2, 40.0))
+    cb.on_trial_result(0, trials, ok, result(4, 38.0))
+    cb.on_trial_result(0, trials, pruned, result(2, 30.0))
+    cb.on_trial_result(0, trials, nan, result(2, float("nan"), error="loss is NaN at step 2"))
+    for t in trials:
+        cb.on_trial_complete(0, trials, t)
+    columns, runs = tensorboard_hparams(str(tmp_path / "tb"))
+    names = [c[0] for c in columns]
+    assert names[:5] == ["variant", "seed", "status", "method.ema_decay", "method.tau_h"]
+    assert [c[1] for c in columns] == [True] * 5 + [False] * (len(columns) - 5)
+    assert names[5:] == sorted(names[5:])
+    assert not any(n.startswith("_") for n in names) and "run.seed" not in names
+    by_status = {hp["status"]: (hp, m, st) for hp, m, st in runs.values()}
+    assert set(by_status) == {"TERMINATED", "PRUNED", "ERROR"}
+    hp, metrics, status = by_status["TERMINATED"]
+    assert hp["variant"] == "cross" and hp["seed"] == 0.0 and hp["method.tau_h"] == 0.2
+    assert metrics == {"miou_best": 40.0, "miou_final": 38.0} and status == 1
+    assert by_status["PRUNED"][1] == {"miou_best": 30.0}
+    assert by_status["ERROR"][1] == {} and by_status["ERROR"][2] == 2
+    # a discrete domain makes status (and variant) checkbox filters in the dashboard
+    from tb_events import hparams_records
+
+    exp = next(r.experiment for r in hparams_records(tmp_path / "tb" / "cross_seed0_t_ok")
+               if r.HasField("experiment"))
+    domain = {h.display_name: [v.string_value for v in h.domain_discrete.values]
+              for h in exp.hparam_infos if h.HasField("domain_discrete")}
+    assert domain["status"] == ["TERMINATED", "PRUNED", "ERROR"]
+    assert domain["variant"] == ["cross"]
 
 
 def test_resume_replays_without_duplicates(study):

@@ -141,13 +141,37 @@ def test_ablation_table_order_delta_and_exclusions(tmp_path):
     assert "# Study report: abl" in report
     assert (f"| ctt | 3 | 1 error, 1 pruned | 55.83 ± {np.std([55, 55.5, 57], ddof=1):.2f} |"
             in report)
-    assert f"| +4.83 (n=3) | {ref.pvalue:.3g} |" in report
+    ci = ref.confidence_interval(0.95)
+    # the only comparison of this study: Holm's p of a family of one is the p itself
+    assert (f"| +4.83 (n=3) | [{ci.low:+.2f}, {ci.high:+.2f}] | {ref.pvalue:.3g} | "
+            f"{ref.pvalue:.3g} |" in report)
     assert "| supervised | 3 | - | 51.00 ± 1.00 |" in report and "(baseline)" in report
     assert "loss is NaN" in report  # excluded-trials table
     table = summary_table(tmp_path)
     assert table.splitlines()[0].split() == ["variant", "seeds", "miou_final", "Δ", "vs",
-                                             "supervised", "p"]
+                                             "supervised", "95%", "CI", "p", "p", "Holm"]
     assert "ctt" in table.splitlines()[2] and "+2 excl." in table and "+4.83" in table
+    assert f"[{ci.low:+.2f}, {ci.high:+.2f}]" in table.splitlines()[2]
+
+
+def test_report_header_names_the_machine(tmp_path):
+    from ctt.envinfo import environment
+
+    write_trial(tmp_path, "t0", "supervised", 0, "TERMINATED", [{"step": 4, "miou": 1.0}])
+    env = environment()
+    env["cpu"] = {"model": "Test CPU 9000", "flags": ["avx2", "avx512f"],
+                  "torch_capability": "AVX512", "isa_env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
+    (tmp_path / "study.json").write_text(json.dumps({
+        "name": "m", "env": env, "base_config": {"run.num_threads": 1}}))
+    report = build_results(tmp_path)["report"]
+    assert (f"- CPU: Test CPU 9000, {env['cpu_count']} cores; torch CPU kernels AVX512; "
+            "ISA flags avx2 avx512f; ONEDNN_MAX_CPU_ISA=AVX2\n") in report
+    assert (f"- environment: torch {env['versions']['torch']}, 1 torch thread(s) per trial, "
+            f"GPU {env['cuda']}, commit `{env['git_commit']}`\n") in report
+    del env["cpu"]  # a study.json written before the CPU was recorded
+    (tmp_path / "study.json").write_text(json.dumps({"name": "m", "env": env}))
+    report = build_results(tmp_path)["report"]
+    assert "- CPU:" not in report and "- environment: torch" in report
 
 
 def test_default_order_puts_supervised_first(tmp_path):
@@ -286,10 +310,13 @@ def test_ray_study_report_and_plots(ray_study):
     assert report == out["report"]
     assert "# Study report: tiny" in report and "ERROR 2" in report and "TERMINATED 4" in report
     assert "| supervised | 2 | - | 51.00 ± 1.41 | 51.00 ± 1.41 | (baseline) |" in report
-    p = scipy.stats.ttest_rel([53.0, 56.0], [50.0, 52.0]).pvalue
-    assert f"| ctt | 2 | - | 54.50 ± 2.12 | 54.50 ± 2.12 | +3.50 (n=2) | {p:.3g} |" in report
-    assert "| broken | 0 | 2 error | n/a | n/a | n/a | n/a |" in report
-    for name in ("ablation.png", "curves.png"):
+    ref = scipy.stats.ttest_rel([53.0, 56.0], [50.0, 52.0])
+    p, ci = ref.pvalue, ref.confidence_interval(0.95)
+    assert (f"| ctt | 2 | - | 54.50 ± 2.12 | 54.50 ± 2.12 | +3.50 (n=2) | "
+            f"[{ci.low:+.2f}, {ci.high:+.2f}] | {p:.3g} | {p:.3g} |" in report)
+    assert "| broken | 0 | 2 error | n/a | n/a | n/a | n/a | n/a | n/a |" in report
+    assert "- `broken` − `supervised`: not testable: no seed where both ran" in report
+    for name in ("ablation.png", "ablation_diff.png", "curves.png"):
         assert (study_dir / name).stat().st_size > 1000
     assert sorted(os.listdir(study_dir / "tb")) == sorted(
         f"{v}_seed{s}_{r['trial_id']}" for r in pq.read_table(out["trials_parquet"]).to_pylist()

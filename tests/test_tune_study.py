@@ -93,9 +93,14 @@ def deterministic(rec: dict) -> dict:
 
 
 def hparams_sessions(logdir: Path) -> list[dict[str, object]]:
-    """HParams session-start hparams of every event file in ``logdir``."""
-    return [{k: getattr(x, x.WhichOneof("kind")) for k, x in hp.session_start_info.hparams.items()}
-            for hp in hparams_records(logdir) if hp.HasField("session_start_info")]
+    """HParams session-start hparams of every event file in ``logdir``, keyed by the columns'
+    display names (the config keys; the leading columns' names carry a rank prefix)."""
+    records = hparams_records(logdir)
+    display = {h.name: h.display_name or h.name for r in records if r.HasField("experiment")
+               for h in r.experiment.hparam_infos}
+    return [{display.get(k, k): getattr(x, x.WhichOneof("kind"))
+             for k, x in hp.session_start_info.hparams.items()}
+            for hp in records if hp.HasField("session_start_info")]
 
 
 def check_study_outputs(study_dir: Path, n_trials: int, kind: str) -> list[dict]:
@@ -126,8 +131,10 @@ def check_study_outputs(study_dir: Path, n_trials: int, kind: str) -> list[dict]
                                                                     t["trial_id"]))
         assert len(sessions) == 1, t["trial_id"]
         hp = sessions[0]
-        assert set(FLAT_KEYS) <= set(hp), set(FLAT_KEYS) - set(hp)
-        assert hp["variant"] == t["variant"]
+        flat = set(FLAT_KEYS) - {"run.seed"}  # shown as `seed`
+        assert flat <= set(hp), flat - set(hp)
+        assert hp["variant"] == t["variant"] and hp["seed"] == t["seed"]
+        assert not any(k.startswith("_") for k in hp)  # _fork_from, _until stay out
         assert hp["data.dataset"] == t["data.dataset"]
     return trials
 
@@ -203,6 +210,127 @@ def make_cityscapes_tree(root: Path, n_train: int = 6, n_val: int = 2, n_labeled
 
 # --- no Ray needed ---------------------------------------------------------------------------
 
+ALL_VARIANTS = ["supervised", "mean_teacher", "dual_self", "cross", "cross_hc", "cross_lc", "ctt"]
+
+
+def test_ablation_trials_start_longest_first_with_seeds_interleaved():
+    opts = StudyOptions(name="order", seeds=[0, 1, 2])
+    order = [(t["variant"], t["seed"]) for t in study_mod.ablation_trials(opts, ALL_VARIANTS)]
+    assert order == [(v, s) for v in reversed(ALL_VARIANTS) for s in (0, 1, 2)]
+    # the estimate behind it: per-iteration cost in the order the steps measure
+    from ctt.config import apply_variant
+    from ctt.tune.grid import relative_cost
+
+    costs = [relative_cost(apply_variant(get_preset("tiny"), v).to_flat())
+             for v in ALL_VARIANTS]
+    assert costs == sorted(costs) and costs[0] * 4 < costs[-1]
+
+
+def _grid(tmp_path: Path, seeds=(0, 1), variants=("supervised", "ctt"), max_concurrent=0):
+    """A forked grid's searcher, its warm-up directories local under ``tmp_path``."""
+    from ctt.tune.grid import GridSearcher
+
+    opts = StudyOptions(name="g", seeds=list(seeds))
+    configs = study_mod.ablation_trials(opts, list(variants))
+    items = study_mod._grid_items(opts, configs, str(tmp_path), fork=True)
+    space = study_mod._common_space(items)
+    searcher = GridSearcher(items, max_concurrent=max_concurrent,
+                            record=str(tmp_path / "warmup.json"),
+                            failures=str(tmp_path / "warmup-failed.json"))
+    return searcher, space
+
+
+def _publish(tmp_path: Path, seed: int) -> None:
+    d = tmp_path / "warmup" / f"seed-{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "state.pt").write_bytes(b"x")
+
+
+def test_grid_searcher_releases_a_seeds_variants_when_its_warmup_is_done(tmp_path):
+    """Warm-ups first; a variant waits only for its own seed's warm-up (no barrier), the
+    longest first; the searcher's state survives save/restore (Tune's experiment snapshot)."""
+    from ray.tune.search import Searcher
+
+    searcher, space = _grid(tmp_path)
+    assert space["optim.iters"] == get_preset("tiny").optim.iters  # shared keys live there
+    w0, w1 = searcher.suggest("t0"), searcher.suggest("t1")
+    assert (w0["variant"], w0["seed"], w1["variant"], w1["seed"]) == ("warmup", 0, "warmup", 1)
+    assert w0["_publish"] == str(tmp_path / "warmup" / "seed-0")
+    assert w0["_until"] == get_preset("tiny").method.warmup_iters
+    assert searcher.suggest("t2") is None  # no variant may start before its warm-up
+    assert not (tmp_path / "warmup.json").exists()
+    # seed 1's warm-up ends first: its variants start, longest first, while seed 0 warms up
+    _publish(tmp_path, 1)
+    searcher.on_trial_complete("t1", {"step": 400, "error": None})
+    assert json.loads((tmp_path / "warmup.json").read_text()) == {
+        "1": str(tmp_path / "warmup" / "seed-1")}
+    a = searcher.suggest("t3")
+    assert (a["variant"], a["seed"]) == ("ctt", 1)
+    assert a["_fork_from"] == str(tmp_path / "warmup" / "seed-1")
+    path = tmp_path / "searcher.pkl"
+    searcher.save(str(path))
+    restored, _ = _grid(tmp_path / "other")
+    restored.restore(str(path))
+    for s in (searcher, restored):
+        b = s.suggest("t4")
+        assert (b["variant"], b["seed"]) == ("supervised", 1)
+        assert s.suggest("t5") is None
+        _publish(tmp_path, 0)
+        s.on_trial_complete("t0", {"step": 400})
+        assert [(c["variant"], c["seed"]) for c in (s.suggest("t6"), s.suggest("t7"))] == [
+            ("ctt", 0), ("supervised", 0)]
+        assert s.suggest("t8") is Searcher.FINISHED
+        (tmp_path / "warmup" / "seed-0" / "state.pt").unlink()
+
+
+def test_grid_searcher_limits_concurrency_and_drops_the_forks_of_a_failed_warmup(tmp_path):
+    from ray.tune.search import Searcher
+
+    searcher, _ = _grid(tmp_path, max_concurrent=1)
+    assert searcher.suggest("t0")["seed"] == 0
+    assert searcher.suggest("t1") is None  # one at a time
+    searcher.on_trial_complete("t0", {"step": 4, "error": "non-finite loss/sup"})
+    assert searcher.suggest("t1")["variant"] == "warmup"  # seed 1's warm-up
+    searcher.on_trial_complete("t1", None, error=True)  # crashed beyond max_failures
+    assert searcher.suggest("t2") is Searcher.FINISHED  # nothing of either seed may run
+    assert sorted(searcher.dropped) == ["ctt/0", "ctt/1", "supervised/0", "supervised/1"]
+    failed = json.loads((tmp_path / "warmup-failed.json").read_text())
+    assert failed["warmup/0"] == "warm-up of seed 0 failed: non-finite loss/sup"
+    assert failed["warmup/1"] == "warm-up of seed 1 failed: the trial failed"
+    with pytest.raises(RuntimeError, match="warm-up of seed 0 failed: non-finite"):
+        study_mod._check_warmups(tmp_path)
+
+
+def test_warmup_publishes_its_checkpoint_locally_and_to_a_storage_uri(tmp_path):
+    """The warm-up trial's ``_publish`` copy, read back as the forks read it."""
+    from ctt.tune.grid import published
+    from ctt.tune.trainable import _fork_checkpoint, _publish
+
+    state = tmp_path / "trial" / "state.pt"
+    state.parent.mkdir()
+    state.write_bytes(b"state")
+    for dest in (str(tmp_path / "local" / "seed-0"),
+                 f"file://{tmp_path}/bucket/study/warmup/seed-0"):
+        assert not published(dest)
+        _publish(state, dest)
+        assert published(dest)
+        with _fork_checkpoint(dest).as_directory() as d:
+            assert (Path(d) / "state.pt").read_bytes() == b"state"
+    assert (tmp_path / "bucket" / "study" / "warmup" / "seed-0" / "state.pt").is_file()
+
+
+def test_grid_searcher_adopts_a_published_warmup(tmp_path):
+    """A warm-up that finished after the last experiment snapshot (or in an earlier run of
+    the study) is not run again: its published checkpoint counts."""
+    _publish(tmp_path, 0)
+    searcher, _ = _grid(tmp_path)
+    assert json.loads((tmp_path / "warmup.json").read_text()) == {
+        "0": str(tmp_path / "warmup" / "seed-0")}
+    got = [(c["variant"], c["seed"]) for c in (searcher.suggest("a"), searcher.suggest("b"),
+                                                searcher.suggest("c"))]
+    assert got == [("warmup", 1), ("ctt", 0), ("supervised", 0)]
+
+
 def test_dry_run_prints_trials_and_estimate_and_launches_nothing(monkeypatch, capsys):
     was_up = ray.is_initialized()
 
@@ -222,7 +350,8 @@ def test_dry_run_prints_trials_and_estimate_and_launches_nothing(monkeypatch, ca
     assert load_script("voc_sweep").main(
         ["--smoke-test", "--dry-run", "--num-samples", "5", "--storage", "/nonexistent"]) == 0
     out = capsys.readouterr().out
-    assert "3 trials" in out and "search space: 1-method.ema_decay" in out
+    assert "4 trials" in out and "search space: 1-method.ema_decay" in out
+    assert "3 search trials, then 1 confirmation trials (top 1 x 1 fresh seeds)" in out
     assert ray.is_initialized() == was_up
     assert not Path("/nonexistent").exists()
 
@@ -336,6 +465,23 @@ def test_ablation_smoke_outputs(smoke_ablation):
     assert by["cross"]["method.unsup"] == "cross" and by["cross"]["method.lambda_h"] == 0.0
     # the shared warm-up was forked: one warm-up experiment, its checkpoint recorded per seed
     assert list(read_json(study_dir / "warmup.json")) == ["0"]
+
+
+@pytest.mark.slow
+def test_pipelined_warmup_forks_equal_training_from_scratch(ray_local, smoke_ablation, tmp_path):
+    """The smoke grid (warm-up trial + forks in one experiment) against the same trials run
+    from scratch (--no-fork): the final records are identical, teachers included."""
+    run_main("voc_ablation", ["--smoke-test", "--no-fork", "--variants", "supervised,ctt",
+                              "--storage", str(tmp_path), "--out", "scratch"])
+    scratch = {t["variant"]: t for t in trials_of(tmp_path / "scratch")}
+    assert not (tmp_path / "scratch" / "warmup.json").exists()
+    forked_dir, _ = smoke_ablation
+    forked = {t["variant"]: t for t in trials_of(forked_dir)}
+    for variant in ("supervised", "ctt"):
+        got = last_record(forked_dir, forked[variant]["trial_id"])
+        want = last_record(tmp_path / "scratch", scratch[variant]["trial_id"])
+        assert deterministic(got) == deterministic(want), variant
+    assert "miou/teacher1" in deterministic(got)  # the final evaluation has the teachers
 
 
 @pytest.mark.slow

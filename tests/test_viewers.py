@@ -109,8 +109,13 @@ def test_tensorboard_reads_our_scalars_and_hparams(tmp_path: Path, server) -> No
     assert [(step, value) for _, step, value in points] == [(2, 40.0), (4, 38.0)]
 
     exp = get_json(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
-    names = {h["name"] for h in exp["hparamInfos"]}
-    assert {"variant", "seed", "method.lambda_h", "method.unsup", "status"} <= names
+    # columns as the dashboard shows them: display names, `differs` first (the first five
+    # are visible by default); the study's own columns lead, internal keys are absent
+    shown = [h.get("displayName") or h["name"]
+             for h in sorted(exp["hparamInfos"], key=lambda h: not h.get("differs", False))]
+    assert shown[:3] == ["variant", "seed", "status"]
+    assert {"method.lambda_h", "method.unsup"} <= set(shown) and "run.seed" not in shown
+    display = {h["name"]: h.get("displayName") or h["name"] for h in exp["hparamInfos"]}
     assert {m["name"]["tag"] for m in exp["metricInfos"]} >= {"miou_final", "miou_best"}
 
     groups = get_json(f"{url}/data/plugin/hparams/session_groups", {
@@ -119,6 +124,8 @@ def test_tensorboard_reads_our_scalars_and_hparams(tmp_path: Path, server) -> No
                             "STATUS_RUNNING"]})["sessionGroups"]
     by_run = {g["name"]: g for g in groups}
     assert set(by_run) == runs
+    for g in groups:
+        g["hparams"] = {display[k]: v for k, v in g["hparams"].items()}
     a = by_run[tb_run_name("ctt", 0, "t_a")]
     assert a["hparams"]["variant"] == "ctt" and a["hparams"]["method.lambda_h"] == 0.2
     assert a["hparams"]["method.unsup"] == "cross"

@@ -245,7 +245,7 @@ def test_unreadable_files_name_file_and_line(tmp_path: Path) -> None:
     assert isinstance(e.value, ValueError) and isinstance(e.value, UserError)
     (root / "JPEGImages" / f"{IDS[0]}.jpg").write_text("not an image")
     with pytest.raises(DataError, match=r"line 2\): cannot identify image file"):
-        ds[0]
+        VOCDataset(root, "splits/2/labeled")[0]  # ds keeps item 0 decoded: a new reader
 
     (root / "latin.txt").write_bytes(f"{IDS[2]}\n# café\n{IDS[3]}\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin.txt, line 2 is not UTF-8 text \(byte 0xe9\)"):
@@ -259,3 +259,52 @@ def test_unreadable_files_name_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(MissingDataError) as e:
         VOCDataset(root, "splits/2/unlabeled")
     assert isinstance(e.value, FileNotFoundError) and "unlabeled.txt, line 1" in str(e.value)
+
+
+def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def test_items_are_decoded_once_and_read_bit_identically(tmp_path: Path) -> None:
+    """The in-memory cache of decoded items: each file is decoded on its first read only, a
+    cached read equals an uncached one bit for bit (augmented, over several epochs, labeled
+    and unlabeled), the budget bounds it, and the data root is never written."""
+    root = make_voc(tmp_path)
+    before = _tree_state(root)
+    t = train_transform(16, 0, scale=(0.5, 1.5), flip=True)
+    for labeled in (True, False):
+        cached = VOCDataset(root, "train", transform=t, seed=3, labeled=labeled)
+        plain = VOCDataset(root, "train", transform=t, seed=3, labeled=labeled, cache_bytes=0)
+        for epoch in range(3):
+            for i in range(len(cached)):
+                (a, la), (b, lb) = cached[(i, epoch)], plain[(i, epoch)]
+                assert torch.equal(a, b) and torch.equal(la, lb)
+                a.mul_(0.0)  # what a caller does to an item cannot reach the cache
+        assert cached.decodes == len(IDS)  # once per item
+        assert plain.decodes == 3 * len(IDS)  # off: every read decodes
+    # a budget of two items' bytes keeps the first two items read; the rest decode each time
+    one = VOCDataset(root, "train", cache_bytes=0)
+    one[0]
+    item_bytes = SIZE[0] * SIZE[1] * 3 + label_for(0).astype(np.uint8).nbytes
+    small = VOCDataset(root, "train", cache_bytes=2 * item_bytes)
+    for _ in range(2):
+        for i in range(len(small)):
+            small[i]
+    assert small.decodes == 2 + 2 * (len(IDS) - 2)
+    assert _tree_state(root) == before
+
+
+def test_cache_budget_from_the_environment(tmp_path: Path, monkeypatch) -> None:
+    from ctt.data.voc import DEFAULT_CACHE_MB, default_cache_bytes
+    from ctt.errors import DataError
+
+    root = make_voc(tmp_path)
+    monkeypatch.delenv("CTT_DATA_CACHE_MB", raising=False)
+    assert default_cache_bytes() == DEFAULT_CACHE_MB * 2**20
+    monkeypatch.setenv("CTT_DATA_CACHE_MB", "0")
+    ds = VOCDataset(root, "train")
+    ds[0], ds[0]
+    assert ds.cache_bytes == 0 and ds.decodes == 2
+    monkeypatch.setenv("CTT_DATA_CACHE_MB", "lots")
+    with pytest.raises(DataError, match="CTT_DATA_CACHE_MB='lots' is not a number of MiB"):
+        VOCDataset(root, "train")

@@ -76,6 +76,8 @@ class CityscapesDataset(SegmentationDataset):
         resize: ``(H, W)`` every item is resized to before the transform (image bilinear,
             label nearest); the reference trains and evaluates at ``(512, 1024)``.
         seed: seeds the per-item augmentation generators (with epoch and index).
+        cache_bytes: decoded items kept in memory, before ``resize`` (see
+            :class:`~ctt.data.voc.SegmentationDataset`).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class CityscapesDataset(SegmentationDataset):
         validate: bool | str = True,
         resize: tuple[int, int] | None = None,
         seed: int = 0,
+        cache_bytes: int | None = None,
     ) -> None:
         root_path = check_root(
             root,
@@ -124,7 +127,7 @@ class CityscapesDataset(SegmentationDataset):
                 sources.append((self.split_file, number))
         super().__init__(
             files, sources, num_classes=NUM_CLASSES, transform=transform, labeled=labeled,
-            seed=seed, resize=resize,
+            seed=seed, resize=resize, cache_bytes=cache_bytes,
         )
         self.ids = [image.name.removesuffix(_IMAGE_SUFFIX) for image, _ in files]
         self.validate(validate)

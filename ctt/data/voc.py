@@ -38,6 +38,7 @@ Transform = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 Source = tuple[Path, int] | None  # (split file, 1-based line number) that listed an item
 
 _LABEL_MODES = ("P", "L", "I", "I;16")
+DEFAULT_CACHE_MB = 256
 
 
 def check_root(root: str | os.PathLike, what: str, hint: str) -> Path:
@@ -127,8 +128,8 @@ def _unreadable(what: str, path: Path, err: OSError, source: Source) -> DataErro
                      "(copy or download it again) or remove its line from the split file")
 
 
-def read_image(path: Path, source: Source = None) -> torch.Tensor:
-    """RGB image file -> float32 ``[3, H, W]`` in ``[0, 1]``.
+def decode_image(path: Path, source: Source = None) -> np.ndarray:
+    """RGB image file -> a writable uint8 array ``[H, W, 3]`` (what :func:`read_image` scales).
 
     A missing file raises :class:`MissingDataError`, an undecodable or truncated one
     :class:`DataError`; both name ``path`` and the split line ``source`` that listed it."""
@@ -139,7 +140,17 @@ def read_image(path: Path, source: Source = None) -> torch.Tensor:
         raise MissingDataError(f"missing file {path}{listed_at(source)}") from e
     except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated, unidentified, corrupt
         raise _unreadable("image", path, e, source) from e
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return array.copy()
+
+
+def image_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` -> a new float32 ``[3, H, W]`` in ``[0, 1]`` (``array`` untouched)."""
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+
+
+def read_image(path: Path, source: Source = None) -> torch.Tensor:
+    """RGB image file -> float32 ``[3, H, W]`` in ``[0, 1]``; errors as :func:`decode_image`."""
+    return image_tensor(decode_image(path, source))
 
 
 def read_label(path: Path, source: Source = None) -> np.ndarray:
@@ -165,6 +176,19 @@ def read_label(path: Path, source: Source = None) -> np.ndarray:
         raise _unreadable("label file", path, e, source) from e
 
 
+def default_cache_bytes() -> int:
+    """Per-dataset budget of decoded items kept in memory: ``$CTT_DATA_CACHE_MB`` MiB, default
+    256 (the four tiny synthetic splits take 10 MiB; a full VOC train set would not fit and is
+    cached only up to the budget). 0 turns the cache off."""
+    text = os.environ.get("CTT_DATA_CACHE_MB", "").strip()
+    try:
+        mib = float(text) if text else DEFAULT_CACHE_MB
+    except ValueError:
+        raise DataError(f"CTT_DATA_CACHE_MB={text!r} is not a number of MiB: set it to e.g. "
+                        f"{DEFAULT_CACHE_MB} (0 turns the decoded-image cache off)") from None
+    return max(0, int(mib * 2**20))
+
+
 class SegmentationDataset(Dataset):
     """Base: a list of ``(image, label | None)`` files -> ``(image [3,H,W], label [H,W])`` items.
 
@@ -175,6 +199,13 @@ class SegmentationDataset(Dataset):
     Call :meth:`set_epoch` before each epoch (workers that are re-created per epoch see it),
     or index with ``(index, epoch)`` tuples, e.g. from a sampler, which also works with
     ``persistent_workers=True``.
+
+    Decoding once: each item's decoded image (uint8) and checked label are kept in memory the
+    first time it is read, up to ``cache_bytes`` per dataset (per process: each DataLoader
+    worker has its own); items read after the budget is full are decoded on every read. Items
+    are rebuilt from the kept arrays exactly as from the files, so a cached read is
+    bit-identical to an uncached one. Nothing is written anywhere (the data root stays
+    read-only). ``cache_bytes=None`` takes :func:`default_cache_bytes`; 0 turns it off.
     """
 
     def __init__(
@@ -187,6 +218,7 @@ class SegmentationDataset(Dataset):
         labeled: bool,
         seed: int,
         resize: tuple[int, int] | None = None,
+        cache_bytes: int | None = None,
     ) -> None:
         self.files = files
         self.ids = [image.stem for image, _ in files]
@@ -197,6 +229,10 @@ class SegmentationDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.resize = None if resize is None else (int(resize[0]), int(resize[1]))
+        self.cache_bytes = default_cache_bytes() if cache_bytes is None else int(cache_bytes)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._cache_used = 0
+        self.decodes = 0  # files decoded so far (cache misses), for tests and benchmarks
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of ``epoch`` for plain integer indices."""
@@ -240,23 +276,39 @@ class SegmentationDataset(Dataset):
             )
         return raw
 
-    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Item ``index`` as stored: image uint8 ``[H, W, 3]``, checked class ids ``[H, W]``
+        (``None`` when unlabeled); from the cache when it holds them."""
+        hit = self._cache.get(index)
+        if hit is not None:
+            return hit
         image_path, label_path = self.files[index]
         source = self._sources[index]
-        image = read_image(image_path, source)
+        image = decode_image(image_path, source)
+        mapped = None
         if self.labeled:
             assert label_path is not None
             raw = read_label(label_path, source)
-        if not self.labeled:
-            label = torch.full(image.shape[1:], IGNORE_INDEX, dtype=torch.int64)
-        else:
-            if raw.shape != tuple(image.shape[1:]):
+            if raw.shape != image.shape[:2]:
                 raise DataError(
-                    f"size mismatch: image {image_path} is {tuple(image.shape[1:])} (H, W) but "
+                    f"size mismatch: image {image_path} is {image.shape[:2]} (H, W) but "
                     f"label {label_path} is {raw.shape}{listed_at(source)}: an image and its "
                     "label must have the same size; check the pair"
                 )
             mapped = self.map_label(raw, label_path, source)
+        self.decodes += 1
+        size = image.nbytes + (0 if mapped is None else mapped.nbytes)
+        if self._cache_used + size <= self.cache_bytes:
+            self._cache[index] = (image, mapped)
+            self._cache_used += size
+        return image, mapped
+
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        array, mapped = self._decode(index)
+        image = image_tensor(array)  # new tensors: the cached arrays are never modified
+        if mapped is None:
+            label = torch.full(image.shape[1:], IGNORE_INDEX, dtype=torch.int64)
+        else:
             label = torch.from_numpy(mapped.astype(np.int64))
         if self.resize is not None:
             image, resized = resize_pair(image, label, self.resize)
@@ -295,6 +347,7 @@ class VOCDataset(SegmentationDataset):
         validate: ``True`` checks every listed file exists now; ``False`` defers missing-file
             errors to loading; ``"full"`` also reads every label now (values and sizes).
         seed: seeds the per-item augmentation generators (with epoch and index).
+        cache_bytes: decoded items kept in memory (see :class:`SegmentationDataset`).
     """
 
     def __init__(
@@ -308,6 +361,7 @@ class VOCDataset(SegmentationDataset):
         label_dir: str | None = None,
         validate: bool | str = True,
         seed: int = 0,
+        cache_bytes: int | None = None,
     ) -> None:
         root_path = check_root(
             root,
@@ -326,7 +380,7 @@ class VOCDataset(SegmentationDataset):
             sources.append((self.split_file, number))
         super().__init__(
             files, sources, num_classes=num_classes, transform=transform, labeled=labeled,
-            seed=seed,
+            seed=seed, cache_bytes=cache_bytes,
         )
         self.validate(validate)
 

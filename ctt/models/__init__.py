@@ -23,7 +23,8 @@ __all__ = ["MODELS", "DeepLabV2", "DeepLabV3Plus", "MissingWeightsError", "SegMo
 
 
 def _tiny(m: Any, num_classes: int) -> nn.Module:
-    return TinySegNet(num_classes, width=m.width, feat_dim=m.feat_dim, dropout=m.dropout)
+    return TinySegNet(num_classes, width=m.width, feat_dim=m.feat_dim, dropout=m.dropout,
+                      fuse=m.fuse)
 
 
 def _deeplabv2(m: Any, num_classes: int) -> nn.Module:

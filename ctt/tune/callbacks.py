@@ -23,12 +23,22 @@ Status rules:
   ``config["optim.iters"]`` (a scheduler stopped it early).
 
 TensorBoard HParams: every trial (finished, pruned or errored) gets one session with the same
-key set: the full flat config + ``variant`` + ``seed`` + ``status`` (the string TERMINATED,
-PRUNED or ERROR, so the HParams table can filter on it). Its metrics are ``miou_best`` and
-``miou_final``; a trial without any mIoU (errored before the first evaluation) gets 0.0 for
-both, because the HParams plugin mishandles NaN, and is told apart by ``status``. The session
-lives in its own event file (``*.hparams``) in the trial's run directory, so it can be replaced
-wholesale (the plugin keeps the first metadata it sees per tag and run).
+columns, in the study's order: ``variant``, ``seed``, ``status`` (TERMINATED, PRUNED or ERROR,
+with checkbox filters), then the swept parameters (``study.json["space"]``, as the run used
+them), then the rest of the flat config by name. Left out: internal keys (any ``_``-prefixed
+one, such as ``_fork_from``, a checkpoint path, and ``_until``) and ``run.seed`` (= ``seed``).
+How the plugin orders columns (tensorboard 2.x): the experiment proto of an arbitrary run,
+sorted by (``differs`` first, then ``name``); the dashboard shows the first five. So the
+study's own columns are marked ``differs`` and named with their rank (``"00 variant"``), and
+each column's ``display_name`` is the plain key, which is all the table and the CSV show.
+Metrics ``miou_best`` and ``miou_final``, written only where measured: a finished trial has
+both; a pruned trial only ``miou_best`` (the best it reached before it was stopped, which is
+what a pruner compares; its last value is no final); an errored trial none. The plugin treats
+a missing metric as absent (blank cell, sorted and filtered as missing), whereas a made-up 0.0
+would rank as a real score and NaN reaches the dashboard as the string "NaN" (protobuf's JSON
+form of a NaN double). The session lives in its own event file
+(``*.hparams``) in the trial's run directory, so it can be replaced wholesale (the plugin
+keeps the first metadata it sees per tag and run).
 
 Resume (``Tuner.restore`` / ``--resume``, or a trial restarted by ``FailureConfig``): the first
 result a (re)started trial sends truncates its metrics.jsonl to the steps before it and opens
@@ -50,10 +60,10 @@ from __future__ import annotations
 import functools
 import glob
 import logging
-import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,13 +75,14 @@ from ctt.tune.layout import (
     metrics_jsonl_path,
     read_history,
     read_json,
+    study_json_path,
     summarise_metrics,
     tb_dir,
     tb_run_name,
     trial_json_path,
     write_json,
 )
-from ctt.tune.space import resolve_config
+from ctt.tune.space import ONE_MINUS, resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -124,31 +135,109 @@ def _hparam_value(v: Any) -> bool | int | float | str:
     return str(v)
 
 
+HPARAMS_METRICS = ("miou_best", "miou_final")
+_DIFFERS_TRUE = bytes([7 << 3 | 0, 1])
+STATUSES = ("TERMINATED", "PRUNED", "ERROR")
+
+
+def hparams_columns(config: dict[str, Any], variant: str, seed: Any, status: str,
+                    swept: Sequence[str] = ()) -> tuple[dict[str, Any], list[str]]:
+    """The HParams columns of one trial, in display order, and the leading ones.
+
+    Returns ``(columns, lead)``: ``columns`` maps key -> value, ``variant``, ``seed``,
+    ``status``, the ``swept`` keys the config has, then every other config key by name,
+    leaving out ``_``-prefixed (internal) keys, ``variant``/``seed`` and ``run.seed``;
+    ``lead`` is the list of the study's own keys (variant, seed, status, swept).
+    """
+    lead = ["variant", "seed", "status", *[k for k in swept if k in config]]
+    columns: dict[str, Any] = {"variant": variant, "seed": seed, "status": status}
+    columns.update({k: config[k] for k in lead[3:]})
+    columns.update({k: config[k] for k in sorted(config)
+                    if k not in columns and not k.startswith("_") and k != "run.seed"})
+    return columns, lead
+
+
 def write_hparams_session(logdir: str, hparams: dict[str, Any], metrics: dict[str, float],
-                          status: str, step: int) -> None:
+                          status: str, step: int, lead: Sequence[str] = (),
+                          domains: dict[str, Sequence[Any]] | None = None) -> None:
     """Replace the trial's HParams session: experiment + session start/end + metric scalars.
 
-    Written to its own ``*.hparams`` event file in ``logdir`` (the trial's run directory, not
-    a timestamped subdirectory as ``SummaryWriter.add_hparams`` would use).
+    ``hparams`` in display order; ``lead`` are the keys shown first (marked ``differs`` and
+    named ``"<rank> <key>"`` so that the plugin's (differs, name) sort keeps this order; every
+    column's display name is its key). ``domains`` gives the discrete values of a column (a
+    checkbox filter; it must list every value of the study, since the plugin takes the
+    experiment of one run for all). ``metrics`` holds only measured values (see module doc):
+    its keys are written as scalars, while the experiment lists every name in
+    ``HPARAMS_METRICS``, so each run's experiment is the same. Written to its own
+    ``*.hparams`` event file in ``logdir`` (the trial's run directory, not a timestamped
+    subdirectory as ``SummaryWriter.add_hparams`` would use).
     """
+    from google.protobuf.struct_pb2 import ListValue
     from tensorboardX import SummaryWriter
-    from tensorboardX.proto.api_pb2 import Status
-    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
+    from tensorboardX.proto.api_pb2 import (
+        DataType,
+        Experiment,
+        HParamInfo,
+        MetricInfo,
+        MetricName,
+        Status,
+    )
+    from tensorboardX.proto.plugin_hparams_pb2 import (
+        HParamsPluginData,
+        SessionEndInfo,
+        SessionStartInfo,
+    )
     from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
-    from tensorboardX.summary import hparams as hparams_summaries
 
     _remove_hparams_files(logdir)
-    exp, ssi, _ = hparams_summaries({k: _hparam_value(v) for k, v in hparams.items()}, metrics)
-    # tensorboardX always marks the session a success; ours says how the trial ended.
-    content = HParamsPluginData(
-        session_end_info=SessionEndInfo(status=Status.Value(_STATUS_TO_SESSION[status]),
-                                        end_time_secs=time.time()),
-        version=0)
-    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
-        plugin_name="hparams", content=content.SerializeToString()))
-    sei = Summary(value=[Summary.Value(tag="_hparams_/session_end_info", metadata=meta)])
+    rank = {k: i for i, k in enumerate(lead)}
+    digits = max(2, len(str(len(lead))))  # "00 variant" ... sorts by rank as text
+    ssi = SessionStartInfo()
+    infos = []
+    for key, raw in hparams.items():
+        value = _hparam_value(raw)
+        name = f"{rank[key]:0{digits}d} {key}" if key in rank else key
+        if isinstance(value, str):
+            ssi.hparams[name].string_value = value
+            kind = "DATA_TYPE_STRING"
+        elif isinstance(value, bool):
+            ssi.hparams[name].bool_value = value
+            kind = "DATA_TYPE_BOOL"
+        else:
+            ssi.hparams[name].number_value = float(value)
+            kind = "DATA_TYPE_FLOAT64"
+        info = HParamInfo(name=name, display_name=key, type=DataType.Value(kind))
+        if key in rank:
+            # tensorboardX's copy of api.proto predates HParamInfo.differs (field 7, bool):
+            # append it as raw wire bytes (tag 7 << 3 | varint, value 1); protobuf keeps an
+            # unknown field through parse and serialise, and TensorBoard reads it as differs.
+            info = HParamInfo.FromString(info.SerializeToString() + _DIFFERS_TRUE)
+        domain = (domains or {}).get(key)
+        if domain is None and kind == "DATA_TYPE_BOOL":
+            domain = (False, True)
+        if domain is not None:
+            values = ListValue()
+            values.extend(list(domain))
+            info.domain_discrete.CopyFrom(values)
+        infos.append(info)
+    exp = Experiment(hparam_infos=infos,
+                     metric_infos=[MetricInfo(name=MetricName(tag=m), display_name=m)
+                                   for m in HPARAMS_METRICS])
+
+    def plugin_summary(tag: str, data: HParamsPluginData) -> Summary:
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+            plugin_name="hparams", content=data.SerializeToString()))
+        return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+    summaries = (
+        plugin_summary("_hparams_/experiment", HParamsPluginData(experiment=exp, version=0)),
+        plugin_summary("_hparams_/session_start_info",
+                       HParamsPluginData(session_start_info=ssi, version=0)),
+        plugin_summary("_hparams_/session_end_info", HParamsPluginData(
+            session_end_info=SessionEndInfo(status=Status.Value(_STATUS_TO_SESSION[status]),
+                                            end_time_secs=time.time()), version=0)))
     with SummaryWriter(logdir=logdir, filename_suffix=HPARAMS_SUFFIX) as w:
-        for summary in (exp, ssi, sei):
+        for summary in summaries:
             w.file_writer.add_summary(summary)
         for k, v in metrics.items():
             w.add_scalar(k, v, step)
@@ -223,6 +312,7 @@ class StudyLoggerCallback(Callback):
         self.study_dir = os.path.abspath(os.fspath(study_dir))
         self.flush_secs = flush_secs
         self._trials: dict[str, _TrialLog] = {}
+        self._axes: tuple[list[str], list[str] | None] | None = None
 
     # Tune pickles its callbacks with the experiment state; open writers must not travel.
     def __getstate__(self) -> dict:
@@ -247,6 +337,25 @@ class StudyLoggerCallback(Callback):
                            started_at=time.time())
             self._trials[trial.trial_id] = tl
         return tl
+
+    def _study_axes(self) -> tuple[list[str], list[str] | None]:
+        """(swept keys, every variant name or None) of the study, from its ``study.json``
+        (read once it exists): the HParams columns shown first and the variant filter."""
+        if self._axes is None:
+            study = read_json(study_json_path(self.study_dir))
+            if not isinstance(study, dict):
+                return [], None  # no study.json (yet): plain columns, read again next time
+            space = study.get("space")
+            swept = [str(k).removeprefix(ONE_MINUS) for k in space] \
+                if isinstance(space, (dict, list)) else []
+            declared = study.get("variants")
+            if isinstance(declared, dict):
+                declared = list(declared)
+            if not isinstance(declared, list) and isinstance(study.get("variant"), str):
+                declared = [study["variant"]]
+            variants = [str(v) for v in declared] if isinstance(declared, list) else None
+            self._axes = (swept, variants)
+        return self._axes
 
     def _close_writer(self, tl: _TrialLog) -> None:
         if tl.writer is not None:
@@ -360,13 +469,15 @@ class StudyLoggerCallback(Callback):
             end_time=time.time())
 
         hp_status = "PRUNED" if pruned else status
-        hparams = {k: config[k] for k in sorted(config) if k not in ("variant", "seed")}
-        hparams.update({"variant": variant, "seed": seed, "status": hp_status})
-        metrics = {
-            "miou_best": s["miou_best"] if s["miou_best"] is not None else 0.0,
-            "miou_final": s["miou_final"] if s["miou_final"] is not None else 0.0,
-        }
-        metrics = {k: (v if math.isfinite(v) else 0.0) for k, v in metrics.items()}
+        swept, variants = self._study_axes()
+        hparams, lead = hparams_columns(config, variant, seed, hp_status, swept)
+        domains: dict[str, Sequence[Any]] = {"status": STATUSES}
+        if variants and variant in variants:
+            domains["variant"] = variants
+        # Only measured values (module doc): all for a finished trial, the best so far for a
+        # pruned one, none for an errored one. summarise_metrics keeps finite values only.
+        measured = {"TERMINATED": HPARAMS_METRICS, "PRUNED": ("miou_best",)}.get(hp_status, ())
+        metrics = {k: float(s[k]) for k in measured if s[k] is not None}
         write_hparams_session(tb_dir(self.study_dir, tl.run_name), hparams, metrics,
-                              hp_status, s["step"] or 0)
+                              hp_status, s["step"] or 0, lead=lead, domains=domains)
         del self._trials[trial.trial_id]

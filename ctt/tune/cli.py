@@ -65,6 +65,8 @@ class Sweep:
         name, script, doc, preset, seeds, defaults: as in :class:`Ablation`.
         space: returns ``{flat config key: Tune domain}``, fresh objects per run (keys the
             chosen variant fixes or ignores are left out, :func:`ctt.tune.space.variant_space`).
+        confirm_top, confirm_seeds: defaults of ``--confirm-top``/``--confirm-seeds``: after
+            the search the best K configs rerun on S fresh seeds (0 turns it off).
         variant, num_samples, scheduler: defaults of ``--variant``, ``--num-samples``,
             ``--scheduler``.
     """
@@ -79,6 +81,8 @@ class Sweep:
     variant: str = "ctt"
     num_samples: int = 16
     scheduler: str = "optuna-median"
+    confirm_top: int = 3
+    confirm_seeds: int = 3
 
 
 def study_main(study: Ablation | Sweep) -> Callable[[list[str] | None], int]:
@@ -145,18 +149,36 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
     p.add_argument("--variant", default=study.variant, choices=sorted(VARIANTS))
     p.add_argument("--num-samples", type=int, default=study.num_samples)
     p.add_argument("--scheduler", default=study.scheduler, choices=SCHEDULERS)
-    p.add_argument("--metric", default="miou", help="reported metric to maximise")
+    p.add_argument("--metric", default="miou", help="reported metric to maximise (ranked by "
+                   "its final value)")
+    p.add_argument("--grace-period", type=int, default=None, metavar="ITERS",
+                   help="iterations after the supervised warm-up before the first pruning "
+                   "decision (default run.eval_every); rungs count from the warm-up's end")
+    p.add_argument("--confirm-top", type=int, default=study.confirm_top, metavar="K",
+                   help="after the search, rerun the K best configs on fresh seeds and name "
+                   "the winner by their mean (0: off; --smoke-test: at most 1)")
+    p.add_argument("--confirm-seeds", type=int, default=study.confirm_seeds, metavar="S",
+                   help="fresh seeds per confirmed config (--smoke-test: at most 1)")
     a = p.parse_args(argv)
     opts = _options(study, a)
     num_samples = min(a.num_samples, 3) if a.smoke_test else a.num_samples
+    confirm = {"confirm_top": max(0, a.confirm_top), "confirm_seeds": max(0, a.confirm_seeds)}
+    if a.smoke_test:
+        confirm = {k: min(v, 1) for k, v in confirm.items()}
     space = variant_space(study.space(), opts.base_config(), a.variant)
     if a.dry_run:
         trial = {**opts.base_config().to_flat(), "variant": a.variant, "seed": opts.seeds[0]}
         print(f"search space: {', '.join(space)}")
-        print_dry_run([trial] * num_samples, opts, slots=_slots(opts), warmup_fork=False)
+        n_confirm = confirm["confirm_top"] * confirm["confirm_seeds"]
+        if n_confirm:
+            print(f"{num_samples} search trials, then {n_confirm} confirmation trials (top "
+                  f"{confirm['confirm_top']} x {confirm['confirm_seeds']} fresh seeds)")
+        print_dry_run([trial] * (num_samples + n_confirm), opts, slots=_slots(opts),
+                      warmup_fork=False)
         return 0
     return run_study(run_sweep, opts, a.variant, space, num_samples=num_samples,
-                     scheduler=a.scheduler, metric=a.metric, debug=a.debug, argv=argv,
+                     scheduler=a.scheduler, metric=a.metric, grace_period=a.grace_period,
+                     **confirm, debug=a.debug, argv=argv,
                      prog=_prog(study))
 
 # --smoke-test: a few iterations on a tiny synthetic set, every code path (warm-up fork,

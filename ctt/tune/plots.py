@@ -1,5 +1,6 @@
 """A study's plots (matplotlib, headless PNGs in the study directory): ``ablation.png`` (final
-mIoU per variant), ``curves.png`` (validation mIoU vs step per variant) and, for sweeps, one
+mIoU per variant), ``ablation_diff.png`` (the paired differences with their 95 % intervals,
+forest style), ``curves.png`` (validation mIoU vs step per variant) and, for sweeps, one
 ``sweep_<param>.png`` per swept parameter."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ctt.tune.layout import finite
-from ctt.tune.tables import DEFAULT_RANK_BY, is_ok, varying_params
+from ctt.tune.tables import DEFAULT_RANK_BY, comparison_rows, is_ok, varying_params
 
 
 def _pyplot():
@@ -39,6 +40,44 @@ def plot_ablation(rows: Sequence[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_ablation_diff(comparisons: Sequence[dict], path: str) -> list[tuple[str, float, float,
+                                                                             float]]:
+    """Forest plot of the paired comparisons (rows of ``comparison_rows``): each ``a − b``
+    as its mean Δ of ``miou_final`` with the 95 % t interval, a line at 0; resolved ones
+    (Holm p < alpha) filled, others open; a dashed line parts the comparisons against the
+    baseline from those between variants. Comparisons below 2 pairs show the mean only (no
+    interval), those without pairs are named "no pairs". Returns what was drawn, top to bottom:
+    ``(label, delta, ci_low, ci_high)`` (NaN where undefined)."""
+    plt = _pyplot()
+    drawn = [(f"{c['a']} − {c['b']}", c["delta"], c["ci_low"], c["ci_high"])
+             for c in comparisons]
+    fig, ax = plt.subplots(figsize=(6.5, 1.0 + 0.4 * max(1, len(drawn))))
+    ys = list(range(len(drawn)))[::-1]  # first comparison on top
+    for y, c, (_, delta, lo, hi) in zip(ys, comparisons, drawn):
+        colour = "tab:green" if c["resolved"] else "tab:gray"
+        if math.isnan(delta):
+            ax.annotate("no pairs", (0, y), ha="center", va="center", fontsize=8)
+            continue
+        if not math.isnan(lo):
+            ax.hlines(y, lo, hi, color=colour, linewidth=2)
+        ax.plot([delta], [y], "o", color=colour,
+                markerfacecolor=colour if c["resolved"] else "white")
+        ax.annotate(f"n={c['n']}", (delta, y), xytext=(0, 5), textcoords="offset points",
+                    ha="center", fontsize=7)
+    for y, above, below in zip(ys[1:], comparisons, comparisons[1:]):
+        if above["kind"] != below["kind"]:  # vs the baseline | between variants
+            ax.axhline(y + 0.5, color="black", linewidth=0.5, linestyle="--")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(ys, [d[0] for d in drawn])
+    ax.set_ylim(-0.7, len(drawn) - 0.3)
+    ax.set_xlabel("Δ miou_final (mIoU points), mean and 95 % CI, paired by seed")
+    ax.set_title("Paired differences (filled: resolved after Holm)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
 
 
 def plot_curves(trials: Sequence[dict], metrics: dict[str, list[dict]], order: Sequence[str],
@@ -107,9 +146,14 @@ def write_plots(study_dir: str, trials: Sequence[dict], metrics: dict[str, list[
     if not trials:
         return []
     plot_ablation(rows, os.path.join(study_dir, "ablation.png"))
+    names = ["ablation.png"]
+    comparisons = comparison_rows(trials, study)
+    if comparisons:
+        plot_ablation_diff(comparisons, os.path.join(study_dir, "ablation_diff.png"))
+        names.append("ablation_diff.png")
     plot_curves(trials, metrics, [r["variant"] for r in rows],
                 os.path.join(study_dir, "curves.png"))
-    names = ["ablation.png", "curves.png"]
+    names.append("curves.png")
     if study.get("kind") == "sweep":
         rank_by = study.get("rank_by", DEFAULT_RANK_BY)
         for param in varying_params(trials):

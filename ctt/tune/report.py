@@ -1,10 +1,14 @@
 """A study as text: the Markdown report (``report.md``) and the compact terminal table printed
 at the end of a study.
 
-Report sections: a header (name, kind, trial counts by outcome); the ablation table (mIoU mean
-± std over the seeds of finished trials, Δ and paired-t p against the baseline, excluded
-trials counted); the excluded trials with their errors; for sweeps the top trials by
-``rank_by`` with the swept parameters and Optuna's parameter importances; the plots.
+Report sections: a header (name, kind, trial counts by outcome, the machine: CPU model and
+instruction set, torch threads, commit); the ablation table (mIoU mean ± std over the seeds of
+finished trials, Δ against the baseline with its 95 % interval, the paired-t p and the
+Holm-corrected p, excluded trials counted); the paired comparisons (every variant against the
+baseline and the between-variant ones of :func:`ctt.tune.tables.comparison_rows`) with the
+minimum detectable effect and the seeds 1 mIoU would need, then one sentence per comparison;
+the excluded trials with their errors; for sweeps the top trials by ``rank_by`` with the
+swept parameters and Optuna's parameter importances; the plots.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from ctt.tune.layout import finite
-from ctt.tune.stats import optuna_importances
+from ctt.tune.stats import ALPHA, POWER, optuna_importances
 from ctt.tune.tables import (
     DEFAULT_BASELINE,
     DEFAULT_RANK_BY,
     ablation_rows,
+    comparison_rows,
     is_ok,
     load_study_json,
     load_trials,
@@ -38,13 +43,22 @@ def _fmt_excluded(excluded: dict[str, int]) -> str:
     return ", ".join(f"{n} {k.lower()}" for k, n in sorted(excluded.items())) or "-"
 
 
+def _fmt_p(p: float) -> str:
+    return "n/a" if math.isnan(p) else f"{p:.3g}"
+
+
+def _fmt_ci(c: dict) -> str:
+    if math.isnan(c["ci_low"]):
+        return "n/a"
+    return f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+
+
 def _fmt_delta(row: dict, baseline: str) -> tuple[str, str]:
     if row["variant"] == baseline:
         return "(baseline)", ""
     if math.isnan(row["delta"]):
         return "n/a", "n/a"
-    p = "n/a" if math.isnan(row["p"]) else f"{row['p']:.3g}"
-    return f"{row['delta']:+.2f} (n={row['n_pairs']})", p
+    return f"{row['delta']:+.2f} (n={row['n_pairs']})", _fmt_p(row["p"])
 
 
 def _fmt_value(v: Any) -> str:
@@ -62,6 +76,121 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _seeds_text(n: int | None) -> str:
+    return f"more than {100_000:,}" if n is None else str(n)
+
+
+def comparison_sentence(c: dict) -> str:
+    """One line saying whether comparison ``c`` (a row of ``comparison_rows``) is resolved
+    (its Holm-corrected p is below alpha, so its 95 % interval excludes 0 after the correction)
+    and what effect its seeds could have detected."""
+    name = f"`{c['a']}` − `{c['b']}`"
+    if c["n"] < 2:
+        got = "no seed" if c["n"] == 0 else "1 seed"
+        return (f"- {name}: not testable: {got} where both ran to the end (a paired test "
+                "needs 2).")
+    head = (f"- {name}: {c['delta']:+.2f} mIoU, 95 % CI {_fmt_ci(c)} over {c['n']} seeds; ")
+    if c["resolved"]:
+        verdict = f"**resolved** (Holm p = {_fmt_p(c['p_holm'])} < {ALPHA:g})."
+    elif c["ci_low"] > 0 or c["ci_high"] < 0:
+        verdict = (f"not resolved: the interval excludes 0 (p = {_fmt_p(c['p'])}) but not "
+                   f"after Holm's correction (p = {_fmt_p(c['p_holm'])}).")
+    else:
+        verdict = f"not resolved: the interval includes 0 (Holm p = {_fmt_p(c['p_holm'])})."
+    if c["sd"] == 0.0:
+        power = " Every seed gave the same difference (SD 0), so any effect is detectable."
+    else:
+        power = (f" With the paired SD {c['sd']:.2f}, {c['n']} seeds detect "
+                 f"{c['mde']:.2f} mIoU at {POWER * 100:.0f} % power; 1 mIoU would need "
+                 f"{_seeds_text(c['seeds_for_effect'])} seeds.")
+    return head + verdict + power
+
+
+def render_comparisons(comparisons: Sequence[dict]) -> list[str]:
+    """The paired-comparisons section: table, then one sentence per comparison."""
+    if not comparisons:
+        return []
+    out = ["## Paired comparisons", "",
+           "Each row is `a − b` of `miou_final`, paired by seed over the seeds where both "
+           "ran to the end: mean Δ with its t-based 95 % interval, the two-sided paired "
+           f"t-test p and Holm's step-down correction over all {len(comparisons)} comparisons "
+           f"of this table (one family); MDE: the smallest true Δ the test detects with "
+           f"{POWER * 100:.0f} % power at α = {ALPHA:g} (two-sided) for the observed SD of the "
+           "paired differences and this seed count (noncentral t); seeds for 1 mIoU: the "
+           "seeds that detecting a 1 mIoU difference would take with that SD; resolved: "
+           f"p (Holm) < {ALPHA:g}. Besides each variant against the baseline, the family "
+           "holds the comparisons of CTT's parts whose variants both ran "
+           "(`study.json` key `comparisons` replaces them).", ""]
+    rows = [[f"{c['a']} − {c['b']}", c["n"],
+             "n/a" if math.isnan(c["delta"]) else f"{c['delta']:+.2f}", _fmt_ci(c),
+             "n/a" if math.isnan(c["sd"]) else f"{c['sd']:.2f}", _fmt_p(c["p"]),
+             _fmt_p(c["p_holm"]), "n/a" if math.isnan(c["mde"]) else f"{c['mde']:.2f}",
+             "n/a" if c["n"] < 2 else _seeds_text(c["seeds_for_effect"]),
+             "yes" if c["resolved"] else "no"]
+            for c in comparisons]
+    out += [_md_table(["comparison", "seeds", "Δ", "95 % CI", "SD of Δ", "p", "p (Holm)",
+                       f"MDE ({POWER * 100:.0f} %)", "seeds for 1 mIoU", "resolved"], rows), ""]
+    out += [comparison_sentence(c) for c in comparisons] + [""]
+    return out
+
+
+def _env_lines(study: dict) -> list[str]:
+    """Header lines on the machine that ran the study (``study.json["env"]``,
+    :func:`ctt.envinfo.environment`): results move with the CPU's kernels (README)."""
+    env = study.get("env")
+    if not isinstance(env, dict):
+        return []
+    cpu = env.get("cpu") if isinstance(env.get("cpu"), dict) else None
+    versions = env.get("versions") if isinstance(env.get("versions"), dict) else {}
+    out = []
+    if cpu is not None:
+        flags = " ".join(map(str, cpu.get("flags") or [])) or "none listed"
+        limits = cpu.get("isa_env") if isinstance(cpu.get("isa_env"), dict) else {}
+        out.append(f"- CPU: {cpu.get('model', 'unknown')}, {env.get('cpu_count', '?')} cores; "
+                   f"torch CPU kernels {cpu.get('torch_capability', 'unknown')}; "
+                   f"ISA flags {flags}"
+                   + "".join(f"; {k}={v}" for k, v in sorted(limits.items())))
+    base = study.get("base_config") if isinstance(study.get("base_config"), dict) else {}
+    threads = base.get("run.num_threads")
+    out.append(f"- environment: torch {versions.get('torch', '?')}"
+               + (f", {threads} torch thread(s) per trial" if threads is not None else "")
+               + f", GPU {env.get('cuda', 'none')}, commit `{env.get('git_commit', '?')}`")
+    return out
+
+
+def render_confirm(confirm: dict) -> list[str]:
+    """The sweep's confirmation section (``study.json`` ``confirm``, written by
+    ``ctt.tune.study._confirm_winners``): the winner by its confirmed mean, and every
+    candidate's search-time value beside its confirmed mean ± std."""
+    def num(x: Any) -> float:
+        return float("nan") if x is None else float(x)
+
+    metric, cands, win = confirm.get("metric", "miou"), confirm.get("candidates", []), \
+        confirm.get("winner")
+    out = [f"## Confirmed winner: top {confirm.get('top')} configs on "
+           f"{len(confirm.get('seeds', []))} fresh seeds", ""]
+    if win:
+        out += [f"Winner: `{win['label']}` (search trial `{win['trial_id']}`), confirmed "
+                f"{metric} {_fmt_ms(num(win['confirm_mean']), num(win['confirm_std']))} over "
+                f"{win['confirm_n']} seed(s); its search-time value was "
+                f"{_fmt_value(win['search_value'])} on one seed."
+                + (f" Test split: {metric} {_fmt_ms(num(win['test_mean']), num(win['test_std']))}"
+                   f" over {win['test_n']} seed(s)." if win.get("test_n") else ""), ""]
+    else:
+        out += ["No confirmation run finished: no winner.", ""]
+    out += [_md_table(["rank", "label", "trial_id", f"search {metric} (seed)",
+                       f"confirmed {metric}", "n", "failed", "seeds"],
+                      [[c["rank"], c["label"], c["trial_id"],
+                        f"{_fmt_value(c['search_value'])} ({c['search_seed']})",
+                        _fmt_ms(num(c.get("confirm_mean")), num(c.get("confirm_std"))),
+                        c.get("confirm_n", 0), c.get("confirm_failed", 0),
+                        ",".join(str(x) for x in c.get("confirm_seeds", []))]
+                       for c in cands]), ""]
+    out += [f"Search rank is by the final val {metric} of one seed; the winner is the highest "
+            "confirmed mean (mean ± std, ddof=1, of the final value over the fresh seeds).", ""]
+    return out
+
+
 def render_report(study_dir: str, trials: Sequence[dict], study: dict,
                   plots: Sequence[str] = ()) -> str:
     """The Markdown report (see module docstring); ``plots`` are file names in ``study_dir``."""
@@ -75,23 +204,33 @@ def render_report(study_dir: str, trials: Sequence[dict], study: dict,
            f"- study: `{name}` ({kind})",
            f"- directory: `{study_dir}`",
            f"- trials: {len(trials)} ("
-           + (", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none") + ")", ""]
+           + (", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none") + ")",
+           *_env_lines(study), ""]
 
     rows = ablation_rows(trials, study)
+    comparisons = comparison_rows(trials, study)
+    vs_base = {c["a"]: c for c in comparisons if c["kind"] == "baseline"}
     out += ["## Ablation", "",
             "mIoU in %, mean ± std (ddof=1) over seeds of trials that ran to the end.", ""]
     table = []
     for r in rows:
         delta, p = _fmt_delta(r, baseline)
+        c = vs_base.get(r["variant"])
+        ci, p_holm = (_fmt_ci(c), _fmt_p(c["p_holm"])) if c else ("", "")
+        if r["variant"] != baseline and not c:
+            ci = p_holm = "n/a"
         table.append([r["variant"], r["seeds"], _fmt_excluded(r["excluded"]),
                       _fmt_ms(r["final_mean"], r["final_std"]),
-                      _fmt_ms(r["best_mean"], r["best_std"]), delta, p])
+                      _fmt_ms(r["best_mean"], r["best_std"]), delta, ci, p, p_holm])
     out += [_md_table(["variant", "seeds", "excluded", "miou_final", "miou_best",
-                       f"Δ final vs {baseline}", "p (paired t)"], table), ""]
+                       f"Δ final vs {baseline}", "95 % CI", "p (paired t)", "p (Holm)"],
+                      table), ""]
     out += [f"Δ: mean over seeds of (variant − {baseline}) `miou_final`, paired by seed on the "
-            "seeds where both trials ran to the end; p: two-sided paired t-test "
-            "(n/a below 2 pairs). Errored, pruned and unfinished trials are counted under "
-            "*excluded* and left out of every mean.", ""]
+            "seeds where both trials ran to the end, with its t-based 95 % confidence "
+            "interval; p: two-sided paired t-test (n/a below 2 pairs); p (Holm): corrected "
+            "over every comparison of the next section. Errored, pruned and unfinished trials "
+            "are counted under *excluded* and left out of every mean.", ""]
+    out += render_comparisons(comparisons)
 
     failed = [t for t in trials if not is_ok(t)]
     if failed:
@@ -107,10 +246,11 @@ def render_report(study_dir: str, trials: Sequence[dict], study: dict,
         ranked = sorted((t for t in trials if finite(t.get(rank_by)) is not None),
                         key=lambda t: -t[rank_by])[:10]
         out += [f"## Sweep: top {len(ranked)} trials by `{rank_by}`", ""]
+        extra = [] if rank_by == "miou_final" else ["miou_final"]  # no column twice
         out += [_md_table(["rank", "trial_id", "variant", "seed", "status", rank_by,
-                           "miou_final", *params],
+                           *extra, *params],
                           [[i + 1, t["trial_id"], t["variant"], t["seed"], trial_outcome(t),
-                            _fmt_value(t[rank_by]), _fmt_value(t.get("miou_final")),
+                            _fmt_value(t[rank_by]), *[_fmt_value(t.get(k)) for k in extra],
                             *[_fmt_value(t["config"].get(p)) for p in params]]
                            for i, t in enumerate(ranked)]), ""]
         importances = optuna_importances(study_dir, study)
@@ -118,6 +258,8 @@ def render_report(study_dir: str, trials: Sequence[dict], study: dict,
             out += ["## Parameter importances (Optuna fANOVA)", ""]
             out += [_md_table(["parameter", "importance"],
                               [[k, f"{v:.3f}"] for k, v in importances.items()]), ""]
+        if study.get("confirm"):
+            out += render_confirm(study["confirm"])
 
     if plots:
         out += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
@@ -125,18 +267,22 @@ def render_report(study_dir: str, trials: Sequence[dict], study: dict,
 
 
 def summary_table(study_dir: str | os.PathLike) -> str:
-    """Compact terminal table for the end-of-study print: variant, seeds, final mean ± std, Δ."""
+    """Compact terminal table for the end-of-study print: variant, seeds, final mean ± std,
+    Δ vs the baseline with its 95 % interval, and the paired-t p before and after Holm."""
     study_dir = os.fspath(study_dir)
     study = load_study_json(study_dir)
     trials = load_trials(study_dir)
     baseline = study.get("baseline", DEFAULT_BASELINE)
-    header = ("variant", "seeds", "miou_final", f"Δ vs {baseline}", "p")
+    vs_base = {c["a"]: c for c in comparison_rows(trials, study) if c["kind"] == "baseline"}
+    header = ("variant", "seeds", "miou_final", f"Δ vs {baseline}", "95% CI", "p", "p Holm")
     lines = [header]
     for r in ablation_rows(trials, study):
         delta, p = _fmt_delta(r, baseline)
+        c = vs_base.get(r["variant"])
         seeds = str(r["seeds"]) + (f" (+{sum(r['excluded'].values())} excl.)"
                                    if r["excluded"] else "")
-        lines.append((r["variant"], seeds, _fmt_ms(r["final_mean"], r["final_std"]), delta, p))
+        lines.append((r["variant"], seeds, _fmt_ms(r["final_mean"], r["final_std"]), delta,
+                      _fmt_ci(c) if c else "", p, _fmt_p(c["p_holm"]) if c else ""))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
     text.insert(1, "  ".join("-" * w for w in widths))

@@ -6,13 +6,18 @@ checkpoints straight to the URI)::
 
     study.json        resolved definition, command, package versions, git commit
     ray/              the Tune experiment (trial checkpoints; resumable with --resume)
-    warmup-<t>/       the shared supervised warm-up of each seed (ablations; warmup.json maps
-                      seed -> its checkpoint, warmup-pending.json names the running one)
+    warmup/seed-<s>/  the shared supervised warm-up checkpoint of each seed (ablations that
+                      fork; with a URI storage it lives there). Its trial runs in ray/ with
+                      the variants (ctt.tune.grid); warmup.json maps each seed whose warm-up
+                      is done to it, warmup-failed.json names a warm-up that failed for good
     .study.lock       held while a study runs (pid, host, start time; ctt.rundir)
     trials/<id>/      trial.json and metrics.jsonl, written by the driver callback
     tb/<run>/         TensorBoard scalars + one HParams entry per trial
     trials.parquet, metrics.parquet, report.md, *.png
     optuna.db         the sweep's Optuna study (sqlite, copied from the driver's disk)
+    ray-confirm/, confirm/, confirm.json
+                      a sweep's confirmation runs (its best configs on fresh seeds): their
+                      Tune experiment, their trials/ and tb/, the summary naming the winner
 
 One study per directory, one process per study: the directory is locked before anything else
 (before Ray starts) until the study ends, so a second study on it fails at once naming the
@@ -20,7 +25,7 @@ holder. A fresh start refuses a directory that already holds a study (``StudyExi
 trials would mix); ``--resume`` continues it and refuses a directory without one
 (``NoStudyError``), and ``--smoke-test`` replaces its own ``*_smoke`` directory.
 
-SIGINT/SIGTERM in any phase (Ray start, shared warm-up, trials, test evaluation, results)
+SIGINT/SIGTERM in any phase (Ray start, trials and shared warm-ups, test evaluation, results)
 leaves :func:`run_ablation` / :func:`run_sweep` as :class:`~ctt.interrupts.Interrupted` with
 ``where`` and ``resumable`` set, after Tune's graceful stop (last experiment snapshot, trial
 actors stopped): finished trials and warm-ups are kept and ``--resume`` continues the rest. No
@@ -57,27 +62,35 @@ from ctt.config import CTTConfig, apply_variant, check_semantics, get_preset
 from ctt.data.loader import dataset_root
 from ctt.envinfo import environment
 from ctt.errors import UserError, warn_all
-from ctt.fileio import atomic_write_text
 from ctt.interrupts import Interrupted, SignalGuard
 from ctt.rundir import STUDY_LOCK, DirLock
 from ctt.tune.callbacks import StudyLoggerCallback
+from ctt.tune.grid import WARMUP_VARIANT, GridItem, GridSearcher, longest_first
 from ctt.tune.layout import write_json
 from ctt.tune.report import summary_table
 from ctt.tune.results import build_results
-from ctt.tune.schedulers import PruningAwareOptunaSearch, make_scheduler
+from ctt.tune.schedulers import (
+    TUNE_TRIAL_ID_ATTR,
+    PruningAwareOptunaSearch,
+    make_pruner,
+    make_scheduler,
+)
 from ctt.tune.space import ONE_MINUS, resolve_config
 from ctt.tune.tables import load_trials
 from ctt.tune.trainable import CHECKPOINT_FILE, train_ctt, trial_resources
 
 __all__ = ["NoStudyError", "StorageError", "StudyExistsError", "StudyFailedError",
-           "StudyOptions", "check_inputs", "check_storage", "init_ray", "run_ablation",
-           "run_sweep"]
+           "StudyFlagsError", "StudyOptions", "best_result", "check_inputs", "check_storage",
+           "init_ray", "resume_differences", "run_ablation", "run_sweep"]
 
 EXPERIMENT = "ray"
 WARMUP = "warmup"
 OBJECT_STORE_BYTES = 300 * 1024**2
 RAY_ENV_DEFAULTS = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_OUTPUT": "0",
-                    "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "5"}
+                    "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "5",
+                    # A deterministic failure's one result carries `error`, not the metric;
+                    # Tune's strict check would abort the whole study on it.
+                    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
 
 
 class StorageError(RuntimeError):
@@ -147,7 +160,8 @@ def init_ray(opts: StudyOptions) -> None:
 
     Sets our defaults for Ray's and Tune's environment variables first (a value the user set
     wins); Ray and Tune read them when a run starts, not at import: the study callback owns all
-    logging, the classic progress output, no usage stats, experiment state synced every 5 s."""
+    logging, the classic progress output, no usage stats, experiment state synced every 5 s,
+    results without the study's metric allowed (a failed trial's ``error`` result)."""
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
@@ -254,13 +268,14 @@ def _reporter(extra_params: list[str]) -> tune.ProgressReporter:
         parameter_columns={"variant": "variant", "seed": "seed",
                            **{p: p.replace("method.", "") for p in extra_params}},
         max_report_frequency=30, sort_by_metric=False,
-        # Ray decides this from the global verbosity when the reporter is built, which is the
-        # previous fit's (warm-up) setting: without it the tables vanish after the first fit.
+        # Ray decides this from the global verbosity when the reporter is built, which may be
+        # an earlier fit's setting in this process: without it the tables can vanish.
         print_intermediate_tables=True)
 
 
 def _run_config(opts: StudyOptions, storage_path: str, name: str, callbacks: list,
-                extra_params: list[str] | None = None) -> tune.RunConfig:
+                extra_params: list[str] | None = None,
+                checkpoint_config: tune.CheckpointConfig | None = None) -> tune.RunConfig:
     # Ray's auto loggers are off (our callback owns TensorBoard); keep its JSON results so the
     # ResultGrid (best trial, restore) has metrics.
     from ray.tune.logger import JsonLoggerCallback
@@ -268,7 +283,7 @@ def _run_config(opts: StudyOptions, storage_path: str, name: str, callbacks: lis
     return tune.RunConfig(
         name=name, storage_path=storage_path, callbacks=[*callbacks, JsonLoggerCallback()],
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+        checkpoint_config=checkpoint_config or tune.CheckpointConfig(num_to_keep=3),
         sync_config=tune.SyncConfig(sync_artifacts=True, sync_period=60),
         progress_reporter=_reporter(extra_params or []), verbose=opts.verbose)
 
@@ -314,8 +329,8 @@ def _start_or_resume(opts: StudyOptions, study_dir: Path, exp_dir: str) -> bool:
     """True to restore the Tune experiment. A fresh start needs an unused study directory:
     Tune would add trials to the old experiment and the results would mix both studies.
     ``--resume`` needs a study there: its ``study.json`` (then, with no Tune experiment yet, the
-    study starts from its recorded warm-ups) or a restorable experiment. Call with the study
-    directory locked."""
+    study starts again, keeping any warm-up checkpoint already published) or a restorable
+    experiment. Call with the study directory locked."""
     restorable = _can_restore(exp_dir)
     exists = (study_dir / "study.json").exists() or restorable
     if opts.resume:
@@ -390,7 +405,7 @@ class _Session:
         self.lock = DirLock(self.study_dir, STUDY_LOCK, "study")
         self.phase = "start"
         self.total = 0  # trials of the study
-        self.warm = (0, 0)  # warm-up seeds done, to do
+        self.warmups = 0  # shared warm-ups of the study (ablations that fork; ctt.tune.grid)
 
     def open(self, payload: dict[str, Any]) -> bool:
         """Lock the study directory, check start vs resume, start Ray, write study.json.
@@ -442,16 +457,20 @@ class _Session:
             return "before the study started"
         if self.phase == "ray":
             return "while starting Ray"
-        if self.phase == "warmup":
-            done, todo = self.warm
-            return f"during the shared warm-up ({done} of {todo} seeds done, kept)"
         trials = load_trials(self.study_dir) if (self.study_dir / "trials").is_dir() else []
         done = sum(t.get("status") in ("TERMINATED", "ERROR") for t in trials)
         total = max(self.total, len(trials))
         if self.phase == "trials":
+            warm = _warmups_done(self.study_dir)
+            if warm < self.warmups:  # warm-ups and variants share one experiment
+                return (f"during the shared warm-up ({warm} of {self.warmups} seeds done) and "
+                        f"the trials ({done} of {total} finished), kept")
             return f"during the trials ({done} of {total} finished, kept)"
         if self.phase == "test":
             return f"while evaluating the best trial on the test split ({done} trials finished)"
+        if self.phase == "confirm":
+            return ("while rerunning the best configs on fresh seeds (search done, "
+                    f"{done} trials finished)")
         return f"while building the results ({done} trials finished)"
 
     def resumable(self) -> bool:
@@ -477,69 +496,141 @@ def _session(opts: StudyOptions) -> Iterator[_Session]:
                 session.lock.release()
 
 
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (Tune reads some when a fit starts); a value
+    the user exported wins."""
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
 # --- ablation ---
 
+WARMUP_RECORD, WARMUP_FAILED = "warmup.json", "warmup-failed.json"
+
+
+def _warmups_done(study_dir: Path) -> int:
+    try:
+        return len(json.loads((study_dir / WARMUP_RECORD).read_text()))
+    except (OSError, ValueError):
+        return 0
+
+
+def warmup_dir(storage_path: str, seed: int) -> str:
+    """Where the shared warm-up of ``seed`` publishes its checkpoint (``state.pt``)."""
+    return f"{storage_path.rstrip('/')}/{WARMUP}/seed-{seed}"
+
+
+class _VariantTrialLogger(StudyLoggerCallback):
+    """The study's logger, for the variant trials only: the warm-up trials that share their
+    experiment (:mod:`ctt.tune.grid`) are not results (no ``trials/<id>/``, no TensorBoard run,
+    not in the tables); Tune's progress table and ``ray/`` still show them."""
+
+    @staticmethod
+    def _is_warmup(trial: Any) -> bool:
+        return dict(trial.config).get("variant") == WARMUP_VARIANT
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if not self._is_warmup(trial):
+            super().on_trial_start(iteration, trials, trial, **info)
+
+    def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if not self._is_warmup(trial):
+            super().on_trial_restore(iteration, trials, trial, **info)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if not self._is_warmup(trial):
+            super().on_trial_recover(iteration, trials, trial, **info)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        if not self._is_warmup(trial):
+            super().on_trial_result(iteration, trials, trial, result, **info)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if not self._is_warmup(trial):
+            super().on_trial_complete(iteration, trials, trial, **info)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if not self._is_warmup(trial):
+            super().on_trial_error(iteration, trials, trial, **info)
+
+
 def ablation_trials(opts: StudyOptions, variants: list[str]) -> list[dict[str, Any]]:
-    """Every (variant, seed) trial config, seed-major so paired trials run close together."""
+    """Every (variant, seed) trial config, longest first (:func:`ctt.tune.grid.longest_first`:
+    by estimated cost, seeds interleaved), the order the study starts them in."""
     base = opts.base_config()
     for v in variants:  # a setting a variant cannot honour is refused here, before Ray starts
         warn_all(check_semantics(apply_variant(base, v), v, study=True))
-    return [_trial_config(apply_variant(base.override({"run.seed": s}), v), v)
-            for s in opts.seeds for v in variants]
+    configs = [_trial_config(apply_variant(base.override({"run.seed": s}), v), v)
+               for s in opts.seeds for v in variants]
+    return longest_first(configs, opts.seeds)
 
 
-def _run_warmups(opts: StudyOptions, session: _Session) -> dict[int, str]:
-    """One supervised warm-up per seed (2 pairs, banks on), checkpointed at warmup_iters.
-
-    ``warmup.json`` maps each finished seed to its checkpoint, also when the warm-up phase is
-    interrupted; ``warmup-pending.json`` names the warm-up experiment while it runs, so a
-    resume continues its unfinished trials from their checkpoints instead of starting over."""
-    study_dir, storage_path = session.study_dir, session.storage_path
-    record, pending = study_dir / "warmup.json", study_dir / "warmup-pending.json"
-    done: dict[int, str] = ({int(k): v for k, v in json.loads(record.read_text()).items()}
-                            if record.exists() else {})
-    todo = [s for s in opts.seeds if s not in done]
-    if not todo:
-        return done
-    session.phase, session.warm = "warmup", (len(opts.seeds) - len(todo), len(opts.seeds))
+def _grid_items(opts: StudyOptions, configs: list[dict[str, Any]], storage_path: str,
+                fork: bool) -> list[GridItem]:
+    """The experiment's trials in start order: with ``fork``, one supervised warm-up per seed
+    (2 pairs, banks on, stopped at ``method.warmup_iters``; it publishes its checkpoint to
+    :func:`warmup_dir`) first, then the variant trials, each forking its seed's warm-up."""
+    items: list[GridItem] = []
     base = opts.base_config()
     until = base.method.warmup_iters
-    name = json.loads(pending.read_text()).get("experiment") if pending.exists() else None
-    if name and _can_restore(_experiment_dir(storage_path, name)):
-        tuner = tune.Tuner.restore(_experiment_dir(storage_path, name), _trainable(opts),
-                                   resume_unfinished=True, resume_errored=True)
-    else:
-        name = f"{WARMUP}-{int(time.time())}"
-        atomic_write_text(pending, json.dumps({"experiment": name}) + "\n")
-        configs = [_trial_config(apply_variant(base.override({"run.seed": s}), "ctt"), "warmup",
-                                 _until=until) for s in todo]
-        space, gen = _points(configs, opts.max_concurrent)
-        tuner = tune.Tuner(
-            _trainable(opts), param_space=space,
-            tune_config=tune.TuneConfig(
-                search_alg=gen, num_samples=len(configs), reuse_actors=True),
-            run_config=_run_config(opts, storage_path, name, []))
-    grid = session.fit(tuner)
-    failed = []
-    scheme = "" if "://" not in opts.storage else opts.storage.split("://")[0] + "://"
-    for res in grid:
-        step = (res.metrics or {}).get("step")
-        if res.error is None and res.checkpoint is not None and step is not None \
-                and int(step) >= until:
-            done[int(res.config["seed"])] = scheme + res.checkpoint.path
-        else:
-            failed.append(res)
-    atomic_write_text(record, json.dumps({str(k): v for k, v in sorted(done.items())}, indent=2))
-    session.warm = (sum(s in done for s in opts.seeds), len(opts.seeds))
-    session.stop_if_interrupted()
+    for s in opts.seeds if fork else []:
+        publish = warmup_dir(storage_path, s)
+        cfg = _trial_config(apply_variant(base.override({"run.seed": s}), "ctt"),
+                            WARMUP_VARIANT, _until=until, _publish=publish)
+        items.append(GridItem(key=f"{WARMUP}/{s}", config=cfg, publish=publish, until=until,
+                              seed=s))
+    for c in configs:
+        seed = int(c["seed"])
+        if fork:
+            c = {**c, "_fork_from": warmup_dir(storage_path, seed)}
+        items.append(GridItem(key=f"{c['variant']}/{seed}", config=c, seed=seed,
+                              after=f"{WARMUP}/{seed}" if fork else None))
+    return items
+
+
+def _common_space(items: list[GridItem]) -> dict[str, Any]:
+    """Move the keys every config shares into the param space (returned); each item keeps
+    what is its own (variant, seed, fork source, ...), so the searcher state that Tune saves
+    with every experiment snapshot holds one copy of the shared config, not one per trial."""
+    first, rest = items[0].config, [i.config for i in items[1:]]
+    space = {k: v for k, v in first.items() if all(k in c and c[k] == v for c in rest)}
+    for item in items:
+        item.config = {k: v for k, v in item.config.items() if k not in space}
+    return space
+
+
+def _trial_dirname(trial: Any) -> str:
+    """``ray/<variant>_seed<seed>_<trial id>``: Tune's default name is built from the whole
+    config (the fork path first) and cut off before the variant."""
+    config = dict(trial.config)
+    return f"{config.get('variant', 'trial')}_seed{config.get('seed', '')}_{trial.trial_id}"
+
+
+def _check_warmups(study_dir: Path) -> None:
+    """Raise naming the warm-ups that failed for good (their seeds' variants never ran)."""
+    path = study_dir / WARMUP_FAILED
+    failed = json.loads(path.read_text()) if path.exists() else {}
     if failed:
-        raise RuntimeError(f"warm-up trial failed: {failed[0].error}")
-    pending.unlink(missing_ok=True)
-    return done
+        raise RuntimeError("; ".join(failed.values()) + " (its seed's variant trials did not "
+                           "run)")
 
 
 def run_ablation(opts: StudyOptions, variants: list[str]) -> Path:
     """Run (or resume) the variants x seeds grid; return the local study directory.
+
+    One Tune experiment holds every trial: each seed's shared warm-up (when the variants fork
+    one) and the variant trials, started longest first, each variant as soon as its seed's
+    warm-up is done (:class:`ctt.tune.grid.GridSearcher`, restored with the experiment on
+    ``--resume``).
 
     SIGINT/SIGTERM in any phase raises :class:`~ctt.interrupts.Interrupted` (with ``where`` and
     ``resumable``) once Tune has stopped; finished trials and warm-ups are kept for --resume."""
@@ -548,32 +639,41 @@ def run_ablation(opts: StudyOptions, variants: list[str]) -> Path:
         configs = ablation_trials(opts, variants)
         base = check_inputs(opts)
         session.total = len(configs)
-        restoring = session.open({
+        payload = {
             "name": opts.name, "kind": "ablation", "variants": variants, "seeds": opts.seeds,
             "preset": opts.preset, "options": asdict(opts), "base_config": base.to_flat(),
-            "command": sys.argv, "created": time.time(), "env": environment()})
+            "command": sys.argv, "created": time.time(), "env": environment()}
+        _check_resume(opts, session.study_dir, payload)  # Tune would keep the old grid
+        restoring = session.open(payload)
         study_dir, storage_path = session.study_dir, session.storage_path
+        fork = (opts.fork_warmup and base.method.warmup_iters > 0
+                and base.method.warmup_iters < base.optim.iters and len(variants) > 1)
+        session.warmups = len(opts.seeds) if fork else 0
         t0 = time.time()
-        callbacks = [StudyLoggerCallback(study_dir)]
+        callbacks = [_VariantTrialLogger(study_dir)]
+        session.phase = "trials"
         if restoring:
             tuner = tune.Tuner.restore(session.exp_dir, _trainable(opts),
                                        resume_unfinished=True, resume_errored=True)
         else:
-            fork = (opts.fork_warmup and base.method.warmup_iters > 0
-                    and base.method.warmup_iters < base.optim.iters and len(variants) > 1)
-            if fork:
-                warm = _run_warmups(opts, session)
-                configs = [{**c, "_fork_from": warm[int(c["seed"])]} for c in configs]
-            session.phase = "trials"
-            space, gen = _points(configs, opts.max_concurrent)
+            items = _grid_items(opts, configs, storage_path, fork)
+            space = _common_space(items)
+            searcher = GridSearcher(items, max_concurrent=opts.max_concurrent,
+                                    record=str(study_dir / WARMUP_RECORD),
+                                    failures=str(study_dir / WARMUP_FAILED))
             tuner = tune.Tuner(
                 _trainable(opts), param_space=space,
                 tune_config=tune.TuneConfig(
-                    search_alg=gen, num_samples=len(configs), reuse_actors=True),
+                    search_alg=searcher, num_samples=len(items), reuse_actors=True,
+                    trial_dirname_creator=_trial_dirname),
                 run_config=_run_config(opts, storage_path, EXPERIMENT, callbacks))
-        session.phase = "trials"
-        session.fit(tuner)
+        # Tune keeps one trial pending at a time for a custom searcher, so a second slot (or
+        # node) would wait for the first trial to start, and a short trial may finish and
+        # hand its actor on first: allow one pending trial per grid trial.
+        with _env({"TUNE_MAX_PENDING_TRIALS_PG": str(opts.max_concurrent or session.total)}):
+            session.fit(tuner)
         session.stop_if_interrupted()  # no report of an unfinished grid
+        _check_warmups(study_dir)
         session.phase = "results"
         _finish(study_dir, opts, time.time() - t0)
         return study_dir
@@ -594,13 +694,130 @@ def _finish(study_dir: Path, opts: StudyOptions, wall_s: float, extra: dict | No
 
 # --- sweep ---
 
+# The one "best" of a sweep. Optuna's value of a COMPLETE trial, the best-trial lookup and the
+# checkpoint evaluated on the test split all use it.
+RANKING = ("final: the trial's val {metric} at its last evaluation (step = optim.iters); "
+           "pruned and failed trials are not ranked")
+# Checkpoints a sweep trial keeps: the best by the metric and, always (Ray keeps the latest),
+# the final one, which is the checkpoint of the ranking value.
+SWEEP_CHECKPOINTS_KEPT = 3
+# Options a --resume may change: where Ray and the files are and how much is printed. Any
+# other change would be silently ignored (Tuner.restore reuses the pickled searcher, scheduler
+# and run config), so a --resume that changes one is refused.
+RESUME_FREE_OPTIONS = frozenset({"resume", "address", "verbose", "replace_existing", "storage",
+                                 "storage_shared", "num_cpus"})
+_RESUME_IGNORED = frozenset({"command", "created", "env", "resumed", "wall_s_runs", "best",
+                             "name"})
+_RESUME_OPEN_DICTS = ("options.overrides.", "space.")
+
+
+class StudyFlagsError(UserError):
+    """``--resume`` with study flags other than those the study was started with."""
+
+
+def tpe_startup_trials(num_samples: int) -> int:
+    """Random trials before TPE models the space: a quarter of the budget, at least 3 (TPE's
+    default of 10 would spend most of a 16-trial sweep at random)."""
+    return max(3, num_samples // 4)
+
+
+def sweep_step_offset(cfg: CTTConfig) -> int:
+    """Where the pruning clock starts: the end of the supervised warm-up (every trial is the
+    same network until then, as no swept parameter acts during it), or 0 without one."""
+    warm = cfg.method.warmup_iters
+    return warm if 0 < warm < cfg.optim.iters else 0
+
+
+def _domain_text(domain: Any) -> str:
+    """A stable text for a Tune search domain (its repr holds a memory address)."""
+    from ray.tune.search.sample import Categorical, Domain
+
+    if isinstance(domain, Categorical):
+        return f"choice({list(domain.categories)!r})"
+    if not isinstance(domain, Domain):
+        return repr(domain)
+    sampler, parts = domain.get_sampler(), []
+    while sampler is not None:
+        parts.append(type(sampler).__name__ + "".join(
+            f" {k}={getattr(sampler, k)}" for k in ("base", "q", "mean", "sd")
+            if hasattr(sampler, k)))
+        sampler = getattr(sampler, "sampler", None)
+    return (f"{type(domain).__name__}({getattr(domain, 'lower', None)}, "
+            f"{getattr(domain, 'upper', None)}, {'/'.join(parts)})")
+
+
+def _flat_record(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": leaf}``."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat_record(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every study flag a resume would change (keys of ``new`` the
+    old record holds; :data:`RESUME_FREE_OPTIONS` and bookkeeping are ignored)."""
+    new = json.loads(json.dumps(new, default=str))  # compare as study.json stores values
+
+    def flat(record: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in record.items():
+            if key in _RESUME_IGNORED:
+                continue
+            if key == "options":
+                value = {k: v for k, v in value.items() if k not in RESUME_FREE_OPTIONS}
+            out.update(_flat_record({key: value}))
+        return out
+
+    before, after = flat(old), flat(new)
+    # A key the old record lacks is compared only inside the dict-valued flags (an override
+    # or swept parameter added); elsewhere it is a field newer than the study's record.
+    keys = sorted(set(before) | {k for k in after if k.startswith(_RESUME_OPEN_DICTS)})
+    return [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}"
+            for k in keys if before.get(k, "(unset)") != after.get(k, "(unset)")]
+
+
+def _check_resume(opts: StudyOptions, study_dir: Path, payload: dict[str, Any]) -> None:
+    """Refuse a ``--resume`` whose flags differ from the study's (listing them), before Ray
+    starts."""
+    path = study_dir / "study.json"
+    if not opts.resume or not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return  # a corrupt record is reported where the results are read
+    diffs = resume_differences(old, payload)
+    if diffs:
+        raise StudyFlagsError(
+            f"--resume of {study_dir} with flags that differ from the study's: "
+            f"{'; '.join(diffs)}. A resumed study runs as it was started: repeat its original "
+            "flags, or start a new study with --out NAME")
+
+
 def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_samples: int,
-              scheduler: str = "optuna-median", metric: str = "miou", grace_period: int = 0,
-              sampler_seed: int = 0) -> Path:
+              scheduler: str = "optuna-median", metric: str = "miou",
+              grace_period: int | None = None, sampler_seed: int = 0,
+              confirm_top: int = 0, confirm_seeds: int = 0) -> Path:
     """Optuna TPE search over ``space`` (Tune domains keyed by flat config keys) with pruning;
-    the best trial is re-evaluated on the held-out test split."""
+    the best trial is re-evaluated on the held-out test split.
+
+    Pruning counts from the end of the supervised warm-up (:func:`sweep_step_offset`):
+    ``grace_period`` (default ``run.eval_every``) iterations after it come before the first
+    decision, and rungs count from there. Trials are ranked by :data:`RANKING`. ``--resume``
+    with other flags raises :class:`StudyFlagsError`. With ``confirm_top`` and
+    ``confirm_seeds`` the best configs are then rerun on fresh seeds
+    (:func:`_confirm_winners`, ``confirm.json``)."""
     import optuna
 
+    from ctt.metric_names import METRIC_NAMES
+
+    mious = [m for m in METRIC_NAMES if m.startswith("miou")]
+    if metric not in mious:  # with strict metric checks off, a typo would rank nothing
+        raise UserError(f"--metric {metric!r}: a sweep maximises a val mIoU that every "
+                        f"evaluation reports; choose one of {', '.join(mious)}")
     with _session(opts) as session:
         warn_all(check_semantics(apply_variant(opts.base_config(), variant), variant, study=True))
         base = apply_variant(check_inputs(opts).override({"run.seed": opts.seeds[0]}), variant)
@@ -608,13 +825,23 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
             real = key.removeprefix(ONE_MINUS)
             if real not in base.to_flat():
                 CTTConfig.from_flat({real: 0})  # raises the unknown-key error with valid keys
+        iters, offset = base.optim.iters, sweep_step_offset(base)
+        grace = base.run.eval_every if grace_period is None else grace_period
+        pruner = make_pruner(scheduler, max_t=iters, grace_period=grace, step_offset=offset)
         session.total = num_samples
-        restoring = session.open({
+        payload = {
             "name": opts.name, "kind": "sweep", "variant": variant, "seeds": opts.seeds[:1],
-            "space": {k: repr(v) for k, v in space.items()}, "metric": metric,
-            "scheduler": scheduler, "num_samples": num_samples, "preset": opts.preset,
-            "options": asdict(opts), "base_config": base.to_flat(), "command": sys.argv,
-            "created": time.time(), "env": environment()})
+            "space": {k: _domain_text(v) for k, v in space.items()}, "metric": metric,
+            "ranking": RANKING.format(metric=metric), "scheduler": scheduler,
+            # the report's top-trials table ranks like Optuna and the best trial: final value
+            "rank_by": "miou_final" if metric == "miou" else metric,
+            "grace_period": grace, "step_offset": offset, "sampler_seed": sampler_seed,
+            "tpe_startup_trials": tpe_startup_trials(num_samples), "num_samples": num_samples,
+            "confirm_top": confirm_top, "confirm_seeds": confirm_seeds,
+            "preset": opts.preset, "options": asdict(opts), "base_config": base.to_flat(),
+            "command": sys.argv, "created": time.time(), "env": environment()}
+        _check_resume(opts, session.study_dir, payload)
+        restoring = session.open(payload)
         study_dir, storage_path = session.study_dir, session.storage_path
         db_local = Path(os.environ.get("CTT_OPTUNA_DIR",
                                        Path.home() / ".cache" / "ctt" / "optuna"))
@@ -627,40 +854,56 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
         if not restoring:
             db_path.unlink(missing_ok=True)
         storage = optuna.storages.RDBStorage(f"sqlite:///{db_path}")
+        # The pruner is the study's from its creation (TPE sees it from the first trial).
         searcher = PruningAwareOptunaSearch(
-            metric=metric, mode="max", sampler=optuna.samplers.TPESampler(seed=sampler_seed),
-            storage=storage, study_name=opts.name, time_attr="step")
+            metric=metric, mode="max",
+            sampler=optuna.samplers.TPESampler(
+                seed=sampler_seed, n_startup_trials=tpe_startup_trials(num_samples)),
+            storage=storage, study_name=opts.name, pruner=pruner, time_attr="step",
+            max_t=iters, step_offset=offset)
         sched = make_scheduler(scheduler, metric=metric, mode="max", time_attr="step",
-                               max_t=base.optim.iters,
-                               grace_period=grace_period or base.run.eval_every,
-                               searcher=searcher if scheduler.startswith("optuna") else None)
+                               max_t=iters, grace_period=grace, step_offset=offset,
+                               searcher=searcher)
         param_space = {**_trial_config(base, variant), **space}
         callbacks = [StudyLoggerCallback(study_dir)]
         t0 = time.time()
         if restoring:
+            # Tune's ERROR trials stay failed: Optuna holds them FAIL (final), and Tune retried
+            # their crashes (--max-failures) before giving up on them.
             tuner = tune.Tuner.restore(session.exp_dir, _trainable(opts),
-                                       resume_unfinished=True, resume_errored=True)
+                                       resume_unfinished=True, resume_errored=False)
         else:
             tuner = tune.Tuner(
                 _trainable(opts), param_space=param_space,
                 tune_config=tune.TuneConfig(
                     search_alg=searcher, scheduler=sched, num_samples=num_samples,
                     max_concurrent_trials=opts.max_concurrent or None, reuse_actors=True),
-                run_config=_run_config(opts, storage_path, EXPERIMENT, callbacks, list(space)))
+                run_config=_run_config(
+                    opts, storage_path, EXPERIMENT, callbacks, list(space),
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=SWEEP_CHECKPOINTS_KEPT, checkpoint_score_attribute=metric,
+                        checkpoint_score_order="max")))
         session.phase = "trials"
         grid = session.fit(tuner)
         session.stop_if_interrupted()  # no best trial of an unfinished sweep
         session.phase = "test"
-        best = _evaluate_best(grid, metric, base, opts)
+        ot_study = optuna.load_study(study_name=opts.name, storage=storage)
+        best = _evaluate_best(grid, metric, base, opts, ot_study)
+        extra: dict[str, Any] = {"best": best}
+        if confirm_top > 0 and confirm_seeds > 0:
+            session.phase = "confirm"
+            extra["confirm"] = _confirm_winners(session, grid, ot_study, base, variant, metric,
+                                                top=confirm_top, n_seeds=confirm_seeds)
         session.phase = "results"
         shutil.copyfile(db_path, study_dir / "optuna.db")
-        _finish(study_dir, opts, time.time() - t0, {"best": best})
+        _finish(study_dir, opts, time.time() - t0, extra)
         return study_dir
 
 
-def _test_eval(config: dict[str, Any], checkpoint: tune.Checkpoint) -> dict[str, float]:
+def _test_eval(config: dict[str, Any], checkpoint: tune.Checkpoint) -> dict[str, Any]:
     """Load a trial checkpoint and evaluate every network on the test split (runs as a Ray
-    task with the trial's resources, so a GPU study evaluates on a GPU worker, not the head)."""
+    task with the trial's resources, so a GPU study evaluates on a GPU worker, not the head).
+    Returns ``{"test": metrics, "checkpoint_step": the checkpoint's step}``."""
     from ctt.state import TrainState
     from ctt.train import Trainer
     from ctt.tune.trainable import split_config
@@ -669,23 +912,155 @@ def _test_eval(config: dict[str, Any], checkpoint: tune.Checkpoint) -> dict[str,
     with checkpoint.as_directory() as d:
         state = TrainState.load(Path(d) / CHECKPOINT_FILE, cfg)
     trainer = Trainer(cfg, state)
-    return trainer.evaluate("test") if "test" in trainer.datasets else {}
+    return {"test": trainer.evaluate("test") if "test" in trainer.datasets else {},
+            "checkpoint_step": int(state.step)}
 
 
-def _evaluate_best(grid: Any, metric: str, base: CTTConfig, opts: StudyOptions
-                   ) -> dict[str, Any] | None:
-    """The best trial by ``metric`` (its best reported value); its final checkpoint is
-    re-evaluated on the held-out test split."""
+def best_result(grid: Any, study: Any) -> tuple[Any, Any] | None:
+    """(Tune ``Result``, Optuna ``FrozenTrial``) of the sweep's best trial: Optuna's best
+    COMPLETE trial, i.e. the highest final val metric at the full budget (:data:`RANKING`).
+    Tune's ``get_best_result`` is not used: over pruned trials' last results or over the
+    whole history it would rank by another "best". None when no trial completed."""
     try:
-        res = grid.get_best_result(metric=metric, mode="max", scope="all")
-    except RuntimeError:
+        ft = study.best_trial
+    except ValueError:
         return None
-    out: dict[str, Any] = {"trial_id": res.metrics.get("trial_id"),
-                           "val_" + metric: res.metrics.get(metric),
+    trial_id = ft.user_attrs.get(TUNE_TRIAL_ID_ATTR)
+    for res in grid:
+        if (res.metrics or {}).get("trial_id") == trial_id:
+            return res, ft
+    return None
+
+
+def _evaluate_best(grid: Any, metric: str, base: CTTConfig, opts: StudyOptions, study: Any
+                   ) -> dict[str, Any] | None:
+    """The best trial (:func:`best_result`); its final checkpoint, the one its ranking value
+    was measured on, is re-evaluated on the held-out test split."""
+    found = best_result(grid, study)
+    if found is None:
+        return None
+    res, ft = found
+    out: dict[str, Any] = {"trial_id": ft.user_attrs.get(TUNE_TRIAL_ID_ATTR),
+                           "optuna_trial": ft.number, "ranking": RANKING.format(metric=metric),
+                           "val_" + metric: ft.value, "step": res.metrics.get("step"),
                            "config": {k: v for k, v in resolve_config(res.config).items()
                                       if k in base.to_flat() and base.to_flat()[k] != v}}
     if res.checkpoint is None or base.data.test_split == "none":
         return out
     task = ray.remote(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial)(_test_eval)
-    out["test"] = ray.get(task.remote(res.config, res.checkpoint))
+    evaluated = ray.get(task.remote(res.config, res.checkpoint))
+    out["test"], out["checkpoint_step"] = evaluated["test"], evaluated["checkpoint_step"]
+    out["checkpoint"] = res.checkpoint.path
+    return out
+
+
+CONFIRM_EXPERIMENT = "ray-confirm"
+CONFIRM_DIR = "confirm"
+
+
+def confirm_seed_list(search_seed: int, n_seeds: int) -> list[int]:
+    """Fresh seeds for the confirmation runs: the ones after the search's seed."""
+    return [search_seed + 1 + i for i in range(n_seeds)]
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def _confirm_winners(session: _Session, grid: Any, study: Any, base: CTTConfig, variant: str,
+                     metric: str, *, top: int, n_seeds: int) -> dict[str, Any] | None:
+    """Rerun the ``top`` best COMPLETE configs of the search on ``n_seeds`` fresh seeds and
+    name the winner by the confirmed mean of the ranking value (:data:`RANKING`): a search
+    ranks configs on one seed, where a lucky seed can win.
+
+    The runs are a small grid (variant label ``<variant>-top<rank>``, seeds
+    :func:`confirm_seed_list`) in their own Tune experiment (``ray-confirm``, resumable) and
+    logged under ``confirm/`` (``trials/``, ``tb/``), apart from the search's trials. Writes
+    and returns the ``confirm.json`` record: per candidate its search value and its confirmed
+    values, mean, sample std, n and failures; the winner, with the test-split mean ± std of
+    its confirmation runs' final checkpoints when the data has a test split. None when no
+    trial completed."""
+    from optuna.trial import TrialState
+
+    from ctt.tune.trainable import split_config
+
+    opts, study_dir = session.opts, session.study_dir
+    ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                    key=lambda t: t.value, reverse=True)[:top]
+    results = {(r.metrics or {}).get("trial_id"): r for r in grid}
+    seeds = confirm_seed_list(opts.seeds[0], n_seeds)
+    flat_base = base.to_flat()
+    candidates, configs = [], []
+    for rank, ft in enumerate(ranked, 1):
+        res = results.get(ft.user_attrs.get(TUNE_TRIAL_ID_ATTR))
+        if res is None:
+            continue
+        cfg, _ = split_config(res.config)
+        label = f"{variant}-top{rank}"
+        candidates.append({
+            "rank": rank, "label": label, "trial_id": ft.user_attrs.get(TUNE_TRIAL_ID_ATTR),
+            "optuna_trial": ft.number, "search_seed": opts.seeds[0], "search_value": ft.value,
+            "config": {k: v for k, v in cfg.to_flat().items()
+                       if k != "run.seed" and flat_base.get(k) != v}})
+        configs += [_trial_config(cfg.override({"run.seed": s}), label) for s in seeds]
+    if not candidates:
+        return None
+    exp_dir = _experiment_dir(session.storage_path, CONFIRM_EXPERIMENT)
+    if _can_restore(exp_dir):
+        tuner = tune.Tuner.restore(exp_dir, _trainable(opts), resume_unfinished=True,
+                                   resume_errored=False)
+    else:
+        space, gen = _points(configs, opts.max_concurrent)
+        tuner = tune.Tuner(
+            _trainable(opts), param_space=space,
+            tune_config=tune.TuneConfig(search_alg=gen, num_samples=len(configs),
+                                        reuse_actors=True),
+            run_config=_run_config(opts, session.storage_path, CONFIRM_EXPERIMENT,
+                                   [StudyLoggerCallback(study_dir / CONFIRM_DIR)]))
+    confirm_grid = session.fit(tuner)
+    session.stop_if_interrupted()
+    values: dict[str, list[tuple[int, float]]] = {c["label"]: [] for c in candidates}
+    failed: dict[str, int] = dict.fromkeys(values, 0)
+    finished: dict[str, list[Any]] = {label: [] for label in values}
+    for res in confirm_grid:
+        m, label = res.metrics or {}, res.config.get("variant")
+        if label not in values:
+            continue
+        value = m.get(metric)
+        ok = (res.error is None and not m.get("error") and m.get("step") == base.optim.iters
+              and isinstance(value, (int, float)) and value == value)
+        if ok:
+            values[label].append((int(res.config["seed"]), float(value)))
+            finished[label].append(res)
+        else:
+            failed[label] += 1
+    for c in candidates:
+        got = sorted(values[c["label"]])
+        mean, std = _mean_std([v for _, v in got])
+        c.update({"confirm_seeds": [s for s, _ in got], "confirm_values": [v for _, v in got],
+                  "confirm_mean": mean, "confirm_std": std, "confirm_n": len(got),
+                  "confirm_failed": failed[c["label"]]})
+    scored = [c for c in candidates if c["confirm_mean"] is not None]
+    winner = max(scored, key=lambda c: c["confirm_mean"]) if scored else None
+    out = {"metric": metric, "ranking": RANKING.format(metric=metric), "top": top,
+           "seeds": seeds, "candidates": candidates,
+           "winner": None if winner is None else {
+               k: winner[k] for k in ("rank", "label", "trial_id", "search_value",
+                                      "confirm_mean", "confirm_std", "confirm_n")}}
+    runs = [r for r in finished.get(winner["label"], []) if r.checkpoint is not None] \
+        if winner else []
+    if runs and base.data.test_split != "none":
+        # the winner's confirmation runs on the held-out test split (final checkpoints)
+        task = ray.remote(num_cpus=opts.cpus_per_trial,
+                          num_gpus=opts.gpus_per_trial)(_test_eval)
+        tested = ray.get([task.remote(r.config, r.checkpoint) for r in runs])
+        test_values = [t["test"][metric] for t in tested if metric in t["test"]]
+        mean, std = _mean_std(test_values)
+        out["winner"].update({"test_mean": mean, "test_std": std, "test_n": len(test_values)})
+    write_json(study_dir / "confirm.json", out)
     return out

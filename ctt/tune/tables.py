@@ -4,7 +4,8 @@
 Keys read from ``study.json`` (all optional): ``variants`` (list of names, or a dict whose keys
 are the names, fixing the table order); ``baseline`` (the variant Δ is measured against,
 default "supervised"); ``rank_by`` (trial column that ranks sweep trials, default
-"miou_best").
+"miou_best"); ``comparisons`` (list of [a, b] variant pairs compared besides each variant vs
+the baseline, default `DEFAULT_COMPARISONS`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ctt.tune.layout import (
     summarise_metrics,
     trial_json_path,
 )
-from ctt.tune.stats import mean_std, paired_t_test
+from ctt.tune.stats import ALPHA, holm, mean_std, paired_comparison, paired_t_test
 
 DEFAULT_BASELINE = "supervised"
 DEFAULT_RANK_BY = "miou_best"
@@ -230,6 +231,53 @@ def ablation_rows(trials: Sequence[dict], study: dict) -> list[dict]:
             "delta": delta, "t": t_stat, "p": p, "n_pairs": n_pairs,
             "seed_list": sorted(t["seed"] for t in ok),
         })
+    return rows
+
+
+# The comparisons between semi-supervised variants that isolate one part of CTT (a - b), tested
+# besides every variant against the baseline when both variants are in the study;
+# ``study.json["comparisons"]`` (a list of [a, b]) replaces them.
+DEFAULT_COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("cross", "dual_self"),       # cross teaching vs two self-taught pairs
+    ("cross", "mean_teacher"),
+    ("cross_hc", "cross"),        # + high-level contrast
+    ("cross_lc", "cross"),        # + low-level contrast
+    ("ctt", "cross"),             # + both contrasts
+    ("ctt", "mean_teacher"),
+)
+
+
+def comparison_rows(trials: Sequence[dict], study: dict) -> list[dict]:
+    """The study's paired comparisons of ``miou_final``, one family for Holm's correction:
+    every variant against the baseline (in table order), then the between-variant comparisons
+    (``study.json["comparisons"]``, default `DEFAULT_COMPARISONS`) whose variants both ran.
+
+    Each row is :func:`ctt.tune.stats.paired_comparison` of the finished trials paired by seed,
+    plus ``a``, ``b``, ``kind`` ("baseline" | "between"), ``p_holm`` (Holm over every row
+    with a p) and ``resolved`` (``p_holm`` < ``stats.ALPHA``).
+    """
+    baseline = study.get("baseline", DEFAULT_BASELINE)
+    order = variant_order(trials, study)
+    final: dict[str, dict[Any, float]] = {v: {} for v in order}
+    for t in trials:  # a trial without a seed cannot be paired
+        if is_ok(t) and t.get("miou_final") is not None and t.get("seed") is not None:
+            final[t["variant"]][t["seed"]] = float(t["miou_final"])
+    pairs = [(v, baseline, "baseline") for v in order if v != baseline and baseline in final]
+    declared = study.get("comparisons")
+    if declared is not None and not (
+            isinstance(declared, list) and all(
+                isinstance(c, list) and len(c) == 2 and all(isinstance(v, str) for v in c)
+                for c in declared)):
+        raise ResultsError("study.json: 'comparisons' must be a list of [a, b] variant name "
+                           f"pairs, got {declared!r:.60}: repair the file")
+    between = DEFAULT_COMPARISONS if declared is None else [tuple(c) for c in declared]
+    pairs += [(a, b, "between") for a, b in between
+              if a in final and b in final and a != b and (a, b, "baseline") not in pairs]
+    rows = [{"a": a, "b": b, "kind": kind, **paired_comparison(final[a], final[b])}
+            for a, b, kind in pairs]
+    for row, p_holm in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = p_holm
+        row["resolved"] = bool(p_holm < ALPHA)  # NaN compares False: untested is unresolved
     return rows
 
 

@@ -7,12 +7,17 @@ A trial's ``config`` is a flat dict: every ``CTTConfig.to_flat()`` key plus ``va
   (:meth:`ctt.state.TrainState.fork`); used by ablations so the supervised warm-up shared by all
   variants of a seed is computed once.
 - ``_until``: stop at this iteration instead of ``optim.iters`` (the warm-up trials).
+- ``_publish``: a directory (local path or storage URI) the trial writes its state to, as
+  ``state.pt``, when it reaches ``_until``, before its last report (a warm-up's checkpoint for
+  the forks, at a place the study knows in advance; :mod:`ctt.tune.grid`).
 
 Reporting: one ``tune.report`` per evaluation (``run.eval_every``), with a ``Checkpoint`` attached
 whenever the step is a multiple of ``run.checkpoint_every`` and at the end. A NaN/inf loss is a
 deterministic failure: the trial reports ``error`` and ``nan_step`` and returns (so
-``FailureConfig`` does not retry it); the study callback records it as errored. Any other
-exception propagates, and Tune restarts the trial from its last checkpoint.
+``FailureConfig`` does not retry it); the study callback records it as errored. So are the
+other deterministic failures (:data:`DETERMINISTIC_ERRORS`: config, data file, checkpoint),
+reported as ``error`` with the exception's type and message. Any other exception propagates,
+and Tune restarts the trial from its last checkpoint (``--max-failures``).
 """
 
 from __future__ import annotations
@@ -27,17 +32,25 @@ import ray
 import torch
 from ray import tune
 
-from ctt.config import CTTConfig
-from ctt.state import TrainState
+from ctt.config import ConfigError, CTTConfig
+from ctt.errors import DataError, one_line
+from ctt.fileio import atomic_open
+from ctt.state import CheckpointError, TrainState
 from ctt.step import NonFiniteLossError
 from ctt.train import Trainer
 from ctt.tune.space import resolve_config
 
-__all__ = ["CHECKPOINT_FILE", "META_KEYS", "split_config", "train_ctt"]
+__all__ = ["CHECKPOINT_FILE", "DETERMINISTIC_ERRORS", "META_KEYS", "split_config", "train_ctt"]
 
 CHECKPOINT_FILE = "state.pt"
 META_FILE = "trial_meta.json"
-META_KEYS = ("variant", "seed", "_fork_from", "_until")
+META_KEYS = ("variant", "seed", "_fork_from", "_until", "_publish")
+# Failures that recur on every retry: a wrong config value, a wrong data file, a corrupt or
+# mismatched checkpoint (and a NaN loss, below). The trial reports them as ``error`` and ends,
+# so FailureConfig never retries them (Ray 2.60 has no per-exception retry filter); the study
+# records the trial as failed at once. A missing data root or device may be one node's problem
+# (DataRootError, MissingDataError, DeviceError) and stays a crash that Tune retries.
+DETERMINISTIC_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def split_config(config: dict[str, Any]) -> tuple[CTTConfig, dict[str, Any]]:
@@ -63,8 +76,41 @@ def _fork_checkpoint(uri: str) -> tune.Checkpoint:
     return tune.Checkpoint.from_directory(uri)
 
 
+def _publish(state_file: Path, dest: str) -> None:
+    """Copy a saved state to ``dest/state.pt``; readers never see a partial file (a local
+    replace is atomic, an object store's put is)."""
+    if "://" in dest:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(dest)
+        fs.create_dir(path, recursive=True)
+        pyarrow.fs.copy_files(str(state_file), f"{path.rstrip('/')}/{CHECKPOINT_FILE}",
+                              destination_filesystem=fs)
+        return
+    target = Path(dest) / CHECKPOINT_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(target, "wb", fsync=True) as f:
+        f.write(state_file.read_bytes())
+
+
+def _report_error(e: BaseException, step: int, config: dict[str, Any], **extra: Any) -> None:
+    """The one result of a deterministic failure: ``error`` (one line) at ``step``."""
+    tune.report({"step": int(step), "error": f"{type(e).__name__}: {one_line(e)}",
+                 "variant": config.get("variant", ""), "seed": int(config.get("seed", 0)),
+                 **extra})
+
+
 def train_ctt(config: dict[str, Any]) -> None:
-    """Function trainable: build or restore a TrainState, train, report, checkpoint."""
+    """Function trainable: build or restore a TrainState, train, report, checkpoint. A
+    deterministic failure (:data:`DETERMINISTIC_ERRORS`) while setting up is reported as
+    ``error`` at step 0 and ends the trial without raising."""
+    try:
+        _train_ctt(config)
+    except DETERMINISTIC_ERRORS as e:
+        _report_error(e, 0, config)
+
+
+def _train_ctt(config: dict[str, Any]) -> None:
     t_start = time.perf_counter()
     cfg, meta = split_config(config)
     torch.set_num_threads(cfg.run.num_threads)
@@ -94,6 +140,8 @@ def train_ctt(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory(prefix="ctt-ckpt-") as tmp:
                 trainer.sync_streams()
                 trainer.state.save(Path(tmp) / CHECKPOINT_FILE)
+                if meta.get("_publish") and step >= until:
+                    _publish(Path(tmp) / CHECKPOINT_FILE, str(meta["_publish"]))
                 (Path(tmp) / META_FILE).write_text(json.dumps(
                     {"compute_s": report["time/trial_compute_s"], "step": step}))
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
@@ -107,6 +155,9 @@ def train_ctt(config: dict[str, Any]) -> None:
                      "variant": meta.get("variant", ""), "seed": int(meta.get("seed", 0)),
                      "node_id": node_id,
                      "time/trial_compute_s": compute_s + time.perf_counter() - t_start})
+        return
+    except DETERMINISTIC_ERRORS as e:  # e.g. a bad image met mid-training
+        _report_error(e, trainer.state.step, config, node_id=node_id)
         return
 
 
