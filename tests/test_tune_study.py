@@ -55,7 +55,7 @@ METRIC_NAMES = ["step", "miou", "miou/student0", "miou/student1", "miou/teacher0
                 "miou/teacher1", "loss/total", "loss/sup", "loss/unsup", "loss/hc", "loss/lc",
                 "pl/weight", "n/anchors_hc", "n/anchors_lc", "bank/fill", "contrast_on"]
 ITERS = 6  # cli.SMOKE_OVERRIDES
-KILLED_ITERS = 60
+KILLED_ITERS = 200
 
 
 def load_script(name: str):
@@ -646,7 +646,8 @@ def _start_and_kill(script: str, argv: list[str], storage: Path, study_dir: Path
 def killed_study(tmp_path_factory):
     """A 3-trial ablation (one trial at a time), killed after its first trial finished."""
     storage = tmp_path_factory.mktemp("killed")
-    # long enough trials (~0.05 s/step idle) that the kill lands between the first and the last
+    # long enough trials that the kill lands between the first and the last (the cheaper tiny
+    # of 2026-12 runs a smoke step in ~0.02 s, so 60 iterations let all three finish first)
     argv = ["--smoke-test", "--variants", "supervised,mean_teacher,dual_self", "--no-fork",
             "--max-concurrent", "1", "--storage", str(storage), "--out", "killed",
             "--iters", str(KILLED_ITERS), "--set", "run.eval_every=20",
