@@ -416,6 +416,8 @@ CASES = [
       r"unknown preset 'r9'; valid presets"),
     C("gpu-bench-unwritable-out", "gpu_bench", ["--smoke", "--out", "{d}/afile/g"],
       r"cannot write .*afile/g \(--out\)", setup=data_root_is_file),
+    C("study-floor-unfinished-study", "study_floor", ["{d}/st", "--json", "{d}/f.json"],
+      r".*st holds no finished study \(trials.parquet and study.json\)", setup=study),
     # --- runs and studies owning their directories (locks, --resume) ----------------------
     # (interrupts: tests/test_interrupts.py; --resume --iters below the checkpoint and a stale
     # lock: tests/test_train.py, which need a trained run)
@@ -462,7 +464,7 @@ def entry_main(entry: str) -> Callable:
         from ctt.data.synthetic import main
     elif entry in ("voc_ablation", "voc_sweep", "cityscapes_sweep"):
         main = _load_file(f"_bad_inputs_{entry}", ROOT / "studies" / f"{entry}.py").main
-    elif entry in ("bench_step", "bench_study", "bench_contrast", "gpu_bench"):
+    elif entry in ("bench_step", "bench_study", "bench_contrast", "gpu_bench", "study_floor"):
         main = load_benchmark(entry).main
     else:
         raise AssertionError(entry)
@@ -578,7 +580,7 @@ def test_table_covers_every_entry_point() -> None:
     entries = {p.values[0].entry for p in CASES}
     assert entries == {"train", "voc_ablation", "voc_sweep", "cityscapes_sweep", "results",
                        "synthetic", "bench_step", "bench_study", "bench_contrast",
-                       "gpu_bench"}
+                       "gpu_bench", "study_floor"}
     assert len(CASES) >= 40
 
 
