@@ -537,6 +537,8 @@ class _VariantTrialLogger(StudyLoggerCallback):
     def _is_warmup(trial: Any) -> bool:
         return dict(trial.config).get("variant") == WARMUP_VARIANT
 
+    # One forwarding method per Tune hook, deliberately alike: Ray's Callback dispatches by
+    # method name, so each hook the parent implements must be filtered by name.
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if not self._is_warmup(trial):
             super().on_trial_start(iteration, trials, trial, **info)
