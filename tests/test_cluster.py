@@ -307,10 +307,13 @@ def test_study_refuses_node_local_storage_on_multi_node_cluster(two_nodes, tmp_p
 def test_study_runs_on_both_nodes(two_nodes, tmp_path):
     storage = tmp_path / "shared"
     # No shared warm-up (its finishing actor may still hold a node's CPU when the variants
-    # start) and trials long enough that both are running at once, one per node.
+    # start) and trials long enough that both are running at once, one per node: with
+    # reuse_actors a trial that finishes before the other node's actor has started (importing
+    # torch there takes seconds under load) hands its actor on, and both run on one node.
+    # 24 iterations (about 3 s) lost that race in CI; 240 take about 30 s.
     proc = _run_study(_study_cmd(two_nodes.address, storage, "--storage-shared", "--no-fork",
-                                 "--set", "optim.iters=24", "--set", "run.eval_every=6",
-                                 "--set", "run.checkpoint_every=6"), tmp_path)
+                                 "--set", "optim.iters=240", "--set", "run.eval_every=60",
+                                 "--set", "run.checkpoint_every=60"), tmp_path)
     assert proc.returncode == 0, _tail(proc)
     study = storage / "mn"
     trials = _trials(study)
