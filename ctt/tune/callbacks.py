@@ -50,6 +50,9 @@ end of a trial, so they survive a driver restart.
 Robustness: no hook ever raises (Ray would abort the whole study); a failure is logged as a
 warning and the study goes on.
 
+URI storage: :class:`StudySyncCallback`, listed after this one, pushes the study's files to
+storage on every trial end and every ``--sync-every`` seconds (:mod:`ctt.tune.storage`).
+
 Paths and file formats are those of :mod:`ctt.tune.layout` (the reader uses the same module):
 metrics.jsonl records go through :mod:`ctt.fileio`'s one encoder, trial.json is replaced
 atomically.
@@ -83,6 +86,7 @@ from ctt.tune.layout import (
     write_json,
 )
 from ctt.tune.space import ONE_MINUS, resolve_config
+from ctt.tune.storage import local_path, portable_path
 
 log = logging.getLogger(__name__)
 
@@ -314,12 +318,14 @@ class StudyLoggerCallback(Callback):
         self._trials: dict[str, _TrialLog] = {}
         self._axes: tuple[list[str], list[str] | None] | None = None
 
-    # Tune pickles its callbacks with the experiment state; open writers must not travel.
+    # Tune pickles its callbacks with the experiment state; open writers must not travel. A
+    # staged study's directory travels relative to the staging root: a resume on a new head
+    # whose $CTT_STAGING differs writes to its own copy (ctt.tune.storage.portable_path).
     def __getstate__(self) -> dict:
-        return {"study_dir": self.study_dir, "flush_secs": self.flush_secs}
+        return {"study_dir": portable_path(self.study_dir), "flush_secs": self.flush_secs}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["study_dir"], state["flush_secs"])
+        self.__init__(local_path(state["study_dir"]), state["flush_secs"])
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -481,3 +487,40 @@ class StudyLoggerCallback(Callback):
         write_hparams_session(tb_dir(self.study_dir, tl.run_name), hparams, metrics,
                               hp_status, s["step"] or 0, lead=lead, domains=domains)
         del self._trials[trial.trial_id]
+
+
+class StudySyncCallback(Callback):
+    """Pushes a URI study's driver-side files to storage (:class:`ctt.tune.storage.StudySync`)
+    on every trial end and, from Tune's driver loop, whenever the study's ``--sync-every``
+    interval has passed. Listed after :class:`StudyLoggerCallback`, so a trial's end is pushed
+    after its files were written. Pickled with Tune's experiment, it holds only the study's
+    name and pushes with the study's registered sync (:func:`ctt.tune.storage.active`), so a
+    restored experiment pushes to wherever the resumed study stores. A failed push is a
+    warning (the next one retries): it must not stop the study.
+    """
+
+    def __init__(self, study: str) -> None:
+        self.study = study
+
+    def _push(self, force: bool) -> None:
+        from ctt.tune.storage import active
+
+        sync = active(self.study)
+        if sync is None or not (force or sync.due()):
+            return
+        try:
+            sync.push()
+        except Exception:  # noqa: BLE001 - storage trouble must not abort the study
+            log.warning("syncing study %s to %s failed; retrying at the next trial end or "
+                        "interval", self.study, sync.remote, exc_info=True)
+
+    # Tune 2.60 calls on_step_end after each turn of its driver loop (an event handled, the
+    # experiment snapshot taken): the timed push. There is no on_step hook to override.
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._push(force=False)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._push(force=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._push(force=True)

@@ -159,6 +159,10 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
                    "the winner by their mean (0: off; --smoke-test: at most 1)")
     p.add_argument("--confirm-seeds", type=int, default=study.confirm_seeds, metavar="S",
                    help="fresh seeds per confirmed config (--smoke-test: at most 1)")
+    p.add_argument("--optuna-storage", metavar="URL", default=None,
+                   help="database for Optuna's study (sqlite:///PATH, postgresql://..., "
+                   "mysql://...; default: optuna.journal in the study directory, which "
+                   "survives the head wherever --storage does)")
     a = p.parse_args(argv)
     opts = _options(study, a)
     num_samples = min(a.num_samples, 3) if a.smoke_test else a.num_samples
@@ -178,7 +182,7 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
         return 0
     return run_study(run_sweep, opts, a.variant, space, num_samples=num_samples,
                      scheduler=a.scheduler, metric=a.metric, grace_period=a.grace_period,
-                     **confirm, debug=a.debug, argv=argv,
+                     optuna_storage=a.optuna_storage, **confirm, debug=a.debug, argv=argv,
                      prog=_prog(study))
 
 # --smoke-test: a few iterations on a tiny synthetic set, every code path (warm-up fork,
@@ -216,14 +220,30 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
                    help="local directory, NFS path or URI (s3://bucket/prefix)")
     g.add_argument("--storage-shared", action="store_true",
                    help="the local --storage path is a mount shared by every node")
+    g.add_argument("--sync-every", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="with a URI --storage: push the driver-side files (study.json, "
+                   "trials/, tb/, tables, report) to it on every trial end and at least this "
+                   "often (default 60; a head lost mid-study loses at most this much of them)")
     g.add_argument("--out", help="study name (directory under --storage)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted study")
-    g.add_argument("--address", help="join a running Ray cluster (e.g. auto)")
+    g.add_argument("--address", help="join a running Ray cluster (e.g. auto; default in "
+                   "a `ray job submit` entrypoint: the job's cluster)")
     g.add_argument("--dry-run", action="store_true",
                    help="print the trials and a compute estimate, launch nothing")
     g.add_argument("--smoke-test", type=float, metavar="SECONDS", nargs="?", const=60.0,
                    help="tiny, fast run of every code path (tests)")
     g.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+
+
+def _seconds(text: str) -> float:
+    """A non-negative number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def options_from_args(a: argparse.Namespace, default_name: str,
@@ -248,9 +268,18 @@ def options_from_args(a: argparse.Namespace, default_name: str,
         seeds=seeds, iters=a.iters, overrides=overrides, cpus_per_trial=a.cpus_per_trial,
         gpus_per_trial=a.gpus_per_trial, max_concurrent=a.max_concurrent,
         max_failures=a.max_failures, storage=a.storage, storage_shared=a.storage_shared,
-        resume=a.resume, address=a.address,
+        sync_every=a.sync_every, resume=a.resume, address=a.address or _job_address(),
         # only the default throwaway "<study>_smoke" directory is ever deleted
         replace_existing=bool(a.smoke_test) and not a.out)
+
+
+def _job_address() -> str | None:
+    """``auto`` in the entrypoint of ``ray job submit`` (Ray sets RAY_ADDRESS there to the
+    cluster running the job), else None. Without it a study starts a Ray of its own: in a job,
+    a second Ray instance on the head, running the trials there instead of on the cluster."""
+    from ctt.tune.study import RAY_JOB_ENV
+
+    return "auto" if RAY_JOB_ENV in os.environ else None
 
 
 def run_study(fn: Callable[..., Any], *args: Any, debug: bool = False,

@@ -40,6 +40,7 @@ from ray.tune.search import Searcher
 
 from ctt.config import VARIANTS
 from ctt.fileio import atomic_write_text
+from ctt.tune.storage import local_path, portable_path
 from ctt.tune.trainable import CHECKPOINT_FILE
 
 __all__ = ["WARMUP_VARIANT", "GridItem", "GridSearcher", "longest_first", "published",
@@ -181,10 +182,18 @@ class GridSearcher(Searcher):
             self._write(self.failures, self.failed)
 
     # --- state ----------------------------------------------------------------------------
+    # The driver-local files travel relative to a URI study's staging root, so a resume on a
+    # head with another $CTT_STAGING writes them to its own copy (ctt.tune.storage).
+    _PATHS = ("record", "failures")
+
     def get_state(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        state.update({k: portable_path(state[k]) for k in self._PATHS if state.get(k)})
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state.update({k: local_path(state[k]) for k in self._PATHS if state.get(k)})
         self.__dict__.update(state)
         self._adopt_published()
 

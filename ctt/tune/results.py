@@ -8,6 +8,10 @@ statistics of :mod:`ctt.tune.stats`), ``ablation.png``, ``curves.png`` and, for 
 ``sweep_<param>.png`` (:mod:`ctt.tune.plots`).
 
 CLI: ``python -m ctt.tune.results STUDY_DIR`` rebuilds everything and prints the report.
+``STUDY_DIR`` may be a study's URI in storage (``s3://bucket/prefix/name``, a query string such
+as ``?endpoint_override=host:port&scheme=http`` included): its driver-side files are read into a
+temporary directory (:mod:`ctt.tune.storage`), the results rebuilt there and the changed ones
+written back, so this also works on a study that is still running.
 
 This module imports neither Ray nor Optuna at module level (Optuna only for a sweep's
 importances), so results can be rebuilt on a machine without a Ray cluster.
@@ -19,6 +23,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +34,7 @@ from ctt.fileio import atomic_write_text
 from ctt.tune.layout import METRICS_PARQUET, REPORT_MD, TRIALS_PARQUET
 from ctt.tune.plots import write_plots
 from ctt.tune.report import render_report
+from ctt.tune.storage import StudySync, is_uri
 from ctt.tune.tables import (
     ablation_rows,
     load_metrics,
@@ -83,10 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ctt.tune.results",
         description="Rebuild trials.parquet, metrics.parquet, report.md and plots of a study.")
-    parser.add_argument("study_dir", help="study directory (holds trials/ and study.json)")
+    parser.add_argument("study_dir", help="study directory (holds trials/ and study.json), "
+                        "or its URI in storage (s3://bucket/prefix/name)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if is_uri(args.study_dir):
+        print(_results_from_storage(args.study_dir))
+        return 0
     if not os.path.isdir(args.study_dir):
         what = "is not a directory" if os.path.exists(args.study_dir) else "does not exist"
         raise MissingDataError(f"study directory {args.study_dir} {what}: pass the directory "
@@ -101,6 +111,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"({e.strerror}): make the study directory writable") from e
     print(out["report"])
     return 0
+
+
+def _results_from_storage(uri: str) -> str:
+    """Rebuild the results of the study at ``uri`` (its driver-side files, pulled into a
+    temporary directory) and write the changed ones back; returns the report. A storage that
+    refuses the write-back is a warning: the report is still printed."""
+    with tempfile.TemporaryDirectory(prefix="ctt-results-") as tmp:
+        sync = StudySync(tmp, uri)
+        try:
+            sync.pull()
+        except OSError as e:
+            raise MissingDataError(f"cannot read the study at {uri}: {e}") from e
+        if not os.path.isfile(os.path.join(tmp, "study.json")):
+            raise MissingDataError(f"{uri} holds no study (no study.json): pass the URI of a "
+                                   "study, <storage>/<name>")
+        out = build_results(tmp)
+        # the report names the study's place: the URI, not this temporary copy
+        report = out["report"].replace(f"`{tmp}`", f"`{uri}`")
+        atomic_write_text(out["report_md"], report)
+        try:
+            sync.push()
+        except OSError as e:
+            print(f"warning: the rebuilt results were not written back to {uri}: {e}",
+                  file=sys.stderr)
+        return report
 
 
 if __name__ == "__main__":

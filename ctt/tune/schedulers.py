@@ -42,12 +42,22 @@ the storage's state. A restored trial that Optuna holds PRUNED replays to the st
 pruned at and stops there (its files end where they ended); one it holds FAIL or COMPLETE runs
 on without touching Optuna. An Optuna trial left RUNNING that Tune never recorded (asked just
 before the kill) is told FAIL with the reason.
+
+The storage may also be behind the snapshot (a journal copy synced before the last asks and
+tells, restored on a new head; ``ctt.tune.optuna_storage``): the book keeps each trial's params,
+reported values and told end in the snapshot, and :meth:`PruningAwareOptunaSearch.reconcile`
+adds back what the storage lacks, so each Tune trial is held exactly once with its state.
+``PruningAwareOptunaSearch.restoring_into(storage)`` binds a restore to the storage this driver
+opened.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
@@ -119,6 +129,12 @@ class _TrialBook:
         self._last_step: dict[str, int] = {}
         self._final: dict[str, TrialState] = {}  # trials Optuna holds finished
         self._errors: dict[str, str] = {}  # Ray's error text, noted before the tell
+        # What this book knows of each trial, kept with the searcher's snapshot so that a
+        # storage restored behind it can be made whole again (PruningAwareOptunaSearch.
+        # reconcile): params and distributions, reported values, the end told.
+        self._params: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._curves: dict[str, dict[int, float]] = {}
+        self._told: dict[str, tuple[TrialState, float | None, str | None]] = {}
 
     @property
     def study(self) -> optuna.Study:
@@ -147,9 +163,11 @@ class _TrialBook:
         state = self._final.get(trial_id)
         if state is None and trial_id in self._ot_trials:
             ot_trial = self._ot_trials[trial_id]
-            stored = self.study._storage.get_trial(ot_trial._trial_id).state
-            if stored.is_finished():
-                self._final[trial_id] = state = stored
+            stored = self.study._storage.get_trial(ot_trial._trial_id)
+            if stored.state.is_finished():
+                self._final[trial_id] = state = stored.state
+                self._told.setdefault(trial_id, (stored.state, stored.value,
+                                                 stored.user_attrs.get(ERROR_ATTR)))
         return state
 
     def is_pruned(self, trial_id: str) -> bool:
@@ -173,6 +191,7 @@ class _TrialBook:
             return False
         self.optuna_trial(trial_id).report(float(value), ot_step)
         self._last_step[trial_id] = ot_step
+        self._curves.setdefault(trial_id, {})[ot_step] = float(value)
         return True
 
     def note_error(self, trial_id: str, message: str) -> None:
@@ -189,8 +208,11 @@ class _TrialBook:
         ot_trial = self.optuna_trial(trial_id)
         if error is not None:
             ot_trial.set_user_attr(ERROR_ATTR, error[:_MAX_ERROR_CHARS])
-        self.study.tell(ot_trial, value if state == TrialState.COMPLETE else None, state=state)
+        value = value if state == TrialState.COMPLETE else None
+        self.study.tell(ot_trial, value, state=state)
         self._final[trial_id] = state
+        self._told[trial_id] = (state, value, None if error is None
+                                else error[:_MAX_ERROR_CHARS])
         return True
 
     def prune(self, trial_id: str) -> FrozenTrial:
@@ -272,7 +294,9 @@ class PruningAwareOptunaSearch(OptunaSearch, _TrialBook):
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
-        self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
+        self._params[trial_id] = (dict(ot_trial.params), dict(ot_trial.distributions))
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -296,14 +320,116 @@ class PruningAwareOptunaSearch(OptunaSearch, _TrialBook):
         self._book_metric = self.metric
         self.finish(trial_id, result, error=error)
 
+    @classmethod
+    @contextlib.contextmanager
+    def restoring_into(cls, storage: optuna.storages.BaseStorage) -> Iterator[None]:
+        """Within the block, :meth:`restore` binds the restored study to ``storage`` instead
+        of the storage pickled with the snapshot: the one this driver opened (on a new head the
+        journal's path may differ, a database URL is reopened)."""
+        old, cls._restore_storage = cls._restore_storage, storage
+        try:
+            yield
+        finally:
+            cls._restore_storage = old
+
+    _restore_storage: optuna.storages.BaseStorage | None = None
+
     def restore(self, checkpoint_path: str) -> None:
         """Restore the saved searcher, then reconcile it with the storage (a driver restart)."""
         super().restore(checkpoint_path)
-        for name, default in (("_final", {}), ("_errors", {}), ("_last_step", {})):
+        for name in ("_final", "_errors", "_last_step", "_params", "_curves", "_told"):
             if not hasattr(self, name):
-                setattr(self, name, dict(default))
+                setattr(self, name, {})
         if self._ot_study is not None:
-            self.fail_orphans()
+            done = self.reconcile(PruningAwareOptunaSearch._restore_storage)
+            if any(done.values()):
+                logging.getLogger(__name__).warning(
+                    "Optuna's storage disagreed with the restored Tune experiment; trials "
+                    "added from the snapshot: %s, ends told: %s, orphans failed: %s",
+                    done["added"] or "none", done["told"] or "none", done["orphans"] or "none")
+
+    def reconcile(self, storage: optuna.storages.BaseStorage | None = None
+                  ) -> dict[str, list[Any]]:
+        """Make the Optuna study (in ``storage``, default the study's own) hold each Tune trial
+        of this searcher exactly once, after a restore whose snapshot and storage disagree.
+
+        The snapshot (this book) is what Tune restored: its trials are the ones Tune will
+        resume or keep. The storage may be behind it (a journal copy synced before the last
+        asks or tells) or ahead of it (asks, reports and tells after the snapshot):
+
+        - a trial the storage lacks is added again from the book: its params and
+          distributions, reported values, the end it was told (RUNNING if none), ``tune_trial_id``
+          (and ``error``) attributes;
+        - a trial the storage holds RUNNING gets the values it lacks and, if the book told its
+          end, that end;
+        - a trial the storage holds finished stays as it is (the module docstring: never told
+          again);
+        - an Optuna trial RUNNING that no trial of the book holds is told FAIL
+          (:meth:`fail_orphans`); a finished one is kept (a trial that ran after the snapshot).
+
+        Returns ``{"added": [...], "told": [...], "orphans": [...]}`` (Tune trial ids, Optuna
+        numbers for orphans)."""
+        old = self.study
+        study = optuna.create_study(
+            storage=storage if storage is not None else old._storage,
+            study_name=old.study_name, sampler=old.sampler, pruner=old.pruner,
+            # from the mode, not old.directions: the old storage may not hold the study
+            directions=["minimize" if m == "min" else "maximize"
+                        for m in (self._mode if isinstance(self._mode, list) else [self._mode])],
+            load_if_exists=True)
+        if study._study_id != old._study_id:
+            _forget_study(study.sampler)
+        if self._step_offset and STEP_OFFSET_ATTR not in study.user_attrs:
+            study.set_user_attr(STEP_OFFSET_ATTR, self._step_offset)
+        stored: dict[str, FrozenTrial] = {}
+        for ft in study.get_trials(deepcopy=False):
+            tid = ft.user_attrs.get(TUNE_TRIAL_ID_ATTR)
+            if tid is not None:
+                stored.setdefault(tid, ft)
+        added, told = [], []
+        for tid in list(self._ot_trials):
+            ft = stored.get(tid)
+            if ft is None:
+                ft = self._add_from_book(study, tid)
+                added.append(tid)
+            elif not ft.state.is_finished():
+                for step, value in sorted(self._curves.get(tid, {}).items()):
+                    if step not in ft.intermediate_values:
+                        study._storage.set_trial_intermediate_value(ft._trial_id, step, value)
+                if tid in self._told:
+                    state, value, error = self._told[tid]
+                    if error is not None:
+                        study._storage.set_trial_user_attr(ft._trial_id, ERROR_ATTR, error)
+                    study.tell(ft.number, value, state=state)
+                    told.append(tid)
+                ft = study._storage.get_trial(ft._trial_id)
+            self._ot_trials[tid] = optuna.Trial(study, ft._trial_id)
+            if ft.state.is_finished():
+                self._final[tid] = ft.state
+            else:
+                self._final.pop(tid, None)
+            if ft.intermediate_values:  # steps the storage holds are not reported again
+                self._last_step[tid] = max(self._last_step.get(tid, -1),
+                                           max(ft.intermediate_values))
+        self._ot_study = study
+        self._storage = study._storage
+        return {"added": added, "told": told, "orphans": self.fail_orphans()}
+
+    def _add_from_book(self, study: optuna.Study, tid: str) -> FrozenTrial:
+        """Add the Tune trial ``tid`` to ``study`` as this book knows it (see reconcile)."""
+        params, distributions = self._params.get(tid, ({}, {}))
+        state, value, error = self._told.get(tid, (TrialState.RUNNING, None, None))
+        curve = dict(self._curves.get(tid, {}))
+        if state == TrialState.PRUNED and curve:
+            value = curve[max(curve)]  # as study.tell records a pruned trial
+        elif state != TrialState.COMPLETE:
+            value = None
+        attrs = {TUNE_TRIAL_ID_ATTR: tid, **({ERROR_ATTR: error} if error is not None else {})}
+        frozen = optuna.trial.create_trial(
+            state=state, value=value, params=params, distributions=distributions,
+            user_attrs=attrs, intermediate_values=curve)
+        trial_id = study._storage.create_new_trial(study._study_id, template_trial=frozen)
+        return study._storage.get_trial(trial_id)
 
     def fail_orphans(self) -> list[int]:
         """Tell FAIL every RUNNING Optuna trial that no Tune trial of this searcher holds
@@ -346,6 +472,18 @@ class _OwnStudy(_TrialBook):
             ot_trial.set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
             self._ot_trials[trial_id] = ot_trial
         return self._ot_trials[trial_id]
+
+
+def _forget_study(sampler: optuna.samplers.BaseSampler) -> None:
+    """Clear the sampler's cached search spaces, which are bound to the id of the study they
+    were computed on (Optuna raises when one sees another study): the restored study may have
+    another id in its new storage."""
+    from optuna.search_space import IntersectionSearchSpace
+
+    for name, value in list(vars(sampler).items()):
+        if isinstance(value, IntersectionSearchSpace):
+            setattr(sampler, name, IntersectionSearchSpace(
+                include_pruned=getattr(value, "_include_pruned", False)))
 
 
 def _check_searcher(searcher: Any) -> None:

@@ -1,8 +1,10 @@
 """Studies: an ablation grid (variants x seeds) or an Optuna sweep, run by Ray Tune.
 
-Study directory ``<storage>/<name>/`` (local path; with a URI storage the same tree is staged
-locally and uploaded through ``pyarrow.fs`` at the end, while Tune writes its experiment and
-checkpoints straight to the URI)::
+Study directory ``<storage>/<name>/`` (local path; with a URI storage the driver's files are
+staged locally in ``$CTT_STAGING/<name>`` and pushed through ``pyarrow.fs`` on every trial end,
+at least every ``--sync-every`` seconds and at the end, while Tune writes its experiment and
+checkpoints straight to the URI; a ``--resume`` whose staging lacks the study first pulls them
+back: :mod:`ctt.tune.storage`)::
 
     study.json        resolved definition, command, package versions, git commit
     ray/              the Tune experiment (trial checkpoints; resumable with --resume)
@@ -14,7 +16,9 @@ checkpoints straight to the URI)::
     trials/<id>/      trial.json and metrics.jsonl, written by the driver callback
     tb/<run>/         TensorBoard scalars + one HParams entry per trial
     trials.parquet, metrics.parquet, report.md, *.png
-    optuna.db         the sweep's Optuna study (sqlite, copied from the driver's disk)
+    optuna.journal    the sweep's Optuna study, written as it runs (Optuna's journal storage;
+                      with --optuna-storage URL it is in that database instead)
+    optuna.db         a sqlite snapshot of the sweep's Optuna study, written at the end
     ray-confirm/, confirm/, confirm.json
                       a sweep's confirmation runs (its best configs on fresh seeds): their
                       Tune experiment, their trials/ and tb/, the summary naming the winner
@@ -40,7 +44,6 @@ TensorBoard and HParams), the classic progress table (its custom columns show on
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -64,9 +67,19 @@ from ctt.envinfo import environment
 from ctt.errors import UserError, warn_all
 from ctt.interrupts import Interrupted, SignalGuard
 from ctt.rundir import STUDY_LOCK, DirLock
-from ctt.tune.callbacks import StudyLoggerCallback
+from ctt.tune import storage as study_storage
+from ctt.tune.callbacks import StudyLoggerCallback, StudySyncCallback
 from ctt.tune.grid import WARMUP_VARIANT, GridItem, GridSearcher, longest_first
 from ctt.tune.layout import write_json
+from ctt.tune.optuna_storage import (
+    JOURNAL,
+    SQLITE_SNAPSHOT,
+    OptunaStorageError,
+    export_sqlite,
+    mask_url,
+    open_journal,
+    open_url,
+)
 from ctt.tune.report import summary_table
 from ctt.tune.results import build_results
 from ctt.tune.schedulers import (
@@ -126,6 +139,8 @@ class StudyOptions:
     max_failures: int = 2
     storage: str = "studies_out"
     storage_shared: bool = False
+    # seconds between the timed pushes of a URI study's driver-side files (ctt.tune.storage)
+    sync_every: float = 60.0
     resume: bool = False
     address: str | None = None
     num_cpus: int | None = None
@@ -220,7 +235,7 @@ def alive_nodes() -> int:
 def check_storage(storage: str, shared: bool) -> None:
     """Refuse a plain local path on a multi-node cluster unless declared shared: trials that
     move between nodes must find their checkpoints (this cannot be probed on one machine)."""
-    if "://" in storage or shared:
+    if study_storage.is_uri(storage) or shared:
         return
     n = alive_nodes()
     if n > 1:
@@ -231,23 +246,45 @@ def check_storage(storage: str, shared: bool) -> None:
             "--storage-shared).")
 
 
+# Set by Ray's job supervisor for the entrypoint of `ray job submit` (only there).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def check_job_storage(storage: str) -> None:
+    """Refuse a relative local ``--storage`` in a ``ray job submit`` driver: its working
+    directory is Ray's temporary copy of ``--working-dir`` under the head's session directory
+    (a new one per submission), so the study would be written where neither a ``--resume``
+    nor a reader finds it, and lost with the head."""
+    if (study_storage.is_uri(storage) or Path(storage).expanduser().is_absolute()
+            or RAY_JOB_ENV not in os.environ):
+        return
+    raise StorageError(
+        f"--storage {storage!r} is a relative path and this study runs as a Ray job: its "
+        f"working directory {os.getcwd()} is Ray's (a temporary copy of --working-dir). "
+        "Pass shared storage by an absolute path (an NFS mount, with --storage-shared) or a "
+        "URI (s3://bucket/prefix).")
+
+
 def study_paths(opts: StudyOptions) -> tuple[Path, str]:
     """(local study dir for driver files, Tune storage path for experiments)."""
-    if "://" in opts.storage:
-        local = Path(os.environ.get("CTT_STAGING", Path.home() / ".cache" / "ctt" / "studies"))
-        return (local / opts.name).resolve(), f"{opts.storage.rstrip('/')}/{opts.name}"
+    if study_storage.is_uri(opts.storage):
+        local = study_storage.staging_root()
+        return (local / opts.name).resolve(), study_storage.join_uri(opts.storage, opts.name)
     study_dir = (Path(opts.storage) / opts.name).resolve()
     return study_dir, str(study_dir)
 
 
-def _upload(study_dir: Path, opts: StudyOptions) -> None:
-    if "://" not in opts.storage:
+def _push(opts: StudyOptions) -> None:
+    """Push the changed driver-side files of a running URI study to storage (nothing for a
+    local study, whose directory is the storage)."""
+    sync = study_storage.active(opts.name)
+    if sync is None:
         return
-    import pyarrow.fs
-
-    dest = f"{opts.storage.rstrip('/')}/{opts.name}"
-    fs, path = pyarrow.fs.FileSystem.from_uri(dest)
-    pyarrow.fs.copy_files(str(study_dir), path, destination_filesystem=fs)
+    try:
+        sync.push()
+    except OSError as e:
+        raise StorageError(f"pushing the study's files to {sync.remote} failed ({e}); they "
+                           f"are in {sync.local_dir}") from e
 
 
 def _write_study_json(study_dir: Path, payload: dict[str, Any]) -> None:
@@ -255,7 +292,8 @@ def _write_study_json(study_dir: Path, payload: dict[str, Any]) -> None:
     path = study_dir / "study.json"
     if path.exists():  # keep the original definition; record the resume
         old = json.loads(path.read_text())
-        old.setdefault("resumed", []).append({"time": time.time(), "command": sys.argv})
+        old.setdefault("resumed", []).append({"time": time.time(),
+                                              "command": [mask_url(a) for a in sys.argv]})
         payload = old
     write_json(path, payload)
 
@@ -280,6 +318,9 @@ def _run_config(opts: StudyOptions, storage_path: str, name: str, callbacks: lis
     # ResultGrid (best trial, restore) has metrics.
     from ray.tune.logger import JsonLoggerCallback
 
+    # A URI study's files go to storage after the loggers wrote them (ctt.tune.storage).
+    if study_storage.is_uri(opts.storage):
+        callbacks = [*callbacks, StudySyncCallback(opts.name)]
     return tune.RunConfig(
         name=name, storage_path=storage_path, callbacks=[*callbacks, JsonLoggerCallback()],
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
@@ -315,7 +356,7 @@ def _points(configs: list[dict[str, Any]], max_concurrent: int = 0
 
 
 def _experiment_dir(storage_path: str, name: str) -> str:
-    return f"{storage_path.rstrip('/')}/{name}"
+    return study_storage.join_uri(storage_path, name)
 
 
 def _can_restore(path: str) -> bool:
@@ -341,7 +382,7 @@ def _start_or_resume(opts: StudyOptions, study_dir: Path, exp_dir: str) -> bool:
                 "without --resume")
         return restorable
     if exists:
-        if opts.replace_existing and "://" not in opts.storage:
+        if opts.replace_existing and not study_storage.is_uri(opts.storage):
             for child in study_dir.iterdir():  # all but the lock we hold
                 if child.name == STUDY_LOCK:
                     continue
@@ -403,6 +444,10 @@ class _Session:
         self.study_dir, self.storage_path = study_paths(opts)
         self.exp_dir = _experiment_dir(self.storage_path, EXPERIMENT)
         self.lock = DirLock(self.study_dir, STUDY_LOCK, "study")
+        # a URI study's driver-side files <-> <storage>/<name> (ctt.tune.storage)
+        self.sync = (study_storage.StudySync(self.study_dir, self.storage_path,
+                                             every=opts.sync_every)
+                     if study_storage.is_uri(opts.storage) else None)
         self.phase = "start"
         self.total = 0  # trials of the study
         self.warmups = 0  # shared warm-ups of the study (ablations that fork; ctt.tune.grid)
@@ -410,10 +455,18 @@ class _Session:
     def open(self, payload: dict[str, Any]) -> bool:
         """Lock the study directory, check start vs resume, start Ray, write study.json.
         Returns whether the Tune experiment is restored."""
+        check_job_storage(self.opts.storage)  # before the lock creates a directory
         if (self.opts.resume and "://" not in self.opts.storage
                 and not self.study_dir.is_dir()):  # refused before the lock creates it
             _start_or_resume(self.opts, self.study_dir, self.exp_dir)
         self.lock.acquire()
+        if self.sync is not None:
+            try:
+                self._pull(payload)
+            except OSError as e:  # no bucket, no credentials, no endpoint: one error line
+                raise StorageError(f"cannot use the study's storage {self.storage_path}: "
+                                   f"{e}") from e
+            study_storage.register(self.opts.name, self.sync)
         self.phase = "ray"
         restoring = _start_or_resume(self.opts, self.study_dir, self.exp_dir)
         # Held while Ray starts: raised inside ray.init, an interrupt can land in an at-fork
@@ -426,6 +479,40 @@ class _Session:
         check_storage(self.opts.storage, self.opts.storage_shared)
         _write_study_json(self.study_dir, payload)
         return restoring
+
+    def _pull(self, payload: dict[str, Any]) -> None:
+        """``--resume`` of a URI study whose staging directory lacks it (a new head): bring
+        its driver-side files back from storage, then check the resume's flags against the
+        restored study.json. A staging directory that holds the study is newer than (or as
+        new as) what it pushed, and is kept. A fresh start refuses a storage that holds a
+        study (:class:`StudyExistsError`), as it refuses a local directory that does."""
+        if not self.opts.resume:
+            if self.sync.exists("study.json"):  # the staging dir may just be another head's
+                raise StudyExistsError(
+                    f"{self.storage_path} already holds a study; pass --resume to continue it, "
+                    "--out NAME to start another one, or delete it from the storage")
+            return
+        if (self.study_dir / "study.json").exists():
+            return
+        n = self.sync.pull(skip=(EXPERIMENT, CONFIRM_EXPERIMENT, WARMUP))
+        if n:
+            print(f"restored {n} study files from {self.storage_path} into {self.study_dir}",
+                  flush=True)
+        _check_resume(self.opts, self.study_dir, payload)
+
+    def close_sync(self) -> None:
+        """Last push of a URI study that stops (done, failed or interrupted: what it wrote
+        since the last push), then forget its sync. A failure here is a warning: the study's
+        own outcome is what the caller reports."""
+        if self.sync is None or study_storage.active(self.opts.name) is not self.sync:
+            return
+        try:
+            self.sync.push()
+        except Exception as e:  # noqa: BLE001 - reported, never masks the study's outcome
+            print(f"warning: the last sync of {self.study_dir} to {self.storage_path} failed "
+                  f"({e}); --resume from this machine pushes it", file=sys.stderr, flush=True)
+        finally:
+            study_storage.unregister(self.opts.name)
 
     def fit(self, tuner: tune.Tuner) -> Any:
         """``tuner.fit()``. On SIGINT Tune's own handler stops it gracefully (last experiment
@@ -493,7 +580,10 @@ def _session(opts: StudyOptions) -> Iterator[_Session]:
             raise
         finally:
             with guard.deferred(forcible=False):
-                session.lock.release()
+                try:
+                    session.close_sync()
+                finally:
+                    session.lock.release()
 
 
 @contextlib.contextmanager
@@ -525,7 +615,7 @@ def _warmups_done(study_dir: Path) -> int:
 
 def warmup_dir(storage_path: str, seed: int) -> str:
     """Where the shared warm-up of ``seed`` publishes its checkpoint (``state.pt``)."""
-    return f"{storage_path.rstrip('/')}/{WARMUP}/seed-{seed}"
+    return study_storage.join_uri(storage_path, WARMUP, f"seed-{seed}")
 
 
 class _VariantTrialLogger(StudyLoggerCallback):
@@ -690,7 +780,7 @@ def _finish(study_dir: Path, opts: StudyOptions, wall_s: float, extra: dict | No
     build_results(study_dir)
     print(summary_table(study_dir), flush=True)
     print(f"study wall time {wall_s / 60:.1f} min; results in {study_dir}", flush=True)
-    _upload(study_dir, opts)
+    _push(opts)
     _check_outcome(study_dir)
 
 
@@ -707,7 +797,7 @@ SWEEP_CHECKPOINTS_KEPT = 3
 # other change would be silently ignored (Tuner.restore reuses the pickled searcher, scheduler
 # and run config), so a --resume that changes one is refused.
 RESUME_FREE_OPTIONS = frozenset({"resume", "address", "verbose", "replace_existing", "storage",
-                                 "storage_shared", "num_cpus"})
+                                 "storage_shared", "num_cpus", "sync_every"})
 _RESUME_IGNORED = frozenset({"command", "created", "env", "resumed", "wall_s_runs", "best",
                              "name"})
 _RESUME_OPEN_DICTS = ("options.overrides.", "space.")
@@ -802,9 +892,15 @@ def _check_resume(opts: StudyOptions, study_dir: Path, payload: dict[str, Any]) 
 def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_samples: int,
               scheduler: str = "optuna-median", metric: str = "miou",
               grace_period: int | None = None, sampler_seed: int = 0,
-              confirm_top: int = 0, confirm_seeds: int = 0) -> Path:
+              confirm_top: int = 0, confirm_seeds: int = 0,
+              optuna_storage: str | None = None) -> Path:
     """Optuna TPE search over ``space`` (Tune domains keyed by flat config keys) with pruning;
     the best trial is re-evaluated on the held-out test split.
+
+    Optuna's study lives in ``<study_dir>/optuna.journal`` or, with ``optuna_storage``, in that
+    database (:mod:`ctt.tune.optuna_storage`, opened before Ray starts); ``optuna.db`` is a
+    sqlite snapshot of it written at the end. On ``--resume`` the restored searcher is
+    reconciled with it (``PruningAwareOptunaSearch.reconcile``).
 
     Pruning counts from the end of the supervised warm-up (:func:`sweep_step_offset`):
     ``grace_period`` (default ``run.eval_every``) iterations after it come before the first
@@ -840,22 +936,17 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
             "grace_period": grace, "step_offset": offset, "sampler_seed": sampler_seed,
             "tpe_startup_trials": tpe_startup_trials(num_samples), "num_samples": num_samples,
             "confirm_top": confirm_top, "confirm_seeds": confirm_seeds,
+            "optuna_storage": mask_url(optuna_storage) if optuna_storage else JOURNAL,
             "preset": opts.preset, "options": asdict(opts), "base_config": base.to_flat(),
-            "command": sys.argv, "created": time.time(), "env": environment()}
+            # an --optuna-storage password stays out of the record
+            "command": [mask_url(a) for a in sys.argv], "created": time.time(),
+            "env": environment()}
         _check_resume(opts, session.study_dir, payload)
+        db = _open_optuna_database(optuna_storage, opts) if optuna_storage else None
         restoring = session.open(payload)
-        study_dir, storage_path = session.study_dir, session.storage_path
-        db_local = Path(os.environ.get("CTT_OPTUNA_DIR",
-                                       Path.home() / ".cache" / "ctt" / "optuna"))
-        db_local.mkdir(parents=True, exist_ok=True)
-        # sqlite must not live on S3/NFS. One file per study directory (the same name under
-        # another --storage is another study), reset on a fresh start: OptunaSearch loads an
-        # existing study of that name, and old trials would steer TPE and the importances.
-        key = hashlib.sha1(storage_path.encode()).hexdigest()[:10]
-        db_path = db_local / f"{opts.name}-{key}.db"
-        if not restoring:
-            db_path.unlink(missing_ok=True)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{db_path}")
+        study_dir = session.study_dir
+        storage = _sweep_optuna_storage(db, study_dir, opts.name, restoring,
+                                        session.storage_path)
         # The pruner is the study's from its creation (TPE sees it from the first trial).
         searcher = PruningAwareOptunaSearch(
             metric=metric, mode="max",
@@ -881,12 +972,14 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
                     search_alg=searcher, scheduler=sched, num_samples=num_samples,
                     max_concurrent_trials=opts.max_concurrent or None, reuse_actors=True),
                 run_config=_run_config(
-                    opts, storage_path, EXPERIMENT, callbacks, list(space),
+                    opts, session.storage_path, EXPERIMENT, callbacks, list(space),
                     checkpoint_config=tune.CheckpointConfig(
                         num_to_keep=SWEEP_CHECKPOINTS_KEPT, checkpoint_score_attribute=metric,
                         checkpoint_score_order="max")))
         session.phase = "trials"
-        grid = session.fit(tuner)
+        # A restored searcher is bound to the storage opened here and reconciled with it.
+        with PruningAwareOptunaSearch.restoring_into(storage):
+            grid = session.fit(tuner)
         session.stop_if_interrupted()  # no best trial of an unfinished sweep
         session.phase = "test"
         ot_study = optuna.load_study(study_name=opts.name, storage=storage)
@@ -897,9 +990,60 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
             extra["confirm"] = _confirm_winners(session, grid, ot_study, base, variant, metric,
                                                 top=confirm_top, n_seeds=confirm_seeds)
         session.phase = "results"
-        shutil.copyfile(db_path, study_dir / "optuna.db")
+        export_sqlite(storage, opts.name, study_dir / SQLITE_SNAPSHOT)
         _finish(study_dir, opts, time.time() - t0, extra)
         return study_dir
+
+
+def _open_optuna_database(url: str, opts: StudyOptions) -> Any:
+    """The ``--optuna-storage`` database, opened before Ray starts (an
+    :class:`~ctt.tune.optuna_storage.OptunaStorageError` line if it cannot be). A fresh start
+    refuses one that already holds a study of this name (its trials would steer TPE), except
+    the throwaway smoke study, whose old record is deleted once the study starts."""
+    import optuna
+
+    storage = open_url(url)
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    if not opts.resume and not opts.replace_existing and opts.name in names:
+        raise OptunaStorageError(
+            f"--optuna-storage {mask_url(url)!r} already holds an Optuna study named "
+            f"{opts.name!r}; pass --resume to continue it, --out NAME to start another, or "
+            f"delete it (optuna delete-study --study-name {opts.name} --storage URL)")
+    return storage
+
+
+def _legacy_optuna_db(name: str, storage_path: str) -> Path:
+    """Where sweeps started before the journal kept their Optuna study: the driver's disk."""
+    import hashlib
+
+    key = hashlib.sha1(storage_path.encode()).hexdigest()[:10]
+    local = Path(os.environ.get("CTT_OPTUNA_DIR", Path.home() / ".cache" / "ctt" / "optuna"))
+    return local / f"{name}-{key}.db"
+
+
+def _sweep_optuna_storage(db: Any, study_dir: Path, name: str, restoring: bool,
+                          storage_path: str) -> Any:
+    """The sweep's Optuna storage: the database ``db`` or the study directory's journal. A
+    start that restores no Tune experiment starts Optuna's study afresh too: a record left by
+    a run killed before Tune's first snapshot would steer TPE with trials Tune never kept.
+    A resume of a sweep started before the journal, on the head that ran it, first copies
+    its study from the driver's sqlite file (:func:`_legacy_optuna_db`) into the journal."""
+    import optuna
+
+    if db is None:
+        path = study_dir / JOURNAL
+        if not restoring:
+            path.unlink(missing_ok=True)
+        legacy = _legacy_optuna_db(name, storage_path)
+        fresh = not path.exists() or path.stat().st_size == 0
+        storage = open_journal(path)
+        if restoring and fresh and legacy.exists():
+            optuna.copy_study(from_study_name=name, from_storage=f"sqlite:///{legacy}",
+                              to_storage=storage, to_study_name=name)
+        return storage
+    if not restoring and name in {s.study_name for s in optuna.get_all_study_summaries(db)}:
+        optuna.delete_study(study_name=name, storage=db)
+    return db
 
 
 def _test_eval(config: dict[str, Any], checkpoint: tune.Checkpoint) -> dict[str, Any]:
