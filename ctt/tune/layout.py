@@ -6,7 +6,8 @@ files. The driver's callback (:mod:`ctt.tune.callbacks`, the writer) and the res
     <study_dir>/trials/<trial_id>/trial.json     flat config, variant, seed, status, summary
     <study_dir>/trials/<trial_id>/metrics.jsonl  one record per reported result
     <study_dir>/tb/<variant>_seed<seed>_<trial_id>/  TensorBoard scalars + one HParams session
-    <study_dir>/optuna.db                        (sweeps) Optuna storage, for importances
+    <study_dir>/optuna.journal                   (sweeps) Optuna's journal storage, live
+    <study_dir>/optuna.db                        (sweeps) its sqlite snapshot at the end
     <study_dir>/trials.parquet, metrics.parquet, report.md, *.png   built by ctt.tune.results
 
 ``metrics.jsonl`` lines are written (``append_record``, ``truncate_records``) and decoded by
