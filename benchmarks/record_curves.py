@@ -37,6 +37,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_DIR, metadata, write_json  # noqa: E402
+from ctt.errors import UserError, guarded  # noqa: E402
 
 DEFAULT_OUT = RESULTS_DIR / "curves_tiny.json"
 VARIANT = "ctt"
@@ -60,20 +61,27 @@ def sample_space(n: int, seed: int) -> list[dict[str, float]]:
     return out
 
 
-def run_config(preset: str, params: dict[str, float], seed: int, eval_every: int,
-               overrides: dict[str, Any]) -> dict[str, Any]:
-    """Train one config to the end; return its curve."""
-    import torch
-
+def run_cfg(preset: str, params: dict[str, float], seed: int, eval_every: int,
+            overrides: dict[str, Any]) -> Any:
+    """The ``CTTConfig`` of one run (raises ConfigError on an unknown preset or key)."""
     from ctt.config import CTTConfig, apply_variant, get_preset
-    from ctt.train import Trainer
     from ctt.tune.space import resolve_config
 
     flat = {**apply_variant(get_preset(preset), VARIANT).to_flat(),
             "run.eval_every": eval_every, "run.checkpoint_every": eval_every,
             "run.num_threads": 1, "run.device": "cpu", "run.seed": seed,
             **overrides, **resolve_config(params)}
-    cfg = CTTConfig.from_flat(flat)
+    return CTTConfig.from_flat(flat)
+
+
+def run_config(preset: str, params: dict[str, float], seed: int, eval_every: int,
+               overrides: dict[str, Any]) -> dict[str, Any]:
+    """Train one config to the end; return its curve."""
+    import torch
+
+    from ctt.train import Trainer
+
+    cfg = run_cfg(preset, params, seed, eval_every, overrides)
     torch.set_num_threads(1)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     points: list[dict[str, Any]] = []
@@ -124,6 +132,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,9 +145,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {a.seeds!r}: give integers separated by commas") from None
+    for flag, value in (("--configs", a.configs), ("--eval-every", a.eval_every),
+                        ("--workers", a.workers)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if not seeds:
+        raise UserError("--seeds is empty")
     overrides = _parse_set(a.set)
     configs = sample_space(a.configs, a.config_seed)
+    # a wrong preset or key is one line here, not a traceback from every worker
+    run_cfg(a.preset, configs[0], seeds[0], a.eval_every, overrides)
     partial = a.out.with_suffix(".partial.jsonl")
     done: dict[tuple[int, int], dict[str, Any]] = {}
     if partial.exists():
