@@ -15,6 +15,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from ctt.tune.curve_pruner import CurvePruner
 from ctt.tune.schedulers import (
     ERROR_ATTR,
     ORPHAN_ERROR,
@@ -334,6 +335,7 @@ def test_make_scheduler_types_and_options():
         "optuna-percentile": optuna.pruners.PercentilePruner,
         "optuna-sha": optuna.pruners.SuccessiveHalvingPruner,
         "optuna-hyperband": optuna.pruners.HyperbandPruner,
+        "optuna-curve": CurvePruner,
     }
     assert set(SCHEDULERS) == set(kinds) | {"asha", "none"}
     for name, pruner_cls in kinds.items():

@@ -66,6 +66,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from ctt.tune.curve_pruner import CurvePruner
+
 __all__ = ["ERROR_ATTR", "SCHEDULERS", "STEP_OFFSET_ATTR", "TUNE_TRIAL_ID_ATTR",
            "OptunaPrunerScheduler", "PruningAwareOptunaSearch", "make_pruner",
            "make_scheduler"]
@@ -75,6 +77,7 @@ SCHEDULERS = (
     "optuna-percentile",
     "optuna-sha",
     "optuna-hyperband",
+    "optuna-curve",
     "asha",
     "none",
 )
@@ -706,6 +709,7 @@ _PRUNERS = {
     "optuna-percentile": optuna.pruners.PercentilePruner,
     "optuna-sha": optuna.pruners.SuccessiveHalvingPruner,
     "optuna-hyperband": optuna.pruners.HyperbandPruner,
+    "optuna-curve": CurvePruner,
 }
 
 
@@ -729,6 +733,11 @@ def make_pruner(name: str, *, max_t: int, grace_period: int, step_offset: int = 
       ``min_early_stopping_rate``, ``bootstrap_count``.
     - ``optuna-hyperband``: ``min_resource=grace_period``, ``max_resource=max_t -
       step_offset``; ``kw``: ``reduction_factor`` (default 3), ``bootstrap_count``.
+    - ``optuna-curve`` (:class:`ctt.tune.curve_pruner.CurvePruner`, forecasts each trial's
+      final value from its post-warm-up curve): ``n_warmup_steps=grace_period``,
+      ``max_resource=max_t - step_offset``; ``kw``: ``margin`` (default 1.0), ``reference``
+      (``complete``/``step``), ``n_min_points``, ``n_startup_trials``, ``z``, ``tau``,
+      ``noise``.
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -742,6 +751,9 @@ def make_pruner(name: str, *, max_t: int, grace_period: int, step_offset: int = 
         kw.setdefault("n_warmup_steps", grace_period)
         if name == "optuna-percentile":
             kw.setdefault("percentile", 25.0)
+    elif name == "optuna-curve":
+        kw.setdefault("n_warmup_steps", grace_period)
+        kw.setdefault("max_resource", max_t - step_offset)
     elif name == "optuna-sha":
         kw.setdefault("min_resource", max(grace_period, 1))
         kw.setdefault("reduction_factor", 3)
