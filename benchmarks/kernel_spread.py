@@ -27,9 +27,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_DIR, ROOT, metadata, write_json  # noqa: E402
-from ctt.errors import guarded  # noqa: E402
+from ctt.errors import UserError, guarded  # noqa: E402
 
 DEFAULT_OUT = RESULTS_DIR / "kernel_spread.json"
+# ONEDNN_MAX_CPU_ISA values (oneDNN's documentation; oneDNN ignores one it does not know, which
+# would silently rerun the default kernels)
+ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+               "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_AMX",
+               "AVX512_CORE_FP16", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "DEFAULT")
 
 
 def run_study(storage: Path, name: str, variants: str, seeds: str, sets: list[str],
@@ -63,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the two studies go (default: a temporary directory)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
+    if a.isa.upper() not in ONEDNN_ISAS:
+        raise UserError(f"unknown --isa {a.isa!r}: oneDNN knows {', '.join(ONEDNN_ISAS)}")
     with tempfile.TemporaryDirectory(prefix="ctt-spread-") as tmp:
         storage = (a.storage or Path(tmp)).resolve()
         runs = {"default": run_study(storage, "spread_default", a.variants, a.seeds, a.set,

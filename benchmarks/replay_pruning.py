@@ -507,7 +507,27 @@ def _json_safe(obj: Any) -> Any:
 
 # --- command line -------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
+def _read_curves(path: Path, every: int) -> tuple[dict[int, list[Curve]], list[int],
+                                                  dict[str, int], dict[str, Any]]:
+    """:func:`load_runs` + :func:`curves_by_seed`, with a bad file as one :class:`UserError`
+    line naming it."""
+    from ctt.errors import UserError
+
+    try:
+        runs, meta = load_runs(path)
+        if not runs:
+            raise ValueError("it holds no runs")
+        curves, dropped, clock = curves_by_seed(runs, every)
+    except FileNotFoundError:
+        raise UserError(f"--curves {path}: no such file; record the curves first "
+                        "(python benchmarks/record_curves.py)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"--curves {path}: not a record_curves.py curves file "
+                        f"({type(e).__name__}: {e})") from None
+    return curves, dropped, clock, meta
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--curves", type=Path, default=DEFAULT_CURVES,
@@ -534,8 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {f: grid[f] for f in families}
     n_orders = min(a.orders, 3) if a.quick else a.orders
 
-    runs, meta = load_runs(a.curves)
-    curves, dropped, clock = curves_by_seed(runs, a.every)
+    curves, dropped, clock, meta = _read_curves(a.curves, a.every)
     print(f"{sum(len(c) for c in curves.values())} curves, seeds {sorted(curves)} "
           f"(left out, incomplete: {dropped}); warm-up {clock['warmup_iters']}, "
           f"{clock['iters']} iterations, evaluation every {a.every}", flush=True)
@@ -573,6 +592,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'box' if info['in_box'] else '   '}  {eq_text}  "
                   f"dominates asha: {info['dominates_asha']}  [{b['setting']}]")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ctt.errors import guarded
+
+    return guarded(_main)(argv)
 
 
 if __name__ == "__main__":

@@ -416,6 +416,18 @@ CASES = [
       r"unknown preset 'r9'; valid presets"),
     C("gpu-bench-unwritable-out", "gpu_bench", ["--smoke", "--out", "{d}/afile/g"],
       r"cannot write .*afile/g \(--out\)", setup=data_root_is_file),
+    C("record-curves-unknown-key", "record_curves",
+      ["--set", "method.lamda_h=1", "--out", "{d}/c.json"],
+      r"unknown config key 'method.lamda_h': did you mean 'method.lambda_h'"),
+    C("kernel-spread-unknown-isa", "kernel_spread", ["--isa", "MMX", "--out", "{d}/k.json"],
+      r"unknown --isa 'MMX': oneDNN knows SSE41, AVX"),
+    C("replay-pruning-missing-curves", "replay_pruning",
+      ["--curves", "{d}/none.json", "--quick", "--out", "{d}/r.json", "--plot", "{d}/p.png"],
+      r"--curves .*none.json: no such file; record the curves first"),
+    C("replay-pruning-corrupt-curves", "replay_pruning",
+      ["--curves", "{d}/c.json", "--quick", "--out", "{d}/r.json", "--plot", "{d}/p.png"],
+      r"--curves .*c.json: not a record_curves.py curves file \(JSONDecodeError",
+      setup=lambda d: (d / "c.json").write_text('{"runs": [')),
     C("study-floor-unfinished-study", "study_floor", ["{d}/st", "--json", "{d}/f.json"],
       r".*st holds no finished study \(trials.parquet and study.json\)", setup=study),
     # --- runs and studies owning their directories (locks, --resume) ----------------------
@@ -464,7 +476,8 @@ def entry_main(entry: str) -> Callable:
         from ctt.data.synthetic import main
     elif entry in ("voc_ablation", "voc_sweep", "cityscapes_sweep"):
         main = _load_file(f"_bad_inputs_{entry}", ROOT / "studies" / f"{entry}.py").main
-    elif entry in ("bench_step", "bench_study", "bench_contrast", "gpu_bench", "study_floor"):
+    elif entry in ("bench_step", "bench_study", "bench_contrast", "gpu_bench", "study_floor",
+                   "record_curves", "kernel_spread", "replay_pruning"):
         main = load_benchmark(entry).main
     else:
         raise AssertionError(entry)
@@ -580,7 +593,8 @@ def test_table_covers_every_entry_point() -> None:
     entries = {p.values[0].entry for p in CASES}
     assert entries == {"train", "voc_ablation", "voc_sweep", "cityscapes_sweep", "results",
                        "synthetic", "bench_step", "bench_study", "bench_contrast",
-                       "gpu_bench", "study_floor"}
+                       "gpu_bench", "study_floor", "record_curves", "kernel_spread",
+                       "replay_pruning"}
     assert len(CASES) >= 40
 
 
