@@ -14,8 +14,10 @@ the machine, where wall seconds do.
 
 Runs go ``--workers`` at a time (default 2, one per core), seed by seed, so an interrupted
 recording leaves whole seeds. Finished runs are appended to ``<out>.partial.jsonl`` and skipped
-when the same command is run again; the final file (``benchmarks/results/curves_tiny.json`` by
-default, tracked) is written once every run is there.
+when the same command is run again, as are the runs already in ``<out>`` (the committed file
+holds seed 0 only: the same command records seeds 1 and 2 and rewrites it with all three); the
+final file (``benchmarks/results/curves_tiny.json`` by default, tracked) is written once every
+run is there.
 
 Configs are drawn once with ``random.Random(--config-seed)`` through the Tune domains' own
 samplers, so the curve set is the same on every machine.
@@ -161,13 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     run_cfg(a.preset, configs[0], seeds[0], a.eval_every, overrides)
     partial = a.out.with_suffix(".partial.jsonl")
     done: dict[tuple[int, int], dict[str, Any]] = {}
+    # Runs already recorded count once: those of an earlier final file (a recording committed
+    # with some seeds) and those of an interrupted one (the partial file), if their config
+    # is the one this command draws.
+    found: list[dict[str, Any]] = []
+    if a.out.exists():
+        found += json.loads(a.out.read_text()).get("runs", [])
     if partial.exists():
-        for line in partial.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                if rec.get("params") == configs[rec["config"]] if rec["config"] < len(
-                        configs) else False:
-                    done[(rec["seed"], rec["config"])] = rec
+        found += [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+    for rec in found:
+        if rec["config"] < len(configs) and rec.get("params") == configs[rec["config"]]:
+            done[(rec["seed"], rec["config"])] = rec
     jobs = [(i, a.preset, configs[i], s, a.eval_every, overrides)
             for s in seeds for i in range(len(configs)) if (s, i) not in done]
     print(f"{len(done)} runs recorded, {len(jobs)} to go, {a.workers} at a time", flush=True)
