@@ -45,6 +45,8 @@ SQLITE_SNAPSHOT = "optuna.db"
 URL_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 
 log = logging.getLogger(__name__)
+# scheme://user:password@ — group 1 up to the user, group 2 the password
+_PASSWORD = re.compile(r"^([\w+.-]+://[^/@:]*):([^@/]*)@")
 
 
 class OptunaStorageError(UserError, ValueError):
@@ -53,7 +55,7 @@ class OptunaStorageError(UserError, ValueError):
 
 def mask_url(url: str) -> str:
     """``url`` with its password replaced by ``***`` (for study.json and messages)."""
-    return re.sub(r"^([\w+.-]+://[^/@:]*):[^@/]*@", r"\1:***@", url)
+    return _PASSWORD.sub(r"\1:***@", url)
 
 
 def repair_journal(path: str | os.PathLike) -> int:
@@ -111,14 +113,15 @@ def open_url(url: str):
             f"--optuna-storage {shown!r} is not a database URL: give sqlite:///PATH, "
             "postgresql://USER:PASSWORD@HOST/DB or mysql://USER:PASSWORD@HOST/DB (without "
             "the flag the sweep keeps a journal file in the study directory)")
-    password = re.match(r"^[\w+.-]+://[^/@:]*:([^@/]*)@", url)
-    cls = _MaskedRDBStorage if password and password.group(1) else optuna.storages.RDBStorage
+    match = _PASSWORD.match(url)
+    password = match.group(2) if match else ""
+    cls = _MaskedRDBStorage if password else optuna.storages.RDBStorage
     try:
         return cls(url)
     except Exception as e:  # noqa: BLE001 - driver missing, bad URL, server down: one line
         text = one_line(e)
-        if password and password.group(1):
-            text = text.replace(password.group(1), "***")
+        if password:
+            text = text.replace(password, "***")
         raise OptunaStorageError(
             f"--optuna-storage {shown!r} cannot be opened ({type(e).__name__}: "
             f"{text[:300]}): check the URL, the database server and its Python driver"

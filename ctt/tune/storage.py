@@ -45,7 +45,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ctt.fileio import _TEMP_SUFFIX
+from ctt.fileio import _TEMP_SUFFIX, atomic_write_bytes
 from ctt.rundir import STUDY_LOCK
 
 __all__ = ["STORAGE_ONLY", "StudySync", "active", "is_uri", "join_uri", "local_path",
@@ -242,7 +242,7 @@ class StudySync:
     def pull(self, skip: Iterable[str] = STORAGE_ONLY) -> int:
         """Download every syncable file under ``remote`` (not under the top-level ``skip``
         directories) into ``local_dir``, replacing local copies; returns the files written.
-        Each file is written atomically (a temporary file renamed into place)."""
+        Each file is written atomically (:func:`ctt.fileio.atomic_write_bytes`)."""
         import pyarrow.fs
 
         fs, root = self._filesystem()
@@ -257,13 +257,7 @@ class StudySync:
             if not rel or rel.split("/")[0] in skip or not syncable(rel):
                 continue
             dest = self.local_dir / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.pull{_TEMP_SUFFIX}")
-            try:
-                tmp.write_bytes(read_object(fs, info.path))
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_write_bytes(dest, read_object(fs, info.path))
             st = dest.stat()
             self._state[rel] = (st.st_size, st.st_mtime_ns)
             n += 1
