@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -392,3 +393,118 @@ def test_callback_pickles_without_open_writers(tmp_path):
     clone = pickle.loads(pickle.dumps(cb))
     assert clone.study_dir == cb.study_dir and clone._trials == {}
     cb.on_experiment_end([t])
+
+
+def test_lost_trial_marked_error_on_the_first_step(tmp_path):
+    """After a resume, a trial directory the restored experiment lacks and that still says
+    RUNNING was lost with the driver: ERROR with LOST_ERROR. Finished ones stay as they were,
+    trials Tune holds are left to their hooks, and it happens once per callback."""
+    from ctt.tune.callbacks import LOST_ERROR
+
+    first = StudyLoggerCallback(tmp_path)
+    kept, lost, done = (FakeTrial(t, flat_config("cross", 0)) for t in ("t_kept", "t_lost",
+                                                                         "t_done"))
+    for t in (kept, lost, done):
+        first.on_trial_start(0, [kept, lost, done], t)
+    first.on_trial_result(0, [done], done, result(4, 40.0))
+    first.on_trial_complete(0, [done], done)
+    resumed = StudyLoggerCallback(tmp_path)
+    resumed.on_step_begin(0, [kept])
+    info = {t: load_json(tmp_path / "trials" / t / "trial.json")
+            for t in ("t_kept", "t_lost", "t_done")}
+    assert info["t_lost"]["status"] == "ERROR" and info["t_lost"]["error"] == LOST_ERROR
+    assert info["t_lost"]["config"] == flat_config("cross", 0)
+    assert info["t_kept"]["status"] == "RUNNING" and info["t_kept"]["error"] is None
+    assert info["t_done"]["status"] == "TERMINATED" and info["t_done"]["error"] is None
+    resumed.on_trial_start(0, [kept, lost], lost)  # a later trial start is not a lost trial
+    resumed.on_step_begin(1, [kept])
+    assert load_json(tmp_path / "trials" / "t_lost" / "trial.json")["status"] == "RUNNING"
+
+
+def _checkpoint_results(root, steps, deleted=()):
+    """Ray's own (checkpoint, metrics) records of checkpoints at ``steps``, as a trial
+    reports them every 3 steps; the directories of ``deleted`` steps removed afterwards."""
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint
+
+    from ctt.tune.trainable import CHECKPOINT_FILE
+
+    out = []
+    for i, step in enumerate(steps):
+        d = root / f"checkpoint_{i:06d}"
+        d.mkdir()
+        (d / CHECKPOINT_FILE).write_bytes(b"state")
+        out.append(_TrainingResult(checkpoint=Checkpoint.from_directory(str(d)),
+                                   metrics={"step": step, "training_iteration": i + 1,
+                                            "miou": float(step % 7)}))
+    for step in deleted:
+        shutil.rmtree(out[steps.index(step)].checkpoint.path)
+    return out
+
+
+class _RunMetadata:
+    def __init__(self, manager):
+        self.checkpoint_manager = manager
+
+
+def _trial_with(results, config):
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+
+    manager = _CheckpointManager(config)
+    for r in results:
+        manager.register_checkpoint(r)
+    trial = FakeTrial("t_ckpt", flat_config("cross", 0))
+    trial.run_metadata = _RunMetadata(manager)
+    return trial
+
+
+@pytest.mark.parametrize("scored", [True, False])
+def test_checkpoint_repair_resumes_from_the_newest_surviving_checkpoint(tmp_path, scored):
+    """The snapshot names a latest checkpoint Tune's retention deleted after it: the trial is
+    pointed at the newest kept checkpoint whose state.pt is there, with Ray's bookkeeping
+    classes (a Ray upgrade that changes them fails here, not in a user's resume)."""
+    from ray.tune import CheckpointConfig
+
+    from ctt.tune.callbacks import CheckpointRepairCallback
+    from ctt.tune.trainable import CHECKPOINT_FILE
+
+    config = CheckpointConfig(num_to_keep=3, checkpoint_score_attribute="miou" if scored
+                              else None, checkpoint_score_order="max")
+    # A kept checkpoint that lost its state.pt (a deletion cut short) is no candidate either.
+    results = _checkpoint_results(tmp_path, [3, 6, 9, 12], deleted=[12])
+    (tmp_path / "checkpoint_000002" / CHECKPOINT_FILE).unlink()
+    trial = _trial_with(results, config)
+    kept_before = {r.metrics["step"] for r in trial.run_metadata.checkpoint_manager
+                   .best_checkpoint_results}
+    assert trial.run_metadata.checkpoint_manager.latest_checkpoint_result.metrics["step"] == 12
+    assert CheckpointRepairCallback.repair(trial)
+    manager = trial.run_metadata.checkpoint_manager
+    survivors = sorted(kept_before - {12, 9})
+    assert manager.latest_checkpoint_result.metrics["step"] == survivors[-1]
+    assert sorted(r.metrics["step"] for r in manager.best_checkpoint_results) == survivors
+    assert all(os.path.isdir(r.checkpoint.path) for r in manager.best_checkpoint_results)
+    assert not CheckpointRepairCallback.repair(trial)  # now whole: nothing to do
+
+
+def test_checkpoint_repair_leaves_a_whole_checkpoint_and_starts_over_without_one(tmp_path,
+                                                                                  caplog):
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.tune import CheckpointConfig
+
+    from ctt.tune.callbacks import CheckpointRepairCallback
+
+    for sub in ("whole", "gone"):
+        (tmp_path / sub).mkdir()
+    whole = _trial_with(_checkpoint_results(tmp_path / "whole", [3, 6]),
+                        CheckpointConfig(num_to_keep=2))
+    before = whole.run_metadata.checkpoint_manager
+    CheckpointRepairCallback().on_trial_start(0, [whole], whole)
+    assert whole.run_metadata.checkpoint_manager is before
+    gone = _trial_with(_checkpoint_results(tmp_path / "gone", [3], deleted=[3]),
+                       CheckpointConfig(num_to_keep=1))
+    CheckpointRepairCallback().on_trial_start(0, [gone], gone)
+    assert gone.run_metadata.checkpoint_manager.latest_checkpoint_result is None
+    assert "resumes from the start" in caplog.text
+    fresh = FakeTrial("t_new", flat_config("cross", 0))
+    fresh.run_metadata = _RunMetadata(_CheckpointManager(CheckpointConfig()))
+    assert not CheckpointRepairCallback.repair(fresh)  # no checkpoint yet

@@ -75,6 +75,7 @@ from ray.tune import Callback
 from ctt.fileio import append_record, truncate_records
 from ctt.tune.layout import (
     NON_METRIC_KEYS,
+    list_trial_ids,
     metrics_jsonl_path,
     read_history,
     read_json,
@@ -317,6 +318,7 @@ class StudyLoggerCallback(Callback):
         self.flush_secs = flush_secs
         self._trials: dict[str, _TrialLog] = {}
         self._axes: tuple[list[str], list[str] | None] | None = None
+        self._lost_checked = False
 
     # Tune pickles its callbacks with the experiment state; open writers must not travel. A
     # staged study's directory travels relative to the staging root: a resume on a new head
@@ -395,6 +397,28 @@ class StudyLoggerCallback(Callback):
             trial, tl, variant, seed, config, status="RUNNING", error=None, pruned=False,
             step=None, wall_s=None, miou_final=None, miou_best=None, node_id=None,
             start_time=old.get("start_time", time.time()))
+
+    @_never_raise
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        # Tune's first loop turn holds every trial it restored, before it creates new ones.
+        if not self._lost_checked:
+            self._lost_checked = True
+            self._mark_lost({t.trial_id for t in trials})
+
+    def _mark_lost(self, known: set[str]) -> None:
+        """A trial directory the experiment does not hold and whose trial.json still says
+        RUNNING belongs to a trial lost with the driver (it started after the snapshot a resume
+        restored): it becomes ERROR with :data:`LOST_ERROR`, so no table shows it running. A
+        finished one (it ended before the driver was lost) is kept as it is."""
+        for tid in list_trial_ids(self.study_dir):
+            path = trial_json_path(self.study_dir, tid)
+            info = read_json(path)
+            if tid in known or not isinstance(info, dict) or info.get("status") != "RUNNING":
+                continue
+            write_json(path, {**info, "status": "ERROR", "error": LOST_ERROR,
+                              "end_time": time.time()})
+            log.warning("trial %s was lost with the driver before Tune's snapshot held it; "
+                        "%s marks it ERROR", tid, path)
 
     @_never_raise
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -487,6 +511,76 @@ class StudyLoggerCallback(Callback):
         write_hparams_session(tb_dir(self.study_dir, tl.run_name), hparams, metrics,
                               hp_status, s["step"] or 0, lead=lead, domains=domains)
         del self._trials[trial.trial_id]
+
+
+# What a trial directory under trials/ says when the restored experiment does not hold it.
+LOST_ERROR = ("lost with the driver: the trial started after Tune's last snapshot of the "
+              "experiment, which the resume restored, so it was not resumed; the study ran a "
+              "new trial in its place")
+
+
+def _exists(fs: Any, path: str) -> bool:
+    from pyarrow.fs import FileType
+
+    return fs.get_file_info(path).type != FileType.NotFound
+
+
+class CheckpointRepairCallback(Callback):
+    """Points a (re)starting trial at a checkpoint that exists, before Tune restores it.
+
+    Tune 2.60 deletes a trial's surplus checkpoints (``CheckpointConfig(num_to_keep)``) as
+    soon as a new one is registered, but records which one is the latest only in its next
+    experiment snapshot. A driver lost in between leaves a snapshot whose latest checkpoint
+    is gone: with a score-ordered retention one better checkpoint is enough (measured: killed
+    with checkpoint_000009 just registered, the snapshot named the deleted checkpoint_000008),
+    and Tune then fails the trial's restore ``max_failures`` times and marks it ERROR. Tune
+    calls ``on_trial_start`` after the trial's actor started and before it schedules the
+    restore; this hook replaces a missing latest checkpoint by the newest kept one that still
+    holds its ``state.pt`` (``None``, a start from scratch, if none does). The trial replays
+    the steps after it; :class:`StudyLoggerCallback` truncates its files to the replayed step
+    and Optuna keeps the values it already holds. Listed before the other callbacks.
+    """
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        try:
+            self.repair(trial)
+        except Exception:  # noqa: BLE001 - Tune's own restore error is the fallback
+            log.warning("checking trial %s's checkpoint before its restore failed",
+                        trial, exc_info=True)
+
+    @staticmethod
+    def repair(trial: Any) -> bool:
+        """Repair ``trial``'s checkpoint bookkeeping (see class doc); True if it changed."""
+        from ray.train._internal.checkpoint_manager import _CheckpointManager
+
+        from ctt.tune.trainable import CHECKPOINT_FILE
+
+        manager = trial.run_metadata.checkpoint_manager
+        latest = manager.latest_checkpoint_result
+        if latest is None or latest.checkpoint is None:
+            return False
+
+        def whole(result: Any) -> bool:
+            ckpt = result.checkpoint
+            return _exists(ckpt.filesystem, f"{ckpt.path.rstrip('/')}/{CHECKPOINT_FILE}")
+
+        if whole(latest):
+            return False
+        kept = [r for r in manager.best_checkpoint_results if r is not latest and whole(r)]
+        kept.sort(key=lambda r: r.metrics.get("training_iteration", 0))
+        # Registered oldest first, so the newest is the latest; no more than it keeps, so the
+        # fresh manager deletes nothing.
+        fresh = _CheckpointManager(manager.checkpoint_config)
+        for result in kept:
+            fresh.register_checkpoint(result)
+        trial.run_metadata.checkpoint_manager = fresh
+        step = kept[-1].metrics.get("step") if kept else None
+        log.warning("trial %s: its latest checkpoint %s was deleted after Tune's last "
+                    "snapshot (Tune's checkpoint retention); it resumes from %s", trial,
+                    os.path.basename(latest.checkpoint.path.rstrip("/")),
+                    f"step {step} ({os.path.basename(kept[-1].checkpoint.path.rstrip('/'))})"
+                    if kept else "the start (no kept checkpoint is left)")
+        return True
 
 
 class StudySyncCallback(Callback):

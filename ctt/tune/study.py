@@ -68,7 +68,7 @@ from ctt.errors import UserError, warn_all
 from ctt.interrupts import Interrupted, SignalGuard
 from ctt.rundir import STUDY_LOCK, DirLock
 from ctt.tune import storage as study_storage
-from ctt.tune.callbacks import StudyLoggerCallback, StudySyncCallback
+from ctt.tune.callbacks import CheckpointRepairCallback, StudyLoggerCallback, StudySyncCallback
 from ctt.tune.grid import WARMUP_VARIANT, GridItem, GridSearcher, longest_first
 from ctt.tune.layout import write_json
 from ctt.tune.optuna_storage import (
@@ -95,6 +95,8 @@ from ctt.tune.trainable import CHECKPOINT_FILE, train_ctt, trial_resources
 __all__ = ["NoStudyError", "StorageError", "StudyExistsError", "StudyFailedError",
            "StudyFlagsError", "StudyOptions", "best_result", "check_inputs", "check_storage",
            "init_ray", "resume_differences", "run_ablation", "run_sweep"]
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "ray"
 WARMUP = "warmup"
@@ -322,7 +324,8 @@ def _run_config(opts: StudyOptions, storage_path: str, name: str, callbacks: lis
     if study_storage.is_uri(opts.storage):
         callbacks = [*callbacks, StudySyncCallback(opts.name)]
     return tune.RunConfig(
-        name=name, storage_path=storage_path, callbacks=[*callbacks, JsonLoggerCallback()],
+        name=name, storage_path=storage_path,
+        callbacks=[CheckpointRepairCallback(), *callbacks, JsonLoggerCallback()],
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         checkpoint_config=checkpoint_config or tune.CheckpointConfig(num_to_keep=3),
         sync_config=tune.SyncConfig(sync_artifacts=True, sync_period=60),
@@ -1092,6 +1095,13 @@ def _evaluate_best(grid: Any, metric: str, base: CTTConfig, opts: StudyOptions, 
                            "config": {k: v for k, v in resolve_config(res.config).items()
                                       if k in base.to_flat() and base.to_flat()[k] != v}}
     if res.checkpoint is None or base.data.test_split == "none":
+        return out
+    if res.error is not None:
+        # Optuna finished it before the driver was lost; Tune's restored run then failed, so
+        # its checkpoint is not the one the ranking value was measured on.
+        out["test_skipped"] = f"the trial's restored run failed: {str(res.error)[:200]}"
+        log.warning("best trial %s: %s; no test evaluation", out["trial_id"],
+                    out["test_skipped"])
         return out
     task = ray.remote(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial)(_test_eval)
     evaluated = ray.get(task.remote(res.config, res.checkpoint))
