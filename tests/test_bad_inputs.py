@@ -352,6 +352,9 @@ CASES = [
     C("sweep-supervised-has-nothing-to-sample", "voc_sweep",
       ["--variant", "supervised", "--storage", "{d}/s"],
       r"variant 'supervised' fixes or ignores every swept parameter", before_ray=True),
+    C("contrast-sweep-supervised-has-nothing-to-sample", "voc_contrast_sweep",
+      ["--variant", "supervised", "--no-fork", "--storage", "{d}/s"],
+      r"variant 'supervised' fixes or ignores every swept parameter", before_ray=True),
     C("cityscapes-sweep-without-root", "cityscapes_sweep", ["--storage", "{d}/s"],
       r"data.dataset='cityscapes' needs its dataset: pass --data-root", before_ray=True),
     # --- ctt.tune.results -----------------------------------------------------------------
@@ -474,7 +477,7 @@ def entry_main(entry: str) -> Callable:
         from ctt.tune.results import main
     elif entry == "synthetic":
         from ctt.data.synthetic import main
-    elif entry in ("voc_ablation", "voc_sweep", "cityscapes_sweep"):
+    elif entry in ("voc_ablation", "voc_sweep", "voc_contrast_sweep", "cityscapes_sweep"):
         main = _load_file(f"_bad_inputs_{entry}", ROOT / "studies" / f"{entry}.py").main
     elif entry in ("bench_step", "bench_study", "bench_contrast", "gpu_bench", "study_floor",
                    "record_curves", "kernel_spread", "replay_pruning"):
@@ -591,7 +594,8 @@ def test_bad_input(case: Case, case_dir: Path, capsys: pytest.CaptureFixture,
 
 def test_table_covers_every_entry_point() -> None:
     entries = {p.values[0].entry for p in CASES}
-    assert entries == {"train", "voc_ablation", "voc_sweep", "cityscapes_sweep", "results",
+    assert entries == {"train", "voc_ablation", "voc_sweep", "voc_contrast_sweep",
+                       "cityscapes_sweep", "results",
                        "synthetic", "bench_step", "bench_study", "bench_contrast",
                        "gpu_bench", "study_floor", "record_curves", "kernel_spread",
                        "replay_pruning"}

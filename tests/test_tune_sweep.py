@@ -257,3 +257,77 @@ def test_sweep_resume_with_changed_flags_is_refused(faulty_sweep, capsys):
     assert "options.max_failures: 2 -> 0" in err and "scheduler: 'optuna-median' -> 'asha'" in err
     assert "\n" not in err
     assert (study_dir / "study.json").read_text() == before  # nothing recorded
+
+
+# --- a shared warm-up --------------------------------------------------------------------
+
+def test_sweep_warmup_plan_shares_only_when_nothing_sampled_acts_during_it():
+    from ctt.config import apply_variant
+    from ctt.tune.space import contrast_space, ctt_space
+    from ctt.tune.study import sweep_warmup_plan
+
+    base = apply_variant(get_preset("tiny"), "ctt")
+    share, why = sweep_warmup_plan(base, ctt_space())
+    assert not share and why.startswith("sampled method.ema_decay acts during the warm-up")
+    assert sweep_warmup_plan(base, contrast_space()) == (
+        True, "no sampled parameter acts during the 200-iteration warm-up: one warm-up at the "
+        "search seed, forked by every trial")
+    assert not sweep_warmup_plan(base, contrast_space(), fork=False)[0]
+    for acting in ("optim.lr", "method.bank_size", "method.pairs", "data.crop_size"):
+        share, why = sweep_warmup_plan(base, {**contrast_space(), acting: tune.choice([1, 2])})
+        assert not share and acting in why, (acting, why)
+    no_warmup = (apply_variant(get_preset("tiny"), "supervised"),
+                 base.override({"method.warmup_iters": 0}),
+                 base.override({"method.warmup_iters": base.optim.iters}))
+    for cfg in no_warmup:
+        assert sweep_warmup_plan(cfg, contrast_space()) == (
+            False, "the variant has no supervised warm-up to share")
+
+
+def _curves(study_dir: Path) -> dict[tuple, list[tuple[int, float]]]:
+    """Sampled params -> the trial's (step, miou) records."""
+    out = {}
+    for info in (study_dir / "trials").glob("*/trial.json"):
+        trial = json.loads(info.read_text())
+        params = tuple(sorted((k, v) for k, v in trial["config"].items()
+                              if k in ("method.tau_h", "method.lambda_u", "method.tau_p")))
+        rows = [json.loads(line) for line in (info.parent / "metrics.jsonl").open()]
+        out[params] = [(r["step"], r["miou"]) for r in rows]
+    return out
+
+
+@pytest.mark.slow
+def test_contrast_sweep_forks_one_warmup_and_its_trials_equal_their_runs_from_scratch(
+        tmp_path, monkeypatch):
+    """``studies/voc_contrast_sweep.py`` as written (smoke size): one warm-up trial in its own
+    experiment, published under warmup/, forked by every search trial; the same seeded sweep
+    with ``--no-fork`` (each trial from step 0) gives every sampled config the same curve."""
+    monkeypatch.setenv("CTT_OPTUNA_DIR", str(tmp_path / "optuna"))
+    started = not ray.is_initialized()
+    init_ray(StudyOptions(name="tests", num_cpus=2))
+    try:
+        argv = ["--smoke-test", "--storage", str(tmp_path), "--iters", "9",
+                "--confirm-top", "0", "--max-concurrent", "1"]
+        script = load_script("voc_contrast_sweep")
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert script.main([*argv, "--out", "shared"]) == 0
+            assert script.main([*argv, "--out", "own", "--no-fork"]) == 0
+    finally:
+        if started:
+            ray.shutdown()
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    assert json.loads((shared / "study.json").read_text())["warmup"]["shared"] is True
+    assert json.loads((own / "study.json").read_text())["warmup"] == {
+        "shared": False, "why": "--no-fork: each trial runs its own warm-up"}
+    assert (shared / "warmup" / "seed-0" / "state.pt").is_file()
+    assert not (own / "warmup").exists() and not (own / "ray-warmup").exists()
+    warm_trials = [p for p in (shared / "ray-warmup").iterdir() if p.is_dir()]
+    assert len(warm_trials) == 1  # one warm-up, not a trial of the study
+    forks = {json.loads(p.read_text())["config"].get("_fork_from")
+             for p in (shared / "trials").glob("*/trial.json")}
+    assert forks == {str(shared / "warmup" / "seed-0")}
+    curves, scratch = _curves(shared), _curves(own)
+    assert len(curves) == 3 and curves.keys() == scratch.keys()
+    for params, curve in curves.items():
+        assert [s for s, _ in curve] == [3, 6, 9], curve
+        assert curve == scratch[params], params

@@ -21,7 +21,13 @@ from ctt.config import PRESETS, VARIANTS, apply_variant, get_preset, parse_set_a
 from ctt.errors import guarded
 from ctt.tune.schedulers import SCHEDULERS
 from ctt.tune.space import variant_space
-from ctt.tune.study import StudyOptions, ablation_trials, run_ablation, run_sweep
+from ctt.tune.study import (
+    StudyOptions,
+    ablation_trials,
+    run_ablation,
+    run_sweep,
+    sweep_warmup_plan,
+)
 
 __all__ = ["SMOKE_OVERRIDES", "SMOKE_SYNTHETIC_OVERRIDES", "Ablation", "Sweep",
            "add_common_args", "estimate_seconds_per_step", "options_from_args", "print_dry_run",
@@ -159,12 +165,16 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
                    "the winner by their mean (0: off; --smoke-test: at most 1)")
     p.add_argument("--confirm-seeds", type=int, default=study.confirm_seeds, metavar="S",
                    help="fresh seeds per confirmed config (--smoke-test: at most 1)")
+    p.add_argument("--no-fork", action="store_true",
+                   help="give each trial its own warm-up even where the space would let the "
+                   "trials share one")
     p.add_argument("--optuna-storage", metavar="URL", default=None,
                    help="database for Optuna's study (sqlite:///PATH, postgresql://..., "
                    "mysql://...; default: optuna.journal in the study directory, which "
                    "survives the head wherever --storage does)")
     a = p.parse_args(argv)
     opts = _options(study, a)
+    opts.fork_warmup = not a.no_fork
     num_samples = min(a.num_samples, 3) if a.smoke_test else a.num_samples
     confirm = {"confirm_top": max(0, a.confirm_top), "confirm_seeds": max(0, a.confirm_seeds)}
     if a.smoke_test:
@@ -173,6 +183,9 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
     if a.dry_run:
         trial = {**opts.base_config().to_flat(), "variant": a.variant, "seed": opts.seeds[0]}
         print(f"search space: {', '.join(space)}")
+        base = apply_variant(opts.base_config(), a.variant)
+        print(f"warm-up: {sweep_warmup_plan(base, space, opts.fork_warmup)[1]} (the estimate "
+              "below counts a warm-up per trial)")
         n_confirm = confirm["confirm_top"] * confirm["confirm_seeds"]
         if n_confirm:
             print(f"{num_samples} search trials, then {n_confirm} confirmation trials (top "

@@ -32,6 +32,14 @@ def ctt_space() -> dict[str, Any]:
     }
 
 
+def contrast_space() -> dict[str, Any]:
+    """:func:`ctt_space` with the EMA decay fixed (the preset's): the contrast temperatures
+    and loss weights, the unsupervised weight and the pseudo-label threshold. None of them is
+    read during the supervised warm-up, so a sweep over it forks one shared warm-up
+    (:func:`ctt.tune.study.sweep_warmup_plan`)."""
+    return {k: v for k, v in ctt_space().items() if k != ONE_MINUS + "method.ema_decay"}
+
+
 def variant_space(space: dict[str, Any], base: CTTConfig, variant: str) -> dict[str, Any]:
     """``space`` without the keys ``variant`` fixes (``VARIANTS``) or ignores
     (:func:`ctt.config.inert_keys`), e.g. the contrast weights and temperatures of a one-pair

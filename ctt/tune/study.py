@@ -69,7 +69,7 @@ from ctt.interrupts import Interrupted, SignalGuard
 from ctt.rundir import STUDY_LOCK, DirLock
 from ctt.tune import storage as study_storage
 from ctt.tune.callbacks import CheckpointRepairCallback, StudyLoggerCallback, StudySyncCallback
-from ctt.tune.grid import WARMUP_VARIANT, GridItem, GridSearcher, longest_first
+from ctt.tune.grid import WARMUP_VARIANT, GridItem, GridSearcher, longest_first, published
 from ctt.tune.layout import write_json
 from ctt.tune.optuna_storage import (
     JOURNAL,
@@ -556,6 +556,8 @@ class _Session:
                 return (f"during the shared warm-up ({warm} of {self.warmups} seeds done) and "
                         f"the trials ({done} of {total} finished), kept")
             return f"during the trials ({done} of {total} finished, kept)"
+        if self.phase == "warm-up":
+            return "during the sweep's shared warm-up (no trial started yet)"
         if self.phase == "test":
             return f"while evaluating the best trial on the test split ({done} trials finished)"
         if self.phase == "confirm":
@@ -892,6 +894,69 @@ def _check_resume(opts: StudyOptions, study_dir: Path, payload: dict[str, Any]) 
             "flags, or start a new study with --out NAME")
 
 
+SWEEP_WARMUP_EXPERIMENT = "ray-warmup"
+# Sampled keys that change which networks and banks a trial has: a shared warm-up trained with
+# the base value could not serve every sample, so they count as acting during it.
+_STRUCTURE_KEYS = frozenset({"method.unsup", "method.pairs"})
+
+
+def sweep_warmup_plan(base: CTTConfig, space: dict[str, Any], fork: bool = True
+                      ) -> tuple[bool, str]:
+    """(share, why): whether every trial of a sweep over ``space`` can fork one shared
+    supervised warm-up of ``base`` (the variant's config at the search seed) instead of
+    training its own. It can when the variant has a warm-up and no sampled key is read
+    during it: every sampled key is in :data:`ctt.state.FORKABLE_KEYS` (the keys
+    :meth:`TrainState.fork` lets differ; a forked trial equals its run from scratch) and none
+    changes the variant's networks (``method.unsup``, ``method.pairs``)."""
+    from ctt.state import FORKABLE_KEYS
+
+    m = base.method
+    if not fork:
+        return False, "--no-fork: each trial runs its own warm-up"
+    if m.unsup == "none" or m.warmup_iters <= 0 or m.warmup_iters >= base.optim.iters:
+        return False, "the variant has no supervised warm-up to share"
+    acting = sorted(k.removeprefix(ONE_MINUS) for k in space
+                    if k.removeprefix(ONE_MINUS) not in FORKABLE_KEYS - _STRUCTURE_KEYS)
+    if acting:
+        return False, (f"sampled {', '.join(acting)} act{'s' if len(acting) == 1 else ''} "
+                       "during the warm-up: each trial runs its own")
+    return True, (f"no sampled parameter acts during the {m.warmup_iters}-iteration warm-up: "
+                  "one warm-up at the search seed, forked by every trial")
+
+
+def _sweep_warmup(session: _Session, opts: StudyOptions, base: CTTConfig) -> str:
+    """Train the sweep's shared warm-up (one trial, ``base`` to ``method.warmup_iters``, in
+    its own Tune experiment ``ray-warmup``, resumable) unless its checkpoint is already
+    published; returns where it is published (:func:`warmup_dir`), the trials'
+    ``_fork_from``. Not a result: no ``trials/`` entry, no Optuna trial."""
+    publish = warmup_dir(session.storage_path, base.run.seed)
+    if published(publish):
+        return publish
+    session.phase = "warm-up"
+    exp_dir = _experiment_dir(session.storage_path, SWEEP_WARMUP_EXPERIMENT)
+    if _can_restore(exp_dir):
+        tuner = tune.Tuner.restore(exp_dir, _trainable(opts), resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        config = _trial_config(base, WARMUP_VARIANT, _until=base.method.warmup_iters,
+                               _publish=publish)
+        space, gen = _points([config])
+        tuner = tune.Tuner(
+            _trainable(opts), param_space=space,
+            tune_config=tune.TuneConfig(search_alg=gen, num_samples=1),
+            run_config=_run_config(opts, session.storage_path, SWEEP_WARMUP_EXPERIMENT, []))
+    grid = session.fit(tuner)
+    session.stop_if_interrupted()
+    if not published(publish):
+        res = grid[0] if len(grid) else None
+        why = (res.error if res is not None and res.error is not None
+               else (res.metrics or {}).get("error") if res is not None else None)
+        raise RuntimeError(f"the sweep's shared warm-up failed ({str(why)[:300]}); see "
+                           f"{exp_dir}. Rerun with --resume, or pass --no-fork to give each "
+                           "trial its own warm-up")
+    return publish
+
+
 def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_samples: int,
               scheduler: str = "optuna-median", metric: str = "miou",
               grace_period: int | None = None, sampler_seed: int = 0,
@@ -928,6 +993,7 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
                 CTTConfig.from_flat({real: 0})  # raises the unknown-key error with valid keys
         iters, offset = base.optim.iters, sweep_step_offset(base)
         grace = base.run.eval_every if grace_period is None else grace_period
+        share, share_why = sweep_warmup_plan(base, space, opts.fork_warmup)
         pruner = make_pruner(scheduler, max_t=iters, grace_period=grace, step_offset=offset)
         session.total = num_samples
         payload = {
@@ -939,6 +1005,7 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
             "grace_period": grace, "step_offset": offset, "sampler_seed": sampler_seed,
             "tpe_startup_trials": tpe_startup_trials(num_samples), "num_samples": num_samples,
             "confirm_top": confirm_top, "confirm_seeds": confirm_seeds,
+            "warmup": {"shared": share, "why": share_why},
             "optuna_storage": mask_url(optuna_storage) if optuna_storage else JOURNAL,
             "preset": opts.preset, "options": asdict(opts), "base_config": base.to_flat(),
             # an --optuna-storage password stays out of the record
@@ -963,6 +1030,8 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
         param_space = {**_trial_config(base, variant), **space}
         callbacks = [StudyLoggerCallback(study_dir)]
         t0 = time.time()
+        if share and _recorded_warmup_shared(study_dir):
+            param_space["_fork_from"] = _sweep_warmup(session, opts, base)
         if restoring:
             # Tune's ERROR trials stay failed: Optuna holds them FAIL (final), and Tune retried
             # their crashes (--max-failures) before giving up on them.
@@ -996,6 +1065,16 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
         export_sqlite(storage, opts.name, study_dir / SQLITE_SNAPSHOT)
         _finish(study_dir, opts, time.time() - t0, extra)
         return study_dir
+
+
+def _recorded_warmup_shared(study_dir: Path) -> bool:
+    """Whether the study's record says its trials fork a shared warm-up (a sweep started
+    before sweeps could share one resumes with a warm-up per trial, as it began)."""
+    try:
+        info = json.loads((study_dir / "study.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool((info.get("warmup") or {}).get("shared"))
 
 
 def _open_optuna_database(url: str, opts: StudyOptions) -> Any:
