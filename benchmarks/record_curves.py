@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             done[(rec["seed"], rec["config"])] = rec
     jobs = [(i, a.preset, configs[i], s, a.eval_every, overrides)
             for s in seeds for i in range(len(configs)) if (s, i) not in done]
+    total = len(done) + len(jobs)
     print(f"{len(done)} runs recorded, {len(jobs)} to go, {a.workers} at a time", flush=True)
     t0 = time.time()
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -187,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             log.flush()
             last = rec["points"][-1]
             print(f"seed {rec['seed']} config {rec['config']:2d}: miou {last['miou']:.2f} "
-                  f"cpu {last['cpu_s']:.0f}s ({len(done)}/{len(done) + len(jobs) - len(done)})"
+                  f"cpu {last['cpu_s']:.0f}s ({len(done)}/{total})"
                   f" {time.time() - t0:.0f}s", flush=True)
     runs = [done[(s, i)] for s in seeds for i in range(len(configs))]
-    meta = metadata("cpu", "benchmarks/record_curves.py", argv if argv is not None
+    meta = metadata("cpu", "record_curves.py", argv if argv is not None
                     else sys.argv[1:], threads=1)
     write_json(a.out, {**meta, "preset": a.preset, "variant": VARIANT,
                        "eval_every": a.eval_every, "overrides": overrides,

@@ -5,7 +5,7 @@ contrast temperatures and weights, unsupervised weight, pseudo-label threshold) 
 variant; the scheduler prunes weak trials on their intermediate val mIoU; the best trial is
 re-evaluated on the held-out test split.
 
-    python studies/voc_sweep.py --num-samples 16 --scheduler optuna-median
+    python studies/voc_sweep.py --num-samples 16 --scheduler optuna-curve
 """
 
 from __future__ import annotations

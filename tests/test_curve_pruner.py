@@ -211,3 +211,20 @@ def test_registered_as_optuna_curve_on_the_pruning_clock():
     # Optuna steps 0, 200, 400: the third point (past the 200 grace) allows a fit -> stop
     assert decisions == [TrialScheduler.CONTINUE] * 2 + [TrialScheduler.STOP]
     assert sched.n_pruned == 1
+
+
+def test_the_sweeps_default_is_the_replayed_curve_setting():
+    """What ``voc_sweep.py`` prunes with when no flag says otherwise: the curve pruner with the
+    setting the replay chose (README "Pruning, replayed"); explicit options still win."""
+    from ctt.tune.cli import Sweep
+    from ctt.tune.schedulers import CURVE_DEFAULTS, DEFAULT_SCHEDULER
+
+    assert DEFAULT_SCHEDULER == "optuna-curve" and Sweep("s", "s.py", "", dict).scheduler == \
+        DEFAULT_SCHEDULER
+    assert CURVE_DEFAULTS == {"margin": 0.0, "reference": "step", "n_min_points": 3,
+                              "noise": 0.5}
+    pruner = make_pruner(DEFAULT_SCHEDULER, max_t=2000, grace_period=200, step_offset=200)
+    assert (pruner.margin, pruner.reference, pruner.n_min_points, pruner.noise,
+            pruner.n_warmup_steps, pruner.max_resource) == (0.0, "step", 3, 0.5, 200, 1800)
+    assert make_pruner(DEFAULT_SCHEDULER, max_t=2000, grace_period=200, margin=2.0,
+                       noise=1.0).margin == 2.0

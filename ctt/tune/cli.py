@@ -19,7 +19,7 @@ from typing import Any
 
 from ctt.config import PRESETS, VARIANTS, apply_variant, get_preset, parse_set_args
 from ctt.errors import guarded
-from ctt.tune.schedulers import SCHEDULERS
+from ctt.tune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from ctt.tune.space import variant_space
 from ctt.tune.study import (
     StudyOptions,
@@ -86,7 +86,7 @@ class Sweep:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     variant: str = "ctt"
     num_samples: int = 16
-    scheduler: str = "optuna-median"
+    scheduler: str = DEFAULT_SCHEDULER
     confirm_top: int = 3
     confirm_seeds: int = 3
 
@@ -154,7 +154,9 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
     p = _parser(study)
     p.add_argument("--variant", default=study.variant, choices=sorted(VARIANTS))
     p.add_argument("--num-samples", type=int, default=study.num_samples)
-    p.add_argument("--scheduler", default=study.scheduler, choices=SCHEDULERS)
+    p.add_argument("--scheduler", default=study.scheduler, choices=SCHEDULERS,
+                   help="what prunes weak trials (default %(default)s: chosen on the replay of "
+                   "recorded curves, README 'Pruning, replayed')")
     p.add_argument("--metric", default="miou", help="reported metric to maximise (ranked by "
                    "its final value)")
     p.add_argument("--grace-period", type=int, default=None, metavar="ITERS",

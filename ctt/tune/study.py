@@ -83,6 +83,7 @@ from ctt.tune.optuna_storage import (
 from ctt.tune.report import summary_table
 from ctt.tune.results import build_results
 from ctt.tune.schedulers import (
+    DEFAULT_SCHEDULER,
     TUNE_TRIAL_ID_ATTR,
     PruningAwareOptunaSearch,
     make_pruner,
@@ -958,7 +959,7 @@ def _sweep_warmup(session: _Session, opts: StudyOptions, base: CTTConfig) -> str
 
 
 def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_samples: int,
-              scheduler: str = "optuna-median", metric: str = "miou",
+              scheduler: str = DEFAULT_SCHEDULER, metric: str = "miou",
               grace_period: int | None = None, sampler_seed: int = 0,
               confirm_top: int = 0, confirm_seeds: int = 0,
               optuna_storage: str | None = None) -> Path:
