@@ -427,6 +427,12 @@ CASES = [
     C("replay-pruning-missing-curves", "replay_pruning",
       ["--curves", "{d}/none.json", "--quick", "--out", "{d}/r.json", "--plot", "{d}/p.png"],
       r"--curves .*none.json: no such file; record the curves first"),
+    C("live-pruning-unknown-family", "live_pruning",
+      ["--point", "optuna-mean:grace_period=200", "--out", "{d}/l.json"],
+      r"--point 'optuna-mean:grace_period=200': unknown scheduler family 'optuna-mean'"),
+    C("live-pruning-seed-not-recorded", "live_pruning",
+      ["--seed", "7", "--replay", "{d}/none.json", "--out", "{d}/l.json"],
+      r"--seed 7: .*curves_tiny.json has complete curves for seeds \[0, 1, 2\] only"),
     C("replay-pruning-corrupt-curves", "replay_pruning",
       ["--curves", "{d}/c.json", "--quick", "--out", "{d}/r.json", "--plot", "{d}/p.png"],
       r"--curves .*c.json: not a record_curves.py curves file \(JSONDecodeError",
@@ -480,7 +486,7 @@ def entry_main(entry: str) -> Callable:
     elif entry in ("voc_ablation", "voc_sweep", "voc_contrast_sweep", "cityscapes_sweep"):
         main = _load_file(f"_bad_inputs_{entry}", ROOT / "studies" / f"{entry}.py").main
     elif entry in ("bench_step", "bench_study", "bench_contrast", "gpu_bench", "study_floor",
-                   "record_curves", "kernel_spread", "replay_pruning"):
+                   "record_curves", "kernel_spread", "replay_pruning", "live_pruning"):
         main = load_benchmark(entry).main
     else:
         raise AssertionError(entry)
@@ -598,7 +604,7 @@ def test_table_covers_every_entry_point() -> None:
                        "cityscapes_sweep", "results",
                        "synthetic", "bench_step", "bench_study", "bench_contrast",
                        "gpu_bench", "study_floor", "record_curves", "kernel_spread",
-                       "replay_pruning"}
+                       "replay_pruning", "live_pruning"}
     assert len(CASES) >= 40
 
 

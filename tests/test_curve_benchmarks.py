@@ -47,6 +47,34 @@ def test_record_curves_records_costed_curves_and_resumes_from_its_output(tmp_pat
 
 
 @pytest.mark.slow
+def test_live_pruning_runs_recorded_configs_as_sweeps_and_reproduces_their_curves(tmp_path):
+    """README's live confirmation command, shrunk: the recorded configs run as real sweeps
+    (Ray Tune, the sweeps' trainable, the replay's scheduler builder); a trial that runs to
+    the end reproduces its recorded final mIoU exactly, and the unpruned sweep costs what the
+    recording charged (compute 1.0, regret 0)."""
+    curves = tmp_path / "curves.json"
+    _run([str(ROOT / "benchmarks" / "record_curves.py"), "--configs", "3", "--seeds", "0",
+          "--eval-every", "10", *SMALL, "--out", str(curves)])
+    out = tmp_path / "live.json"
+    proc = _run([str(ROOT / "benchmarks" / "live_pruning.py"), "--curves", str(curves),
+                 "--replay", str(tmp_path / "none.json"), "--seed", "0", "--orders", "1",
+                 "--every", "10", "--point", "none:grace_period=0",
+                 "--point", "optuna-curve:grace_period=10,margin=0.0,n_min_points=2,"
+                 "noise=0.5,reference=step", "--out", str(out)], timeout=600)
+    assert "on the replayed front: None" in proc.stdout  # no replay file given
+    data = json.loads(out.read_text())
+    assert sorted(data["order_configs"]) == [0, 1, 2]
+    none, curve = data["points"]
+    assert none["family"] == "none" and none["stopped_early"] == 0
+    assert none["compute"] == pytest.approx(1.0) and none["regret"] == pytest.approx(0.0)
+    assert none["finals_match"] is True
+    assert [t["config"] for t in none["trials"]] == data["order_configs"]
+    assert curve["setting"] == "grace_period=10,margin=0.0,n_min_points=2,noise=0.5,reference=step"
+    assert 0.0 < curve["compute"] <= 1.0 and curve["finals_match"] is True
+    assert all(t["miou_final"] is not None for t in curve["trials"])
+
+
+@pytest.mark.slow
 def test_kernel_spread_runs_the_study_under_two_kernel_settings(tmp_path):
     out = tmp_path / "spread.json"
     _run([str(ROOT / "benchmarks" / "kernel_spread.py"), "--seeds", "0", *SMALL,

@@ -254,7 +254,7 @@ def test_sweep_resume_with_changed_flags_is_refused(faulty_sweep, capsys):
     assert script.main([*argv, "--resume", "--scheduler", "asha", "--max-failures", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --resume of {study_dir} with flags that differ"), err
-    assert "options.max_failures: 2 -> 0" in err and "scheduler: 'optuna-median' -> 'asha'" in err
+    assert "options.max_failures: 2 -> 0" in err and "scheduler: 'optuna-curve' -> 'asha'" in err
     assert "\n" not in err
     assert (study_dir / "study.json").read_text() == before  # nothing recorded
 
