@@ -950,8 +950,7 @@ def _sweep_warmup(session: _Session, opts: StudyOptions, base: CTTConfig) -> str
     session.stop_if_interrupted()
     if not published(publish):
         res = grid[0] if len(grid) else None
-        why = (res.error if res is not None and res.error is not None
-               else (res.metrics or {}).get("error") if res is not None else None)
+        why = res and (res.error or (res.metrics or {}).get("error"))
         raise RuntimeError(f"the sweep's shared warm-up failed ({str(why)[:300]}); see "
                            f"{exp_dir}. Rerun with --resume, or pass --no-fork to give each "
                            "trial its own warm-up")
