@@ -352,6 +352,13 @@ def test_dry_run_prints_trials_and_estimate_and_launches_nothing(monkeypatch, ca
     out = capsys.readouterr().out
     assert "4 trials" in out and "search space: 1-method.ema_decay" in out
     assert "3 search trials, then 1 confirmation trials (top 1 x 1 fresh seeds)" in out
+    # the search runs at the study's seed, the confirmation on the fresh seed after it
+    assert re.findall(r"ctt\s+seed (\d+): 6 iters", out) == ["0", "0", "0", "1"], out
+    assert "shared warm-up" not in out  # ema_decay is sampled: each trial runs its own
+    assert load_script("voc_contrast_sweep").main(
+        ["--smoke-test", "--dry-run", "--num-samples", "2", "--storage", "/nonexistent"]) == 0
+    out = capsys.readouterr().out
+    assert "shared warm-up: 1 x 2 iters" in out, out  # counted once, not once per trial
     assert ray.is_initialized() == was_up
     assert not Path("/nonexistent").exists()
 

@@ -24,6 +24,7 @@ from ctt.tune.space import variant_space
 from ctt.tune.study import (
     StudyOptions,
     ablation_trials,
+    confirm_seed_list,
     run_ablation,
     run_sweep,
     sweep_warmup_plan,
@@ -183,17 +184,22 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
         confirm = {k: min(v, 1) for k, v in confirm.items()}
     space = variant_space(study.space(), opts.base_config(), a.variant)
     if a.dry_run:
-        trial = {**opts.base_config().to_flat(), "variant": a.variant, "seed": opts.seeds[0]}
+        flat = {**opts.base_config().to_flat(), "variant": a.variant}
         print(f"search space: {', '.join(space)}")
         base = apply_variant(opts.base_config(), a.variant)
-        print(f"warm-up: {sweep_warmup_plan(base, space, opts.fork_warmup)[1]} (the estimate "
-              "below counts a warm-up per trial)")
+        shared, why = sweep_warmup_plan(base, space, opts.fork_warmup)
+        print(f"warm-up: {why}")
         n_confirm = confirm["confirm_top"] * confirm["confirm_seeds"]
         if n_confirm:
             print(f"{num_samples} search trials, then {n_confirm} confirmation trials (top "
                   f"{confirm['confirm_top']} x {confirm['confirm_seeds']} fresh seeds)")
-        print_dry_run([trial] * (num_samples + n_confirm), opts, slots=_slots(opts),
-                      warmup_fork=False)
+        # confirmation runs start from scratch on their fresh seeds; only the search forks
+        search = [{**flat, "seed": opts.seeds[0]}] * num_samples
+        fresh = confirm_seed_list(opts.seeds[0], confirm["confirm_seeds"])
+        confirm_runs = [{**flat, "seed": s} for _ in range(confirm["confirm_top"]) for s in fresh]
+        print_dry_run(search + confirm_runs, opts, slots=_slots(opts), warmup_fork=shared,
+                      forked=len(search))
+        print("(no pruning counted: the scheduler stops weak search trials early)")
         return 0
     return run_study(run_sweep, opts, a.variant, space, num_samples=num_samples,
                      scheduler=a.scheduler, metric=a.metric, grace_period=a.grace_period,
@@ -368,15 +374,20 @@ def estimate_seconds_per_step(cfg, repeats: int = 3) -> float:
 
 
 def print_dry_run(trials: list[dict[str, Any]], opts: StudyOptions, *, slots: int,
-                  warmup_fork: bool) -> float:
-    """Print the trial list and trials x iterations x measured s/step; return the estimate (s)."""
+                  warmup_fork: bool, forked: int | None = None) -> float:
+    """Print the trial list and trials x iterations x measured s/step; return the estimate (s).
+
+    With ``warmup_fork`` the first ``forked`` trials (all when None) start from a shared
+    warm-up, counted once per seed of those trials instead of once per trial."""
     base = opts.base_config()
     print(f"{len(trials)} trials (preset {opts.preset}, device {base.run.device}):")
     per_variant: dict[str, float] = {}
     total = 0.0
-    warm = base.method.warmup_iters if warmup_fork else 0
+    n_forked = len(trials) if forked is None else forked
+    warm_seeds = sorted({t["seed"] for t in trials[:n_forked]}) if warmup_fork else []
     sup_s = None
-    for t in trials:
+    for i, t in enumerate(trials):
+        warm = base.method.warmup_iters if warmup_fork and i < n_forked else 0
         v = t["variant"]
         if v not in per_variant:
             cfg = apply_variant(base, v) if v in VARIANTS else base
@@ -388,9 +399,10 @@ def print_dry_run(trials: list[dict[str, Any]], opts: StudyOptions, *, slots: in
         total += secs
         print(f"  {v:14s} seed {t['seed']}: {iters} iters x {per_variant[v] * 1000:.1f} ms "
               f"= {secs / 60:.1f} min")
-    if warm:
-        warm_s = len(opts.seeds) * warm * 2 * (sup_s or 0.0)
-        print(f"  shared warm-up: {len(opts.seeds)} x {warm} iters (2 students) "
+    if warm_seeds and base.method.warmup_iters:
+        warm = base.method.warmup_iters
+        warm_s = len(warm_seeds) * warm * 2 * (sup_s or 0.0)
+        print(f"  shared warm-up: {len(warm_seeds)} x {warm} iters (2 students) "
               f"= {warm_s / 60:.1f} min")
         total += warm_s
     print(f"total compute {total / 60:.1f} min; about {total / 60 / max(slots, 1):.1f} min wall "
