@@ -27,6 +27,8 @@ Measures, in one process on one fixed synthetic batch, with every term of the va
   matmul and on a 3x3 convolution shaped like the tiny net's; ``floor_s`` = FLOPs / the faster
   of the two, and ``step_s / floor_s`` is how far the step is from what the machine could do
   (element-wise work, which the counter leaves out, is part of that gap).
+* **The network alone.** The student's parameter count and one forward + backward of a labeled
+  batch, on 1 and 2 threads (:func:`network_cost`): the cost below everything the step adds.
 * ``--all-variants``: seconds per iteration of every entry of :data:`ctt.config.VARIANTS`
   (1 thread by default), during the supervised warm-up and after it with contrast on, and the
   FLOPs of a step of each: the numbers behind the studies' compute estimate. Data loading and
@@ -60,6 +62,7 @@ from ctt.config import PRESETS, VARIANTS, CTTConfig, apply_variant, get_preset
 from ctt.data.transforms import IGNORE_INDEX
 from ctt.envinfo import device_name
 from ctt.errors import check_writable, guarded, int_at_least
+from ctt.models import build_model
 from ctt.state import TrainState, resolve_device
 
 PHASES = ("label_and_augment", "student_forwards", "student_losses", "optimise_students",
@@ -245,6 +248,39 @@ def throughput(device: torch.device | str = "cpu", threads: int = 1, *, reps: in
     return out
 
 
+def network_cost(cfg: CTTConfig, device: torch.device | str, threads: tuple[int, ...] = (1, 2),
+                 *, reps: int = 20) -> dict[str, Any]:
+    """The student network alone: its parameter count and the median seconds of one forward +
+    backward (train mode, summed outputs as the loss) on a labeled batch ``[B, 3, H, W]`` of
+    the config's size, per thread count in ``threads`` (CPU; on CUDA only the first is used)."""
+    device = torch.device(device)
+    net = build_model(cfg, student=0).to(device).train()
+    d = cfg.data
+    x = torch.rand(d.batch_size, 3, d.crop_size, d.crop_width or d.crop_size,
+                   generator=torch.Generator().manual_seed(0)).to(device)
+    sync = common.synchronizer(device)
+    old_threads = torch.get_num_threads()
+    out: dict[str, Any] = {"parameters": sum(p.numel() for p in net.parameters()),
+                           "batch": list(x.shape), "fwd_bwd_s": {}}
+    try:
+        for n in threads if device.type == "cpu" else threads[:1]:
+            torch.set_num_threads(n)
+            times = []
+            for i in range(reps + 3):
+                sync()
+                t0 = time.perf_counter()
+                logits, feats = net(x)
+                (logits.sum() + feats.sum()).backward()
+                sync()
+                if i >= 3:  # the first calls pick kernels and allocate
+                    times.append(time.perf_counter() - t0)
+                net.zero_grad(set_to_none=True)
+            out["fwd_bwd_s"][str(n)] = common.median(times)
+    finally:
+        torch.set_num_threads(old_threads)
+    return out
+
+
 def _memory_in_process(cfg: CTTConfig, device: torch.device, steps: int) -> dict[str, Any]:
     torch.set_num_threads(cfg.run.num_threads)
     state = make_state(cfg, device)
@@ -374,6 +410,13 @@ def format_floor(res: dict[str, Any]) -> str:
             f"(on process CPU time {res['floor_ratio_cpu']:.1f})")
 
 
+def format_network(net: dict[str, Any]) -> str:
+    times = ", ".join(f"{float(v) * 1000:.1f} ms ({k} thread{'s' if k != '1' else ''})"
+                      for k, v in net["fwd_bwd_s"].items())
+    return (f"student network: {net['parameters']:,} parameters; forward + backward of a "
+            f"{tuple(net['batch'])} batch {times}")
+
+
 def format_memory(mem: dict[str, Any]) -> str:
     parts = [f"{k} = {v:.1f}" for k, v in mem.items() if isinstance(v, float)]
     return f"peak memory ({mem.get('method', '')}): " + ", ".join(parts)
@@ -449,11 +492,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["floor_s"] = res["flops"] / (res["throughput"]["peak_gflops"] * 1e9)
     res["floor_ratio"] = res["step_s"] / res["floor_s"]
     res["floor_ratio_cpu"] = res["cpu"]["step_s"] / res["floor_s"]  # less hit by other load
+    res["network"] = network_cost(cfg, device)
     print(f"{args.preset}/{args.variant} on {device_name(device)}, {threads} "
           f"thread(s), amp={args.amp}, median of {args.iters} iterations after "
           f"{args.warmup} warm-up")
     print(format_step_table(res))
     print(format_floor(res))
+    print(format_network(res["network"]))
     out = {**common.metadata(device, "bench_step.py", argv, threads=threads, note=args.note),
            "preset": args.preset, "variant": args.variant, "amp": args.amp,
            "iters": args.iters, "warmup": args.warmup, "config": cfg.to_flat(), **res}

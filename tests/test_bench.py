@@ -12,6 +12,7 @@ import torch
 from benchmark_scripts import load_benchmark
 
 from ctt.config import VARIANTS
+from ctt.models import build_model
 
 bench = load_benchmark("bench_step")
 common = load_benchmark("common")
@@ -104,7 +105,7 @@ def test_main_writes_json_with_memory_and_metadata(tmp_path):
     saved = json.loads(out.read_text())
     for key in ("config", "device", "threads", "env", "command", "load_avg_1m", "phases_s",
                 "step_s", "sum_s", "ratio", "memory", "flops", "throughput", "floor_s",
-                "floor_ratio", "floor_ratio_cpu"):
+                "floor_ratio", "floor_ratio_cpu", "network"):
         assert key in saved, key
     assert saved["note"] == "busy"
     assert torch.__version__.startswith(saved["env"]["versions"]["torch"])  # 2.x.y(+cpu)
@@ -181,3 +182,15 @@ def test_gpu_bench_smoke_runs_every_part(tmp_path):
     assert "error" not in parts["contrast"] and "error" not in parts["step/none"], parts
     assert tuple(parts["step/none"]["phases_s"]) == load_benchmark("bench_step").PHASES
     assert json.loads((tmp_path / "gpu_bench.json").read_text())["smoke"] is True
+
+
+def test_network_cost_counts_the_students_parameters_and_times_each_thread_count():
+    cfg = small_cfg()
+    threads_before = torch.get_num_threads()
+    net = bench.network_cost(cfg, "cpu", threads=(1, 2), reps=1)
+    assert torch.get_num_threads() == threads_before
+    assert net["parameters"] == sum(p.numel() for p in build_model(cfg).parameters())
+    assert net["batch"] == [cfg.data.batch_size, 3, cfg.data.crop_size, cfg.data.crop_size]
+    assert set(net["fwd_bwd_s"]) == {"1", "2"} and all(v > 0 for v in net["fwd_bwd_s"].values())
+    text = bench.format_network(net)
+    assert f"{net['parameters']:,} parameters" in text and "(2 threads)" in text

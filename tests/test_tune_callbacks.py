@@ -15,7 +15,11 @@ pytest.importorskip("ray")
 
 from tb_events import hparams_records, read_events  # noqa: E402
 
-from ctt.tune.callbacks import StudyLoggerCallback, clean_result  # noqa: E402
+from ctt.tune.callbacks import (  # noqa: E402
+    StudyLoggerCallback,
+    clean_result,
+    hparams_columns,
+)
 from ctt.tune.layout import metrics_jsonl_path, read_metrics_jsonl, tb_run_name  # noqa: E402
 
 ITERS = 4
@@ -309,8 +313,8 @@ def tensorboard_hparams(tb_root: str) -> tuple[list, dict]:
 
 
 def test_tensorboard_shows_the_study_columns_first(tmp_path):
-    """Read back by TensorBoard's HParams backend: variant, seed, status and the swept
-    parameters first (and among the 5 columns shown by default), internal keys absent,
+    """Read back by TensorBoard's HParams backend: the swept parameters, status, variant and
+    seed first (the dashboard shows the first 5 columns by default), internal keys absent,
     metrics only where measured, status filterable."""
     (tmp_path / "study.json").write_text(json.dumps({
         "name": "s", "kind": "sweep", "variant": "cross",
@@ -331,7 +335,7 @@ def test_tensorboard_shows_the_study_columns_first(tmp_path):
         cb.on_trial_complete(0, trials, t)
     columns, runs = tensorboard_hparams(str(tmp_path / "tb"))
     names = [c[0] for c in columns]
-    assert names[:5] == ["variant", "seed", "status", "method.ema_decay", "method.tau_h"]
+    assert names[:5] == ["method.ema_decay", "method.tau_h", "status", "variant", "seed"]
     assert [c[1] for c in columns] == [True] * 5 + [False] * (len(columns) - 5)
     assert names[5:] == sorted(names[5:])
     assert not any(n.startswith("_") for n in names) and "run.seed" not in names
@@ -351,6 +355,24 @@ def test_tensorboard_shows_the_study_columns_first(tmp_path):
               for h in exp.hparam_infos if h.HasField("domain_discrete")}
     assert domain["status"] == ["TERMINATED", "PRUNED", "ERROR"]
     assert domain["variant"] == ["cross"]
+
+
+def test_hparams_columns_lead_with_what_the_study_varies():
+    # the default sweep space's keys as the logger reads them from study.json
+    swept = ["method.ema_decay", "method.tau_h", "method.tau_l", "method.lambda_u",
+             "method.lambda_h", "method.lambda_l", "method.tau_p"]
+    config = flat_config("ctt", 1, **{**{k: 0.5 for k in swept}, "method.tau_h": 0.3,
+                                      "_fork_from": "/abs/warmup", "a.first": 1})
+    columns, lead = hparams_columns(config, "ctt", 1, "PRUNED", [*swept, "not.a.key"])
+    assert lead == [*swept, "status", "variant", "seed"]
+    assert list(columns)[:len(lead)] == lead  # the dashboard's five default columns: swept
+    assert columns["method.tau_h"] == 0.3 and columns["status"] == "PRUNED"
+    assert columns["seed"] == 1 and columns["variant"] == "ctt"
+    rest = list(columns)[len(lead):]
+    assert rest == sorted(rest) and "_fork_from" not in columns and "run.seed" not in columns
+    # an ablation sweeps nothing: variant and seed are what differ
+    columns, lead = hparams_columns(config, "ctt", 1, "TERMINATED")
+    assert lead == ["variant", "seed", "status"] == list(columns)[:3]
 
 
 def test_resume_replays_without_duplicates(study):

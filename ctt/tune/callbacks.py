@@ -149,14 +149,19 @@ def hparams_columns(config: dict[str, Any], variant: str, seed: Any, status: str
                     swept: Sequence[str] = ()) -> tuple[dict[str, Any], list[str]]:
     """The HParams columns of one trial, in display order, and the leading ones.
 
-    Returns ``(columns, lead)``: ``columns`` maps key -> value, ``variant``, ``seed``,
-    ``status``, the ``swept`` keys the config has, then every other config key by name,
-    leaving out ``_``-prefixed (internal) keys, ``variant``/``seed`` and ``run.seed``;
-    ``lead`` is the list of the study's own keys (variant, seed, status, swept).
+    Returns ``(columns, lead)``: ``columns`` maps key -> value, the study's own columns
+    first (``lead``), then every other config key by name, leaving out ``_``-prefixed
+    (internal) keys, ``variant``/``seed`` and ``run.seed``. ``lead`` is ``variant, seed,
+    status`` for an ablation; for a sweep (``swept`` keys the config has) the swept keys come
+    before ``status, variant, seed``, because TensorBoard's dashboard ticks only the first
+    five columns by default (checked in a browser, TensorBoard 2.21) and a sweep's search
+    holds variant and seed fixed: the five visible columns are then the ones that differ.
     """
-    lead = ["variant", "seed", "status", *[k for k in swept if k in config]]
-    columns: dict[str, Any] = {"variant": variant, "seed": seed, "status": status}
-    columns.update({k: config[k] for k in lead[3:]})
+    swept_here = [k for k in swept if k in config]
+    lead = ([*swept_here, "status", "variant", "seed"] if swept_here
+            else ["variant", "seed", "status"])
+    own = {"variant": variant, "seed": seed, "status": status}
+    columns: dict[str, Any] = {k: own[k] if k in own else config[k] for k in lead}
     columns.update({k: config[k] for k in sorted(config)
                     if k not in columns and not k.startswith("_") and k != "run.seed"})
     return columns, lead
