@@ -86,8 +86,10 @@ SETTINGS: dict[str, list[dict[str, Any]]] = {
     # noise: the least scatter assumed around the fit (tiny's val mIoU moves by 1-2 points
     # between evaluations); with it 2 points suffice for a (wide) forecast. n_min_points 3:
     # the first decision one evaluation later (slow starters show their climb by then)
+    # top_k 3: what a sweep confirming its 3 best configs runs (ctt.tune.study.sweep_pruner)
     "optuna-curve": _grid({"grace_period": 200}, reference=("complete", "step"),
-                          margin=(0.0, 1.0, 2.0), noise=(0.5, 1.0), n_min_points=(2, 3)),
+                          margin=(0.0, 1.0, 2.0), noise=(0.5, 1.0), n_min_points=(2, 3),
+                          top_k=(1, 3)),
     "asha": _grid({}, grace_period=(200, 400, 600), reduction_factor=(2, 3, 4)),
 }
 QUICK_SETTINGS: dict[str, list[dict[str, Any]]] = {
@@ -304,6 +306,7 @@ def _run_task(task: tuple[str, dict[str, Any], int, int]) -> list[dict[str, Any]
     curves, clock = _STATE["curves"][seed], _STATE["clock"]
     full = sum(c.total for c in curves)
     best = max(c.final for c in curves)
+    best_config = max(curves, key=lambda c: c.final).config
     rows = []
     for i, order in enumerate(_STATE["orders"][seed]):
         np.random.seed(seed * 1000 + i)  # ASHA draws its bracket from NumPy's global state
@@ -316,7 +319,8 @@ def _run_task(task: tuple[str, dict[str, Any], int, int]) -> list[dict[str, Any]
                      "time": sweep.makespan / _STATE["base"][(seed, i, slots)],
                      "regret": best - picked_final,
                      "picked": sweep.picked,
-                     "n_complete": sum(s >= clock["iters"] for s in sweep.stopped.values())})
+                     "n_complete": sum(s >= clock["iters"] for s in sweep.stopped.values()),
+                     "best_complete": sweep.stopped.get(best_config, 0) >= clock["iters"]})
     return rows
 
 
@@ -364,6 +368,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "regret_p90": float(np.percentile(regret, 90)),
             "regret_mean": float(regret.mean()),
             "p_regret_le_1": float(np.mean(regret <= TARGET_REGRET + 1e-9)),
+            # trials run to the end (what a top-K confirmation can choose from) and how often
+            # the best config was one of them
+            "n_complete_median": float(np.median([r["n_complete"] for r in rs])),
+            "p_best_complete": float(np.mean([bool(r.get("best_complete")) for r in rs])),
             "compute": [round(float(c), 4) for c in compute],
             "regret": [round(float(r), 3) if math.isfinite(r) else None for r in regret]})
     return out

@@ -104,6 +104,42 @@ def test_decision_is_the_reference_rule(case):
     assert trial.should_prune() == (optimistic < max(finals) - margin)
 
 
+@pytest.mark.parametrize("case", range(8))
+def test_top_k_compares_with_the_kth_best_value(case):
+    """should_prune == (optimistic forecast < the top_k-th largest COMPLETE final - margin),
+    and never with fewer than top_k finals behind the reference."""
+    rng = np.random.default_rng(200 + case)
+    top_k, margin = int(rng.integers(1, 5)), float(rng.uniform(0, 2))
+    pruner = CurvePruner(1800, margin=margin, tau=180, noise=0.5, top_k=top_k)
+    study = _study(pruner)
+    finals = rng.uniform(30, 36, int(rng.integers(1, 6)))
+    for f in finals:
+        _trial(study, [0, 200], [28, 29], state=COMPLETE, value=float(f))
+    steps = [0, 200, 400, 600]
+    values = rng.uniform(27, 35) + rng.normal(0, 0.7, 4)
+    trial = _trial(study, steps, values)
+    _, optimistic = reference_forecast(steps, values.tolist(), 1800, 180, 1.0, 0.5)
+    ordered = sorted(finals, reverse=True)
+    expected = len(finals) >= top_k and optimistic < ordered[top_k - 1] - margin
+    assert trial.should_prune() == expected
+
+
+def test_top_k_lets_k_trials_behind_one_strong_trial_finish():
+    """The 16-trial sweep's failure: one strong early trial, every later one a little worse.
+    With top_k=1 each later one is pruned; with top_k=3 the next two finish, the rest not."""
+    for top_k, expect in ((1, [True, True, True]), (3, [False, False, True])):
+        study = _study(CurvePruner(1800, margin=0.0, tau=30, noise=0.5, top_k=top_k))
+        _trial(study, [0, 1800], [30, 36], state=COMPLETE, value=36.0)
+        decisions = []
+        for level in (33.0, 32.0, 31.0):
+            t = _trial(study, [0, 200, 400], [level - 1.0, level - 0.5, level - 0.4])
+            pruned = t.should_prune()
+            decisions.append(pruned)
+            state = PRUNED if pruned else COMPLETE
+            study.tell(t, None if pruned else level, state=state)
+        assert decisions == expect, (top_k, decisions)
+
+
 def test_prunes_a_clearly_worse_curve_and_keeps_a_good_one():
     study = _study(CurvePruner(1800, margin=1.0))
     _trial(study, [0, 900, 1800], [30, 34, 36], state=COMPLETE, value=36.0)
@@ -183,7 +219,8 @@ def test_startup_trials_and_minimize():
     {"max_resource": 10, "n_startup_trials": 0}, {"max_resource": 10, "z": -1.0},
     {"max_resource": 10, "margin": math.nan}, {"max_resource": 10, "tau": 0.0},
     {"max_resource": 10, "reference": "median"}, {"max_resource": 10, "noise": -0.1},
-    {"max_resource": 10, "noise": math.inf},
+    {"max_resource": 10, "noise": math.inf}, {"max_resource": 10, "top_k": 0},
+    {"max_resource": 10, "top_k": 1.5}, {"max_resource": 10, "top_k": True},
 ])
 def test_bad_options_raise(kwargs):
     with pytest.raises(ValueError):
@@ -228,3 +265,14 @@ def test_the_sweeps_default_is_the_replayed_curve_setting():
             pruner.n_warmup_steps, pruner.max_resource) == (0.0, "step", 3, 0.5, 200, 1800)
     assert make_pruner(DEFAULT_SCHEDULER, max_t=2000, grace_period=200, margin=2.0,
                        noise=1.0).margin == 2.0
+
+
+def test_study_json_records_the_sweeps_pruner():
+    from ctt.tune.study import _pruner_record
+
+    clock = {"max_t": 2000, "grace_period": 200, "step_offset": 200}
+    record = _pruner_record(make_pruner("optuna-curve", **clock))
+    assert record["class"] == "CurvePruner" and record["top_k"] == 1
+    assert (record["margin"], record["reference"], record["max_resource"]) == (0.0, "step", 1800)
+    assert _pruner_record(make_pruner("optuna-median", **clock))["n_warmup_steps"] == 200
+    assert _pruner_record(make_pruner("asha", **clock)) is None

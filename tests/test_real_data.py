@@ -161,7 +161,9 @@ def assert_study_outputs(run: Run, study_dir: Path, *, n_trials: int, dataset: s
     assert {m["trial_id"] for m in metrics} == {t["trial_id"] for t in trials}
     report = (study_dir / "report.md").read_text()
     for t in trials:
-        assert re.search(rf"^\| {re.escape(t['variant'])} \|.*\d+\.\d+", report, re.M), report
+        # an ablation's row starts with the variant, a sweep's top-trials row with rank and id
+        row = rf"^\|( \d+ \| {t['trial_id']} \|)? {re.escape(t['variant'])} \|.*\d+\.\d+"
+        assert re.search(row, report, re.M), report
     assert json.loads((study_dir / "study.json").read_text())["preset"] == preset
     return trials
 

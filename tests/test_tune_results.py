@@ -208,11 +208,49 @@ def test_sweep_report_top_trials_importances_and_plots(tmp_path):
     top = max(scores, key=scores.get)
     assert f"| 1 | s_{top} |" in report
     assert "method.lambda_h | method.mix |" in report
-    assert "## Parameter importances" in report
+    assert "## Parameter importances (Optuna, PedAnovaImportanceEvaluator)" in report
+    assert "From the 8 trials that ran to the end" in report
+    # a sweep compares no variants: its outcome instead of a one-row ablation table
+    assert "## Ablation" not in report and "## Search" in report
+    assert "8 search trials on seed 0: 8 ran to the end, 0 pruned" in report
     for name in ("ablation.png", "curves.png", "sweep_method.lambda_h.png",
                  "sweep_method.mix.png"):
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_sweep_report_with_one_finished_trial_and_pruned_ones(tmp_path):
+    """The full-size voc_sweep.py's outcome (1 finished, the rest pruned): no equal-share
+    importances, pruned trials not listed as exclusions, compute share and step shown."""
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ostudy = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                                 direction="maximize")
+    dist = {"method.lambda_h": optuna.distributions.FloatDistribution(0.01, 1.0, log=True)}
+    for i, (step, state) in enumerate([(8, "TERMINATED"), (4, "PRUNED"), (2, "PRUNED")]):
+        ot = ostudy.ask(dist)
+        ostudy.tell(ot, 40.0 - i if state == "TERMINATED" else None,
+                    state=optuna.trial.TrialState.COMPLETE if state == "TERMINATED"
+                    else optuna.trial.TrialState.PRUNED)
+        write_trial(tmp_path, f"s_{i}", "ctt", 0, state,
+                    [{"step": s, "miou": 30.0 + s - i} for s in range(2, step + 1, 2)],
+                    config={**ot.params, "optim.iters": 8})
+    (tmp_path / "study.json").write_text(json.dumps({
+        "name": "sw", "kind": "sweep", "seeds": [0], "scheduler": "optuna-curve",
+        "pruner": {"class": "CurvePruner"}, "base_config": {"optim.iters": 8},
+        "rank_by": "miou_final"}))
+    report = build_results(tmp_path)["report"]
+    assert ("3 search trials on seed 0: 1 ran to the end, 2 pruned, 0 errored or unfinished "
+            "(scheduler `optuna-curve`, CurvePruner). They ran 58.3 % of the training "
+            "iterations of an unpruned search (3 × 8).") in report  # (8 + 4 + 2) / 24
+    assert "Not computed: 1 trial(s) ran to the end" in report
+    assert "| parameter | importance |" not in report
+    assert "## Excluded trials" not in report  # pruning is the search working
+    assert "| 1 | s_0 | ctt | 0 | TERMINATED | 8 | 38 |" in report
+    assert "| 2 | s_1 | ctt | 0 | PRUNED | 4 | 33 |" in report
+    table = summary_table(tmp_path)  # the end-of-study print: outcome, then the best
+    assert table.startswith("3 search trials on seed 0: 1 ran to the end")
+    assert table.splitlines()[-1] == "no trial ran to the end"  # study.json has no best yet
 
 
 def test_cli_prints_report_and_rejects_missing_dir(tmp_path, capsys):
@@ -363,3 +401,17 @@ def test_json_reader_lenient_for_the_driver_strict_for_results(tmp_path, capsys)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     with pytest.raises(ResultsError):
         main([str(tmp_path), "--debug"])
+
+
+def test_sweep_summary_names_the_confirmed_winner_else_the_best(tmp_path):
+    write_trial(tmp_path, "s_0", "ctt", 0, "TERMINATED", [{"step": 8, "miou": 35.0}])
+    info = {"name": "sw", "kind": "sweep", "best": {"trial_id": "s_0", "val_miou": 35.0}}
+    (tmp_path / "study.json").write_text(json.dumps(info))
+    assert summary_table(tmp_path).splitlines()[-1] == "best: trial s_0, val 35 (final, one seed)"
+    info["confirm"] = {"winner": {"label": "ctt-top2", "trial_id": "s_1", "search_value": 31.0,
+                                  "search_state": "PRUNED", "search_step": 1000,
+                                  "confirm_mean": 34.5, "confirm_std": 0.25, "confirm_n": 3}}
+    (tmp_path / "study.json").write_text(json.dumps(info))
+    assert summary_table(tmp_path).splitlines()[-1] == (
+        "winner: ctt-top2 (search trial s_1), confirmed 34.50 ± 0.25 over 3 fresh seed(s); "
+        "search value 31 [pruned, step 1000]")

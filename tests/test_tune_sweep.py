@@ -246,6 +246,68 @@ def test_confirm_mean_and_std_match_statistics():
     assert study_mod.confirm_seed_list(0, 3) == [1, 2, 3]
 
 
+def _confirm_study(rows):
+    """An in-memory Optuna study of ``(state, final, {step: value})`` trials."""
+    import optuna
+
+    study = optuna.create_study(direction="maximize")
+    for state, final, curve in rows:
+        t = study.ask()
+        for step, v in curve.items():
+            t.report(v, step)
+        study.tell(t, final if state == TrialState.COMPLETE else None, state=state)
+    return study
+
+
+@pytest.mark.parametrize("top", [1, 2, 3, 5, 8])
+def test_confirm_candidates_top_up_with_pruned_trials_by_last_value(top):
+    nan = float("nan")
+    rows = [
+        (TrialState.PRUNED, None, {200: 30.0, 400: 31.0}),         # 0: last 31.0 @400
+        (TrialState.COMPLETE, 35.0, {200: 30.0, 1800: 35.0}),      # 1
+        (TrialState.PRUNED, None, {200: 32.5}),                    # 2: last 32.5 @200
+        (TrialState.FAIL, None, {200: 40.0}),                      # 3: never a candidate
+        (TrialState.COMPLETE, 33.0, {1800: 33.0}),                 # 4
+        (TrialState.PRUNED, None, {200: 31.0, 400: nan}),          # 5: NaN ignored: 31.0 @200
+        (TrialState.PRUNED, None, {}),                             # 6: no value: not ranked
+        (TrialState.PRUNED, None, {200: 29.0, 400: 31.0}),         # 7: ties 0 and 5 on value
+    ]
+    got = [(t.number, v, step)
+           for t, v, step in study_mod.confirm_candidates(_confirm_study(rows), top)]
+    # slow reference: finished trials by final value, then pruned ones by their last finite
+    # value, ties to the one that got further, then the earlier trial
+    finished = sorted(((i, r[1], None) for i, r in enumerate(rows)
+                       if r[0] == TrialState.COMPLETE), key=lambda x: -x[1])
+    pruned = []
+    for i, (state, _, curve) in enumerate(rows):
+        finite = {k: v for k, v in curve.items() if v == v}
+        if state == TrialState.PRUNED and finite:
+            last = max(finite)
+            pruned.append((i, finite[last], last))
+    pruned.sort(key=lambda x: (-x[1], -x[2], x[0]))
+    expected = (finished + pruned)[:top] if top > len(finished) else finished[:top]
+    assert got == expected
+    if top == 5:
+        assert [n for n, _, _ in got] == [1, 4, 2, 0, 7]  # 0 and 7 both 31.0 @400: 0 first
+
+
+def test_confirm_report_marks_a_pruned_candidate():
+    from ctt.tune.report import render_confirm
+
+    cand = {"rank": 2, "label": "ctt-top2", "trial_id": "t2", "search_seed": 0,
+            "search_value": 31.03, "search_state": "PRUNED", "search_step": 1200,
+            "confirm_mean": 34.0, "confirm_std": 0.5, "confirm_n": 3, "confirm_failed": 0,
+            "confirm_seeds": [1, 2, 3]}
+    done = {**cand, "rank": 1, "label": "ctt-top1", "trial_id": "t1", "search_value": 35.2,
+            "search_state": "COMPLETE", "search_step": 2000, "confirm_mean": 33.0}
+    text = "\n".join(render_confirm({"metric": "miou", "top": 2, "seeds": [1, 2, 3],
+                                     "candidates": [done, cand],
+                                     "winner": {**cand, "test_n": 0}}))
+    assert "| 2 | ctt-top2 | t2 | 31.03 [pruned, step 1200] (0) | 34.00 ± 0.50 | 3 |" in text
+    assert "| 1 | ctt-top1 | t1 | 35.2 (0) |" in text
+    assert "its search-time value was 31.03 [pruned, step 1200] on one seed" in text
+
+
 @pytest.mark.slow
 def test_sweep_resume_with_changed_flags_is_refused(faulty_sweep, capsys):
     study_dir, argv, _ = faulty_sweep

@@ -25,8 +25,15 @@ what the trial will reach at the end of its budget:
      values are mostly below their own final values, so this is still a conservative target,
      and it lets the pruner act before anything has finished.
 
+   With ``top_k > 1`` the reference is the ``top_k``-th best of those values, not the best:
+   a sweep that reruns its K best configs on fresh seeds (``--confirm-top K``) needs K trials
+   that ran to the end, and with the best as reference one strong early trial stops every
+   later one (seen in a 16-trial ``voc_sweep.py``: 15 pruned, 1 finished, so "top 3" had one
+   candidate).
+
 It never prunes with fewer than ``n_min_points`` finite values, before ``n_warmup_steps``, at or
-past ``max_resource``, or with fewer than ``n_startup_trials`` trials behind the reference.
+past ``max_resource``, or with fewer than ``max(n_startup_trials, top_k)`` trials behind the
+reference.
 Non-finite intermediate values are ignored (the scheduler never reports them).
 """
 
@@ -97,12 +104,14 @@ class CurvePruner(optuna.pruners.BasePruner):
             climbing).
         noise: the least scatter assumed around the fit (metric units; evaluation noise).
         reference: ``"complete"`` or ``"step"`` (module docstring).
+        top_k: the reference is the ``top_k``-th best value behind it (1: the best), so up
+            to ``top_k`` trials can run to the end (module docstring).
     """
 
     def __init__(self, max_resource: int, *, margin: float = 1.0, n_min_points: int = 3,
                  n_warmup_steps: int = 0, n_startup_trials: int = 1, z: float = 1.0,
                  tau: float | None = None, reference: str = "complete",
-                 noise: float = 0.0) -> None:
+                 noise: float = 0.0, top_k: int = 1) -> None:
         if max_resource < 1:
             raise ValueError(f"max_resource must be >= 1, got {max_resource}")
         if not (math.isfinite(noise) and noise >= 0):
@@ -110,6 +119,8 @@ class CurvePruner(optuna.pruners.BasePruner):
         if n_min_points < (2 if noise > 0 else 3):
             raise ValueError(f"n_min_points must be >= 3 (>= 2 with noise > 0), got "
                              f"{n_min_points}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         if n_warmup_steps < 0 or n_startup_trials < 1:
             raise ValueError(f"need n_warmup_steps >= 0 and n_startup_trials >= 1, got "
                              f"{n_warmup_steps} and {n_startup_trials}")
@@ -129,6 +140,7 @@ class CurvePruner(optuna.pruners.BasePruner):
         self.tau = float(tau)
         self.reference = reference
         self.noise = float(noise)
+        self.top_k = top_k
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
@@ -149,8 +161,8 @@ class CurvePruner(optuna.pruners.BasePruner):
 
     def _reference(self, study: optuna.Study, trial: FrozenTrial, step: int,
                    sign: float) -> float | None:
-        """The (sign-adjusted) value to beat, or None while fewer than ``n_startup_trials``
-        trials stand behind it."""
+        """The (sign-adjusted) value to beat: the ``top_k``-th best of the others', or None
+        while fewer than ``max(n_startup_trials, top_k)`` trials stand behind it."""
         states = ((TrialState.COMPLETE,) if self.reference == "complete" else
                   (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
         found: list[float] = []
@@ -165,6 +177,6 @@ class CurvePruner(optuna.pruners.BasePruner):
                        if s <= step and math.isfinite(v)]
             if earlier:
                 found.append(sign * other.intermediate_values[max(earlier)])
-        if len(found) < self.n_startup_trials:
+        if len(found) < max(self.n_startup_trials, self.top_k):
             return None
-        return max(found)
+        return sorted(found, reverse=True)[self.top_k - 1]

@@ -2,13 +2,15 @@
 at the end of a study.
 
 Report sections: a header (name, kind, trial counts by outcome, the machine: CPU model and
-instruction set, torch threads, commit); the ablation table (mIoU mean ± std over the seeds of
-finished trials, Δ against the baseline with its 95 % interval, the paired-t p and the
-Holm-corrected p, excluded trials counted); the paired comparisons (every variant against the
-baseline and the between-variant ones of :func:`ctt.tune.tables.comparison_rows`) with the
-minimum detectable effect and the seeds 1 mIoU would need, then one sentence per comparison;
-the excluded trials with their errors; for sweeps the top trials by ``rank_by`` with the
-swept parameters and Optuna's parameter importances; the plots.
+instruction set, torch threads, commit); for an ablation the ablation table (mIoU mean ± std
+over the seeds of finished trials, Δ against the baseline with its 95 % interval, the paired-t
+p and the Holm-corrected p, excluded trials counted) and the paired comparisons (every variant
+against the baseline and the between-variant ones of :func:`ctt.tune.tables.comparison_rows`)
+with the minimum detectable effect and the seeds 1 mIoU would need, then one sentence per
+comparison; for a sweep instead the search's outcome (finished, pruned, failed trials and the
+share of an unpruned search's iterations); the excluded trials with their errors; for sweeps
+the top trials by ``rank_by`` with the swept parameters, Optuna's parameter importances (named
+evaluator, only from 2 finished trials up) and the confirmation; the plots.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def render_confirm(confirm: dict) -> list[str]:
         out += [f"Winner: `{win['label']}` (search trial `{win['trial_id']}`), confirmed "
                 f"{metric} {_fmt_ms(num(win['confirm_mean']), num(win['confirm_std']))} over "
                 f"{win['confirm_n']} seed(s); its search-time value was "
-                f"{_fmt_value(win['search_value'])} on one seed."
+                f"{_search_text(win)} on one seed."
                 + (f" Test split: {metric} {_fmt_ms(num(win['test_mean']), num(win['test_std']))}"
                    f" over {win['test_n']} seed(s)." if win.get("test_n") else ""), ""]
     else:
@@ -181,14 +183,25 @@ def render_confirm(confirm: dict) -> list[str]:
     out += [_md_table(["rank", "label", "trial_id", f"search {metric} (seed)",
                        f"confirmed {metric}", "n", "failed", "seeds"],
                       [[c["rank"], c["label"], c["trial_id"],
-                        f"{_fmt_value(c['search_value'])} ({c['search_seed']})",
+                        f"{_search_text(c)} ({c['search_seed']})",
                         _fmt_ms(num(c.get("confirm_mean")), num(c.get("confirm_std"))),
                         c.get("confirm_n", 0), c.get("confirm_failed", 0),
                         ",".join(str(x) for x in c.get("confirm_seeds", []))]
                        for c in cands]), ""]
-    out += [f"Search rank is by the final val {metric} of one seed; the winner is the highest "
-            "confirmed mean (mean ± std, ddof=1, of the final value over the fresh seeds).", ""]
+    out += [f"Search rank is by the final val {metric} of one seed; where fewer trials than "
+            "that ran to the end, the pruned ones follow by their last value (its step in "
+            "brackets): each candidate is trained in full on the fresh seeds. The winner is the "
+            "highest confirmed mean (mean ± std, ddof=1, of the final value over the fresh "
+            "seeds).", ""]
     return out
+
+
+def _search_text(c: dict) -> str:
+    """A candidate's search-time value; a pruned one's with the step it was last measured."""
+    text = _fmt_value(c["search_value"])
+    if c.get("search_state") == "PRUNED":
+        text += f" [pruned, step {c.get('search_step')}]"
+    return text
 
 
 def render_report(study_dir: str, trials: Sequence[dict], study: dict,
@@ -207,6 +220,66 @@ def render_report(study_dir: str, trials: Sequence[dict], study: dict,
            + (", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none") + ")",
            *_env_lines(study), ""]
 
+    if kind == "sweep":
+        out += render_search(trials, study)
+    else:
+        out += _render_ablation(trials, study, baseline)
+
+    # a sweep's pruned trials are its search working, not exclusions: the top table has them
+    failed = [t for t in trials if not is_ok(t)
+              and not (kind == "sweep" and trial_outcome(t) == "PRUNED")]
+    if failed:
+        out += ["## Excluded trials", ""]
+        out += [_md_table(["trial_id", "variant", "seed", "status", "step", "error"],
+                          [[t["trial_id"], t["variant"], t["seed"], trial_outcome(t),
+                            _fmt_value(t.get("step")), (t.get("error") or "")[:200]]
+                           for t in failed]), ""]
+
+    if kind == "sweep":
+        out += _render_sweep_tables(study_dir, trials, study)
+
+    if plots:
+        out += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+def search_compute(trials: Sequence[dict], iters: int | None) -> float | None:
+    """The share of an unpruned search's training iterations the trials ran: ``Σ step /
+    (trials × iters)`` (pruned trials count to the step they stopped at; None without
+    ``iters`` or trials)."""
+    steps = [int(t.get("step") or 0) for t in trials]
+    if not iters or not steps:
+        return None
+    return sum(min(s, iters) for s in steps) / (len(steps) * iters)
+
+
+def render_search(trials: Sequence[dict], study: dict) -> list[str]:
+    """A sweep's outcome in a paragraph: how many trials ran to the end, were pruned or
+    failed, and the share of an unpruned search's iterations that cost (the one-variant
+    ablation table a sweep would otherwise get compares nothing)."""
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[trial_outcome(t)] = counts.get(trial_outcome(t), 0) + 1
+    iters = (study.get("base_config") or {}).get("optim.iters")
+    share = search_compute(trials, iters)
+    pruner = study.get("pruner") or {}
+    seeds = sorted({str(t.get("seed")) for t in trials})
+    text = (f"{len(trials)} search trials on seed{'s' if len(seeds) > 1 else ''} "
+            f"{','.join(seeds) or '-'}: "
+            f"{counts.get('TERMINATED', 0)} ran to the end, {counts.get('PRUNED', 0)} pruned, "
+            f"{sum(v for k, v in counts.items() if k not in ('TERMINATED', 'PRUNED'))} "
+            f"errored or unfinished (scheduler `{study.get('scheduler', '?')}`"
+            + (f", {pruner['class']}" if pruner.get("class") else "") + ").")
+    if share is not None:
+        text += (f" They ran {100 * share:.1f} % of the training iterations of an unpruned "
+                 f"search ({len(trials)} × {iters}).")
+    return ["## Search", "", text, ""]
+
+
+def _render_ablation(trials: Sequence[dict], study: dict, baseline: str) -> list[str]:
+    """The ablation table (variant rows, paired differences vs the baseline) and the
+    comparisons under it."""
+    out: list[str] = []
     rows = ablation_rows(trials, study)
     comparisons = comparison_rows(trials, study)
     vs_base = {c["a"]: c for c in comparisons if c["kind"] == "baseline"}
@@ -231,39 +304,40 @@ def render_report(study_dir: str, trials: Sequence[dict], study: dict,
             "over every comparison of the next section. Errored, pruned and unfinished trials "
             "are counted under *excluded* and left out of every mean.", ""]
     out += render_comparisons(comparisons)
+    return out
 
-    failed = [t for t in trials if not is_ok(t)]
-    if failed:
-        out += ["## Excluded trials", ""]
-        out += [_md_table(["trial_id", "variant", "seed", "status", "step", "error"],
-                          [[t["trial_id"], t["variant"], t["seed"], trial_outcome(t),
-                            _fmt_value(t.get("step")), (t.get("error") or "")[:200]]
-                           for t in failed]), ""]
 
-    if kind == "sweep":
-        rank_by = study.get("rank_by", DEFAULT_RANK_BY)
-        params = varying_params(trials)
-        ranked = sorted((t for t in trials if finite(t.get(rank_by)) is not None),
-                        key=lambda t: -t[rank_by])[:10]
-        out += [f"## Sweep: top {len(ranked)} trials by `{rank_by}`", ""]
-        extra = [] if rank_by == "miou_final" else ["miou_final"]  # no column twice
-        out += [_md_table(["rank", "trial_id", "variant", "seed", "status", rank_by,
-                           *extra, *params],
-                          [[i + 1, t["trial_id"], t["variant"], t["seed"], trial_outcome(t),
-                            _fmt_value(t[rank_by]), *[_fmt_value(t.get(k)) for k in extra],
-                            *[_fmt_value(t["config"].get(p)) for p in params]]
-                           for i, t in enumerate(ranked)]), ""]
-        importances = optuna_importances(study_dir, study)
-        if importances:
-            out += ["## Parameter importances (Optuna fANOVA)", ""]
+def _render_sweep_tables(study_dir: str, trials: Sequence[dict], study: dict) -> list[str]:
+    """A sweep's top trials, Optuna's parameter importances and the confirmation."""
+    out: list[str] = []
+    rank_by = study.get("rank_by", DEFAULT_RANK_BY)
+    params = varying_params(trials)
+    ranked = sorted((t for t in trials if finite(t.get(rank_by)) is not None),
+                    key=lambda t: -t[rank_by])[:10]
+    out += [f"## Sweep: top {len(ranked)} trials by `{rank_by}`", ""]
+    extra = [] if rank_by == "miou_final" else ["miou_final"]  # no column twice
+    # step: where the value was measured (a pruned trial's is its last evaluation)
+    out += [_md_table(["rank", "trial_id", "variant", "seed", "status", "step", rank_by,
+                       *extra, *params],
+                      [[i + 1, t["trial_id"], t["variant"], t["seed"], trial_outcome(t),
+                        _fmt_value(t.get("step")), _fmt_value(t[rank_by]),
+                        *[_fmt_value(t.get(k)) for k in extra],
+                        *[_fmt_value(t["config"].get(p)) for p in params]]
+                       for i, t in enumerate(ranked)]), ""]
+    imp = optuna_importances(study_dir, study)
+    if imp:
+        out += [f"## Parameter importances (Optuna, {imp['evaluator']})", ""]
+        if imp["importances"] is None:
+            out += [f"Not computed: {imp['n']} trial(s) ran to the end; Optuna needs at "
+                    "least 2 (below that it returns equal shares).", ""]
+        else:
             out += [_md_table(["parameter", "importance"],
-                              [[k, f"{v:.3f}"] for k, v in importances.items()]), ""]
-        if study.get("confirm"):
-            out += render_confirm(study["confirm"])
-
-    if plots:
-        out += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
-    return "\n".join(out)
+                              [[k, f"{v:.3f}"] for k, v in imp["importances"].items()]),
+                    "", f"From the {imp['n']} trials that ran to the end (pruned ones are "
+                    "not used); with few trials the shares are indicative only.", ""]
+    if study.get("confirm"):
+        out += render_confirm(study["confirm"])
+    return out
 
 
 def summary_table(study_dir: str | os.PathLike) -> str:
@@ -272,6 +346,8 @@ def summary_table(study_dir: str | os.PathLike) -> str:
     study_dir = os.fspath(study_dir)
     study = load_study_json(study_dir)
     trials = load_trials(study_dir)
+    if study.get("kind") == "sweep":  # no variants to compare: the outcome and the winner
+        return "\n".join([render_search(trials, study)[2], *_winner_lines(study)])
     baseline = study.get("baseline", DEFAULT_BASELINE)
     vs_base = {c["a"]: c for c in comparison_rows(trials, study) if c["kind"] == "baseline"}
     header = ("variant", "seeds", "miou_final", f"Δ vs {baseline}", "95% CI", "p", "p Holm")
@@ -287,3 +363,21 @@ def summary_table(study_dir: str | os.PathLike) -> str:
     text = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(text)
+
+
+def _winner_lines(study: dict) -> list[str]:
+    """The sweep's confirmed winner (or, without confirmation, its best trial) in a line."""
+    win = (study.get("confirm") or {}).get("winner")
+    if win:
+        return [f"winner: {win['label']} (search trial {win['trial_id']}), confirmed "
+                f"{_fmt_ms(float(win['confirm_mean']), _num(win.get('confirm_std')))} over "
+                f"{win['confirm_n']} fresh seed(s); search value {_search_text(win)}"]
+    best = study.get("best") or {}
+    if best.get("trial_id"):
+        return [f"best: trial {best['trial_id']}, val {_fmt_value(best.get('val_miou'))} "
+                "(final, one seed)"]
+    return ["no trial ran to the end"]
+
+
+def _num(x: Any) -> float:
+    return float("nan") if x is None else float(x)

@@ -171,8 +171,15 @@ def paired_comparison(a: dict[Any, float], b: dict[Any, float], effect: float = 
             "seeds_for_effect": seeds_needed(sd, effect), "effect": effect}
 
 
-def optuna_importances(study_dir: str, study: dict) -> dict[str, float] | None:
-    """Optuna's (fANOVA) parameter importances of a sweep's ``optuna.db``; None without one.
+IMPORTANCE_MIN_TRIALS = 2  # Optuna's evaluators return equal shares below this
+
+
+def optuna_importances(study_dir: str, study: dict) -> dict[str, Any] | None:
+    """Optuna's parameter importances of a sweep's ``optuna.db``: ``{"evaluator": class name,
+    "n": trials it used (COMPLETE ones), "importances": {param: share} or None}``; None
+    without a database. ``importances`` is None below :data:`IMPORTANCE_MIN_TRIALS` finished
+    trials, where Optuna only warns and returns equal shares (a table of equal numbers would
+    read as a finding).
 
     Importances are a nicety: a failure is a warning, and the report is written without them.
     """
@@ -181,11 +188,20 @@ def optuna_importances(study_dir: str, study: dict) -> dict[str, float] | None:
         return None
     try:
         import optuna  # only here: results can be rebuilt without Optuna for an ablation
+        from optuna.importance import PedAnovaImportanceEvaluator
+        from optuna.trial import TrialState
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         ostudy = optuna.load_study(study_name=study.get("optuna_study_name"),
                                    storage=f"sqlite:///{os.path.abspath(path)}")
-        return dict(optuna.importance.get_param_importances(ostudy))
+        n = len(ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        evaluator = PedAnovaImportanceEvaluator()  # Optuna's default, named in the report
+        out: dict[str, Any] = {"evaluator": type(evaluator).__name__, "n": n,
+                               "importances": None}
+        if n >= IMPORTANCE_MIN_TRIALS:
+            out["importances"] = dict(optuna.importance.get_param_importances(
+                ostudy, evaluator=evaluator))
+        return out
     except Exception as e:
         log.warning("no Optuna parameter importances from %s: %s", path, e)
         return None

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -95,7 +96,7 @@ from ctt.tune.trainable import CHECKPOINT_FILE, train_ctt, trial_resources
 
 __all__ = ["NoStudyError", "StorageError", "StudyExistsError", "StudyFailedError",
            "StudyFlagsError", "StudyOptions", "best_result", "check_inputs", "check_storage",
-           "init_ray", "resume_differences", "run_ablation", "run_sweep"]
+           "confirm_candidates", "init_ray", "resume_differences", "run_ablation", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -826,6 +827,15 @@ def sweep_step_offset(cfg: CTTConfig) -> int:
     return warm if 0 < warm < cfg.optim.iters else 0
 
 
+def _pruner_record(pruner: Any) -> dict[str, Any] | None:
+    """The sweep's Optuna pruner as ``study.json`` records it: class and its settings."""
+    if pruner is None:
+        return None
+    fields = {k.lstrip("_"): v for k, v in vars(pruner).items()
+              if isinstance(v, (bool, int, float, str)) or v is None}
+    return {"class": type(pruner).__name__, **fields}
+
+
 def _domain_text(domain: Any) -> str:
     """A stable text for a Tune search domain (its repr holds a memory address)."""
     from ray.tune.search.sample import Categorical, Domain
@@ -1005,6 +1015,7 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
             "grace_period": grace, "step_offset": offset, "sampler_seed": sampler_seed,
             "tpe_startup_trials": tpe_startup_trials(num_samples), "num_samples": num_samples,
             "confirm_top": confirm_top, "confirm_seeds": confirm_seeds,
+            "pruner": _pruner_record(pruner),
             "warmup": {"shared": share, "why": share_why},
             "optuna_storage": mask_url(optuna_storage) if optuna_storage else JOURNAL,
             "preset": opts.preset, "options": asdict(opts), "base_config": base.to_flat(),
@@ -1207,10 +1218,40 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
+def confirm_candidates(study: Any, top: int) -> list[tuple[Any, float, int | None]]:
+    """The search trials a confirmation reruns: ``(trial, search value, step)`` of the ``top``
+    best COMPLETE trials by value (step None: the full budget), then, while fewer than
+    ``top`` ran to the end, the PRUNED trials by their last intermediate value (step: Optuna's
+    step of that value), best first.
+
+    Why pruned ones: a pruner stops every trial it forecasts below the best, so a sweep with
+    one strong early trial can finish just that one (a 16-trial ``voc_sweep.py`` finished 1 and
+    pruned 15), and "top 3" would confirm nothing but it. Their last value is the furthest
+    evidence the search holds; a confirmation trains them in full on fresh seeds, which also
+    rescues a slow starter the pruner misjudged. Failed trials are never candidates."""
+    from optuna.trial import TrialState
+
+    complete = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                       if t.value is not None and math.isfinite(t.value)),
+                      key=lambda t: t.value, reverse=True)
+    out: list[tuple[Any, float, int | None]] = [(t, float(t.value), None)
+                                                for t in complete[:top]]
+    pruned = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        seen = [(s, v) for s, v in t.intermediate_values.items() if math.isfinite(v)]
+        if seen:
+            step, value = max(seen)
+            pruned.append((t, float(value), int(step)))
+    # best last value first; a tie goes to the trial that got further, then the earlier one
+    pruned.sort(key=lambda c: (-c[1], -(c[2] or 0), c[0].number))
+    return out + pruned[:max(0, top - len(out))]
+
+
 def _confirm_winners(session: _Session, grid: Any, study: Any, base: CTTConfig, variant: str,
                      metric: str, *, top: int, n_seeds: int) -> dict[str, Any] | None:
-    """Rerun the ``top`` best COMPLETE configs of the search on ``n_seeds`` fresh seeds and
-    name the winner by the confirmed mean of the ranking value (:data:`RANKING`): a search
+    """Rerun the ``top`` best configs of the search (:func:`confirm_candidates`: COMPLETE
+    trials by the ranking value, :data:`RANKING`, topped up with PRUNED ones by their last
+    value) on ``n_seeds`` fresh seeds and name the winner by the confirmed mean: a search
     ranks configs on one seed, where a lucky seed can win.
 
     The runs are a small grid (variant label ``<variant>-top<rank>``, seeds
@@ -1218,20 +1259,17 @@ def _confirm_winners(session: _Session, grid: Any, study: Any, base: CTTConfig, 
     logged under ``confirm/`` (``trials/``, ``tb/``), apart from the search's trials. Writes
     and returns the ``confirm.json`` record: per candidate its search value and its confirmed
     values, mean, sample std, n and failures; the winner, with the test-split mean ± std of
-    its confirmation runs' final checkpoints when the data has a test split. None when no
-    trial completed."""
-    from optuna.trial import TrialState
-
+    its confirmation runs' final checkpoints when the data has a test split. None when the
+    search has no candidate (every trial failed)."""
     from ctt.tune.trainable import split_config
 
     opts, study_dir = session.opts, session.study_dir
-    ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-                    key=lambda t: t.value, reverse=True)[:top]
     results = {(r.metrics or {}).get("trial_id"): r for r in grid}
     seeds = confirm_seed_list(opts.seeds[0], n_seeds)
     flat_base = base.to_flat()
+    offset = sweep_step_offset(base)  # Optuna's steps count from the warm-up's end
     candidates, configs = [], []
-    for rank, ft in enumerate(ranked, 1):
+    for rank, (ft, value, step) in enumerate(confirm_candidates(study, top), 1):
         res = results.get(ft.user_attrs.get(TUNE_TRIAL_ID_ATTR))
         if res is None:
             continue
@@ -1239,7 +1277,10 @@ def _confirm_winners(session: _Session, grid: Any, study: Any, base: CTTConfig, 
         label = f"{variant}-top{rank}"
         candidates.append({
             "rank": rank, "label": label, "trial_id": ft.user_attrs.get(TUNE_TRIAL_ID_ATTR),
-            "optuna_trial": ft.number, "search_seed": opts.seeds[0], "search_value": ft.value,
+            "optuna_trial": ft.number, "search_seed": opts.seeds[0], "search_value": value,
+            # a pruned candidate's value is its last one, at this training step
+            "search_state": ft.state.name,
+            "search_step": base.optim.iters if step is None else step + offset,
             "config": {k: v for k, v in cfg.to_flat().items()
                        if k != "run.seed" and flat_base.get(k) != v}})
         configs += [_trial_config(cfg.override({"run.seed": s}), label) for s in seeds]
@@ -1286,7 +1327,8 @@ def _confirm_winners(session: _Session, grid: Any, study: Any, base: CTTConfig, 
            "seeds": seeds, "candidates": candidates,
            "winner": None if winner is None else {
                k: winner[k] for k in ("rank", "label", "trial_id", "search_value",
-                                      "confirm_mean", "confirm_std", "confirm_n")}}
+                                      "search_state", "search_step", "confirm_mean",
+                                      "confirm_std", "confirm_n")}}
     runs = [r for r in finished.get(winner["label"], []) if r.checkpoint is not None] \
         if winner else []
     if runs and base.data.test_split != "none":
