@@ -228,6 +228,23 @@ def test_voc_sweep_on_voc(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_voc_contrast_sweep_on_voc_forks_one_warmup(tmp_path: Path) -> None:
+    """The contrast sweep (EMA decay fixed) on the VOC layout: one shared warm-up trained once
+    from the user's data, both search trials forked from it, the root left untouched."""
+    data = tmp_path / "data"
+    make_voc(data, splits={SPLIT: (4, "pair_aug")})
+    storage = tmp_path / "work" / "studies"
+    run = run_entry(study_args("voc_contrast_sweep", data, storage, "--split", SPLIT,
+                               "--num-samples", "2", preset="voc-r101"), tmp_path / "work", [data])
+    study_dir = storage / "voc_contrast_sweep_smoke"
+    assert_study_outputs(run, study_dir, n_trials=2, dataset="voc", num_classes=21,
+                         data_root=data, preset="voc-r101")
+    info = json.loads((study_dir / "study.json").read_text())
+    assert info["warmup"]["shared"] is True
+    assert (study_dir / "warmup" / "seed-0" / "state.pt").is_file()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["labelIds", "labelTrainIds"])
 def test_cityscapes_sweep(tmp_path: Path, kind: str) -> None:
     data = tmp_path / "data"
