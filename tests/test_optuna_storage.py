@@ -446,6 +446,21 @@ def _optuna_matches_trials(study_dir: Path, storage) -> None:
                for ft in extra), extra
 
 
+def _running_checkpoints(study: Path) -> int:
+    """The most checkpoint directories Tune holds for one trial the logger has RUNNING."""
+    most = 0
+    for trial in (study / "trials").glob("*/trial.json"):
+        try:
+            running = json.loads(trial.read_text()).get("status") == "RUNNING"
+        except ValueError:
+            continue
+        if running:
+            tid = trial.parent.name
+            most = max([most, *(len(list(d.glob("checkpoint_*")))
+                                for d in (study / "ray").glob(f"*_{tid}_*"))])
+    return most
+
+
 def _reporting(study: Path, finished: bool) -> bool:
     """Whether a trial that has (not) finished has reported a result."""
     for trial in (study / "trials").glob("*/trial.json"):
@@ -478,12 +493,18 @@ def test_sweep_head_killed_after_a_trial_resumes_with_whole_optuna_history(
     study = storage / "lost"
     log = tmp_path / "first.log"
     synced = None
+    # checkpoints-gone needs a running trial with two checkpoints at the kill, and one that is
+    # still running 1.5 s later: longer trials (CI once killed one that had written only one)
+    gone_case = journal == "checkpoints-gone"
+    longer = ("--iters", str(3 * E2E_ITERS)) if gone_case else ()
     with log.open("w") as out:
-        proc = subprocess.Popen(_sweep_cmd(storage), cwd=ROOT, env=_env(tmp_path, ray_tmp),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(_sweep_cmd(storage, *longer), cwd=ROOT,
+                                env=_env(tmp_path, ray_tmp), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 240
         try:
-            while not (_finished(study) >= 1 and _reporting(study, finished=False)):
+            while not (_finished(study) >= 1 and _reporting(study, finished=False)
+                       and (not gone_case or _running_checkpoints(study) >= 2)):
                 assert proc.poll() is None, log.read_text()[-4000:]
                 assert time.monotonic() < deadline, log.read_text()[-4000:]
                 if synced is None and _reporting(study, finished=False):
@@ -510,8 +531,9 @@ def test_sweep_head_killed_after_a_trial_resumes_with_whole_optuna_history(
     shutil.rmtree(tmp_path / "staging", ignore_errors=True)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     ray_tmp.mkdir()
-    proc = subprocess.run(_sweep_cmd(storage, "--resume"), cwd=ROOT, env=_env(tmp_path, ray_tmp),
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(_sweep_cmd(storage, "--resume", *longer), cwd=ROOT,
+                          env=_env(tmp_path, ray_tmp), capture_output=True, text=True,
+                          timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     if journal == "synced-behind":
         assert "Optuna's storage disagreed with the restored Tune experiment" in proc.stderr, \
