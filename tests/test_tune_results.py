@@ -188,8 +188,10 @@ def test_sweep_report_top_trials_importances_and_plots(tmp_path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rng = np.random.default_rng(0)
     scores = {}
+    # seeded: an unseeded sampler made the importances (and so this test) vary between runs
     ostudy = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}",
-                                 direction="maximize")
+                                 direction="maximize",
+                                 sampler=optuna.samplers.RandomSampler(seed=0))
     for i in range(8):
         ot = ostudy.ask({"method.lambda_h": optuna.distributions.FloatDistribution(0.01, 1.0,
                                                                                   log=True),

@@ -164,19 +164,16 @@ def render_confirm(confirm: dict) -> list[str]:
     """The sweep's confirmation section (``study.json`` ``confirm``, written by
     ``ctt.tune.study._confirm_winners``): the winner by its confirmed mean, and every
     candidate's search-time value beside its confirmed mean ± std."""
-    def num(x: Any) -> float:
-        return float("nan") if x is None else float(x)
-
     metric, cands, win = confirm.get("metric", "miou"), confirm.get("candidates", []), \
         confirm.get("winner")
     out = [f"## Confirmed winner: top {confirm.get('top')} configs on "
            f"{len(confirm.get('seeds', []))} fresh seeds", ""]
     if win:
         out += [f"Winner: `{win['label']}` (search trial `{win['trial_id']}`), confirmed "
-                f"{metric} {_fmt_ms(num(win['confirm_mean']), num(win['confirm_std']))} over "
+                f"{metric} {_fmt_ms(_num(win['confirm_mean']), _num(win['confirm_std']))} over "
                 f"{win['confirm_n']} seed(s); its search-time value was "
                 f"{_search_text(win)} on one seed."
-                + (f" Test split: {metric} {_fmt_ms(num(win['test_mean']), num(win['test_std']))}"
+                + (f" Test split: {metric} {_fmt_ms(_num(win['test_mean']), _num(win['test_std']))}"
                    f" over {win['test_n']} seed(s)." if win.get("test_n") else ""), ""]
     else:
         out += ["No confirmation run finished: no winner.", ""]
@@ -184,7 +181,7 @@ def render_confirm(confirm: dict) -> list[str]:
                        f"confirmed {metric}", "n", "failed", "seeds"],
                       [[c["rank"], c["label"], c["trial_id"],
                         f"{_search_text(c)} ({c['search_seed']})",
-                        _fmt_ms(num(c.get("confirm_mean")), num(c.get("confirm_std"))),
+                        _fmt_ms(_num(c.get("confirm_mean")), _num(c.get("confirm_std"))),
                         c.get("confirm_n", 0), c.get("confirm_failed", 0),
                         ",".join(str(x) for x in c.get("confirm_seeds", []))]
                        for c in cands]), ""]
@@ -210,9 +207,7 @@ def render_report(study_dir: str, trials: Sequence[dict], study: dict,
     name = study.get("name") or os.path.basename(os.path.normpath(study_dir))
     kind = study.get("kind", "ablation")
     baseline = study.get("baseline", DEFAULT_BASELINE)
-    counts: dict[str, int] = {}
-    for t in trials:
-        counts[trial_outcome(t)] = counts.get(trial_outcome(t), 0) + 1
+    counts = _outcome_counts(trials)
     out = [f"# Study report: {name}", "",
            f"- study: `{name}` ({kind})",
            f"- directory: `{study_dir}`",
@@ -257,9 +252,7 @@ def render_search(trials: Sequence[dict], study: dict) -> list[str]:
     """A sweep's outcome in a paragraph: how many trials ran to the end, were pruned or
     failed, and the share of an unpruned search's iterations that cost (the one-variant
     ablation table a sweep would otherwise get compares nothing)."""
-    counts: dict[str, int] = {}
-    for t in trials:
-        counts[trial_outcome(t)] = counts.get(trial_outcome(t), 0) + 1
+    counts = _outcome_counts(trials)
     iters = (study.get("base_config") or {}).get("optim.iters")
     share = search_compute(trials, iters)
     pruner = study.get("pruner") or {}
@@ -381,3 +374,11 @@ def _winner_lines(study: dict) -> list[str]:
 
 def _num(x: Any) -> float:
     return float("nan") if x is None else float(x)
+
+
+def _outcome_counts(trials: Sequence[dict]) -> dict[str, int]:
+    """Trials per outcome (:func:`ctt.tune.tables.trial_outcome`)."""
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[trial_outcome(t)] = counts.get(trial_outcome(t), 0) + 1
+    return counts

@@ -749,8 +749,8 @@ def make_pruner(name: str, *, max_t: int, grace_period: int, step_offset: int = 
       final value from its post-warm-up curve): ``n_warmup_steps=grace_period``,
       ``max_resource=max_t - step_offset``; ``kw``: ``margin``, ``reference``
       (``complete``/``step``), ``n_min_points``, ``n_startup_trials``, ``z``, ``tau``,
-      ``noise``, ``top_k``, with :data:`CURVE_DEFAULTS` where not given (``top_k`` 1; a
-      sweep with ``--confirm-top K`` passes K, see :func:`ctt.tune.study.run_sweep`).
+      ``noise``, ``top_k``, with :data:`CURVE_DEFAULTS` where not given (``top_k`` 1; the
+      sweeps keep it and fill their confirmation from pruned trials instead).
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")

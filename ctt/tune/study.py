@@ -1243,7 +1243,7 @@ def confirm_candidates(study: Any, top: int) -> list[tuple[Any, float, int | Non
             step, value = max(seen)
             pruned.append((t, float(value), int(step)))
     # best last value first; a tie goes to the trial that got further, then the earlier one
-    pruned.sort(key=lambda c: (-c[1], -(c[2] or 0), c[0].number))
+    pruned.sort(key=lambda c: (-c[1], -c[2], c[0].number))
     return out + pruned[:max(0, top - len(out))]
 
 
