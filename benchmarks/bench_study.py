@@ -2,7 +2,7 @@
 
 Two measurements of the Ray Tune layer, on CPU, through public APIs only:
 
-**(a) Efficiency.** A real ablation study (:func:`ctt.tune.study.run_ablation`: the study's
+**(a) Efficiency.** A real ablation study (:func:`ctt.tune.ablation.run_ablation`: the study's
 trainable, ``RunConfig`` and driver-side callback, ``reuse_actors=True``) of ``n_trials`` (8)
 tiny trials (variant ``mean_teacher``, seeds 0..7, 300 iterations of which the first 40 % are
 the supervised warm-up, evaluation and checkpoint every 100) on ``num_cpus`` (2) CPUs with
@@ -23,8 +23,8 @@ the two cores), and the tail where one slot idles while the last trial finishes.
 
 **(b) Pruning.** ``optuna-median``, ``asha`` and ``none`` on the *same* fixed list of
 ``n_configs`` (12) configurations, pre-sampled once by :func:`sample_configs` from a seeded
-NumPy RNG (no TPE: its suggestions depend on completion order under concurrency, see
-``shared/design/ray-notes.md``). Tune runs the list as a grid over its index, in order, with
+NumPy RNG (no TPE: its suggestions depend on completion order under concurrency). Tune runs
+the list as a grid over its index, in order, with
 ``max_concurrent_trials=2``; each trial is :func:`ctt.tune.trainable.train_ctt` on that config.
 Repeat ``r`` uses ``run.seed = r`` and the order ``r`` (the identity for ``r = 0``, a seeded
 permutation otherwise), the same for every scheduler. Trials: tiny ``mean_teacher``, 450
@@ -54,7 +54,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +61,6 @@ import common  # benchmarks/common.py: a script's folder is on sys.path
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-from ray import tune
-from ray.tune import Callback
 
 from ctt.config import (
     VARIANTS,
@@ -76,16 +73,15 @@ from ctt.config import (
 )
 from ctt.data.loader import dataset_root
 from ctt.errors import guarded, int_at_least, warn_all
+from ctt.tune.ablation import run_ablation
 from ctt.tune.layout import METRICS_PARQUET, TRIALS_PARQUET, read_json, study_json_path
+from ctt.tune.runtime import StudyOptions, init_ray
 from ctt.tune.schedulers import SCHEDULERS, make_scheduler
-from ctt.tune.study import StudyOptions, init_ray, run_ablation
-from ctt.tune.trainable import train_ctt, trial_resources
 
 EFFICIENCY_TARGET = 0.90
 PRUNING_GAP_TARGET = 1.0  # mIoU points below none's best
 PRUNING_COMPUTE_TARGET = 0.35  # fraction of none's compute
 SAMPLED_KEYS = ("optim.lr", "method.ema_decay", "method.lambda_u", "method.tau_p")
-COMPUTE_KEY = "time/trial_compute_s"
 
 
 # --- trial configs ------------------------------------------------------------------------------
@@ -155,11 +151,12 @@ def study_options(name: str, storage: str | Path, num_cpus: int, **kw: Any) -> S
 
 def _last_compute(metrics: Any) -> dict[str, float]:
     """trial_id -> its last reported ``time/trial_compute_s`` (``metrics.parquet`` rows)."""
-    rows = metrics.select(["trial_id", "step", COMPUTE_KEY]).to_pylist()
+    compute_key = common.TRIAL_COMPUTE_KEY
+    rows = metrics.select(["trial_id", "step", compute_key]).to_pylist()
     last: dict[str, tuple[int, float]] = {}
     for r in rows:
-        if r[COMPUTE_KEY] is not None and r["step"] >= last.get(r["trial_id"], (-1, 0.0))[0]:
-            last[r["trial_id"]] = (r["step"], r[COMPUTE_KEY])
+        if r[compute_key] is not None and r["step"] >= last.get(r["trial_id"], (-1, 0.0))[0]:
+            last[r["trial_id"]] = (r["step"], r[compute_key])
     return {tid: c for tid, (_, c) in last.items()}
 
 
@@ -177,7 +174,7 @@ def bench_efficiency(storage: str | Path, *, n_trials: int = 8, num_cpus: int = 
                          seeds=list(range(n_trials)), cpus_per_trial=cpus_per_trial,
                          overrides=bench_overrides(preset, iters, eval_every, overrides),
                          fork_warmup=False)
-    dataset_root(opts.base_config())  # a one-time synthetic cache, before any timed region
+    dataset_root(opts.base)  # a one-time synthetic cache, before any timed region
     t0 = time.perf_counter()
     init_ray(opts)
     ray_init_s = time.perf_counter() - t0
@@ -190,7 +187,7 @@ def bench_efficiency(storage: str | Path, *, n_trials: int = 8, num_cpus: int = 
     cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
     slots = max(1, min(n_trials, int(cluster_cpus // cpus_per_trial)))
     ratio = sum(compute) / (wall * slots)
-    cfg = opts.base_config()
+    cfg = opts.base
     return {
         "n_trials": n_trials, "slots": slots, "cpus_per_trial": cpus_per_trial,
         "cluster_cpus": cluster_cpus, "preset": preset, "variant": variant,
@@ -204,74 +201,6 @@ def bench_efficiency(storage: str | Path, *, n_trials: int = 8, num_cpus: int = 
 
 
 # --- (b) pruning --------------------------------------------------------------------------------
-
-class _Recorder(Callback):
-    """Driver-side record of every trial of a fixed list (Tune config ``{"point": i}``): last
-    step, last compute time, best/final mIoU, status."""
-
-    def __init__(self) -> None:
-        self.trials: dict[str, dict[str, Any]] = {}
-
-    def _rec(self, trial: Any) -> dict[str, Any]:
-        if trial.trial_id not in self.trials:
-            self.trials[trial.trial_id] = {
-                "index": int(trial.config["point"]), "step": 0, "compute_s": 0.0,
-                "miou_best": None, "miou_final": None, "error": None, "status": "RUNNING"}
-        return self.trials[trial.trial_id]
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                        **info: Any) -> None:
-        rec = self._rec(trial)
-        if "step" in result:
-            rec["step"] = max(rec["step"], int(result["step"]))
-        if COMPUTE_KEY in result:
-            rec["compute_s"] = float(result[COMPUTE_KEY])
-        if result.get("miou") is not None:
-            miou = float(result["miou"])
-            rec["miou_final"] = miou
-            rec["miou_best"] = miou if rec["miou_best"] is None else max(rec["miou_best"], miou)
-        if result.get("error"):
-            rec["error"] = str(result["error"])
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._rec(trial)["status"] = "TERMINATED"
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        rec = self._rec(trial)
-        rec["status"] = "ERROR"
-        rec["error"] = rec["error"] or "trial raised (see the Ray experiment directory)"
-
-
-def _fixed_list(configs: list[dict[str, Any]], cpus_per_trial: float) -> Callable:
-    """A trainable that runs ``configs[config["point"]]`` with :func:`train_ctt`: Tune then runs
-    exactly the list, in order, as a grid over the index (its points stay comparable across
-    schedulers whatever finishes first)."""
-    def run_point(config: dict[str, Any]) -> None:
-        train_ctt(configs[int(config["point"])])
-
-    return tune.with_resources(run_point, trial_resources(cpus_per_trial, 0))
-
-
-def _fit_list(configs: list[dict[str, Any]], storage: Path, name: str, *, scheduler: Any,
-              max_concurrent: int) -> tuple[float, _Recorder]:
-    """Run ``configs`` in order; return (wall seconds of ``Tuner.fit``, recorder)."""
-    recorder = _Recorder()
-    tuner = tune.Tuner(
-        _fixed_list(configs, 1.0),
-        param_space={"point": tune.grid_search(list(range(len(configs))))},
-        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=max_concurrent,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[recorder],
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  verbose=0))
-    t0 = time.perf_counter()
-    tuner.fit()
-    wall = time.perf_counter() - t0
-    if len(recorder.trials) != len(configs):
-        raise RuntimeError(f"{name}: {len(configs)} trials submitted but {len(recorder.trials)} "
-                           f"reported; see {storage / name}")
-    return wall, recorder
-
 
 def trial_order(n: int, repeat: int) -> list[int]:
     """Repeat 0 keeps the sampled order; later repeats use a seeded permutation."""
@@ -313,9 +242,9 @@ def bench_pruning(storage: str | Path, *, params: list[dict[str, float]] | None 
             sched = make_scheduler(name, metric="miou", mode="max", time_attr="step",
                                    max_t=base.optim.iters, grace_period=grace_period,
                                    seed=r, **kw)
-            wall, rec = _fit_list(configs, Path(storage), f"prune-{name}-r{r}", scheduler=sched,
-                                  max_concurrent=max_concurrent)
-            trials = sorted(rec.trials.values(), key=lambda t: t["index"])
+            wall, record = common.fit_fixed_list(configs, Path(storage), f"prune-{name}-r{r}",
+                                                 scheduler=sched, max_concurrent=max_concurrent)
+            trials = sorted(record.trials.values(), key=lambda t: t["index"])
             for t in trials:  # position in this repeat's list -> index into params
                 t["index"] = order[t["index"]]
                 t["stopped_early"] = t["step"] < base.optim.iters

@@ -1,9 +1,14 @@
 """Helpers shared by the benchmark scripts: timing, memory probes, loading a file as a module,
-and the JSON every benchmark writes (its numbers plus the machine and versions behind them).
+the JSON every benchmark writes (its numbers plus the machine and versions behind them), and a
+fixed list of trials run on Ray Tune.
 
 The scripts in ``benchmarks/`` are not a package: running ``python benchmarks/<name>.py`` puts
-this folder on ``sys.path``, which is how they ``import common`` (tests do the same through
-``tests/benchmark_scripts.py``).
+this folder on ``sys.path``, which is how every script imports this module and the other
+scripts, by plain name (``import common``, ``from common import write_json``, ``import
+replay_pruning``); tests do the same through ``tests/benchmark_scripts.py``. ``ctt`` comes from
+the installed package (``pip install -e .``); only ``gpu_bench.py``, which runs on bare GPU
+machines, also puts the repository root on ``sys.path``. Code two scripts share lives here,
+under a public name: a script never imports another's ``_private`` helper.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from ctt.envinfo import environment
 from ctt.fileio import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"  # the JSON behind README's figures (tracked)
+# the JSON behind the figures of README and docs/ (tracked)
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 MIB = 2.0 ** 20
 
 
@@ -164,3 +170,108 @@ def write_json(path: str | os.PathLike, obj: dict[str, Any]) -> Path:
     path = Path(path)
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
     return path
+
+
+# --- a fixed list of trials on Ray Tune (bench_study.py's pruning part, live_pruning.py) --------
+# Ray is imported inside these functions only: the other benchmarks run without the [tune] extra.
+
+TRIAL_COMPUTE_KEY = "time/trial_compute_s"  # what a trial reports as its compute seconds so far
+
+
+class FixedListRecord:
+    """Driver-side record of every trial of a fixed list (Tune config ``{"point": i}``), filled
+    by :func:`fit_fixed_list`: ``trials[trial_id]`` holds the trial's list ``index``, its last
+    ``step``, last ``compute_s`` (:data:`TRIAL_COMPUTE_KEY`), ``miou_best`` and ``miou_final``,
+    ``error`` and ``status`` (RUNNING, TERMINATED, ERROR)."""
+
+    def __init__(self) -> None:
+        self.trials: dict[str, dict[str, Any]] = {}
+
+    def _rec(self, trial: Any) -> dict[str, Any]:
+        if trial.trial_id not in self.trials:
+            self.trials[trial.trial_id] = {
+                "index": int(trial.config["point"]), "step": 0, "compute_s": 0.0,
+                "miou_best": None, "miou_final": None, "error": None, "status": "RUNNING"}
+        return self.trials[trial.trial_id]
+
+    def on_result(self, trial: Any, result: dict[str, Any]) -> None:
+        rec = self._rec(trial)
+        if "step" in result:
+            rec["step"] = max(rec["step"], int(result["step"]))
+        if TRIAL_COMPUTE_KEY in result:
+            rec["compute_s"] = float(result[TRIAL_COMPUTE_KEY])
+        if result.get("miou") is not None:
+            miou = float(result["miou"])
+            rec["miou_final"] = miou
+            rec["miou_best"] = miou if rec["miou_best"] is None else max(rec["miou_best"], miou)
+        if result.get("error"):
+            rec["error"] = str(result["error"])
+
+    def on_complete(self, trial: Any) -> None:
+        self._rec(trial)["status"] = "TERMINATED"
+
+    def on_error(self, trial: Any) -> None:
+        rec = self._rec(trial)
+        rec["status"] = "ERROR"
+        rec["error"] = rec["error"] or "trial raised (see the Ray experiment directory)"
+
+
+def _recording_callback(record: FixedListRecord) -> Any:
+    """A Tune callback passing each trial's results, completion and error on to ``record``."""
+    from ray.tune import Callback
+
+    class Recording(Callback):
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                            **info: Any) -> None:
+            record.on_result(trial, result)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any,
+                              **info: Any) -> None:
+            record.on_complete(trial)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            record.on_error(trial)
+
+    return Recording()
+
+
+def fixed_list_trainable(configs: list[dict[str, Any]], cpus_per_trial: float) -> Any:
+    """A trainable that runs ``configs[config["point"]]`` with
+    :func:`ctt.tune.trainable.train_ctt`: Tune then runs exactly the list, in order, as a grid
+    over the index (its points stay comparable across schedulers whatever finishes first)."""
+    from ray import tune
+
+    from ctt.tune.trainable import train_ctt, trial_resources
+
+    def run_point(config: dict[str, Any]) -> None:
+        train_ctt(configs[int(config["point"])])
+
+    return tune.with_resources(run_point, trial_resources(cpus_per_trial, 0))
+
+
+def fit_fixed_list(configs: list[dict[str, Any]], storage: Path, name: str, *, scheduler: Any,
+                   max_concurrent: int) -> tuple[float, FixedListRecord]:
+    """Run the trial ``configs`` (flat config keys plus ``variant`` and ``seed``) in order as the
+    Tune experiment ``storage/name``: one CPU each, ``max_concurrent`` at a time, under
+    ``scheduler``, actors reused, no retries (a crash in a benchmark is a bug to see). Returns
+    the wall seconds of ``Tuner.fit`` and the :class:`FixedListRecord` of every trial; raises
+    RuntimeError when a trial never reported."""
+    from ray import tune
+
+    record = FixedListRecord()
+    tuner = tune.Tuner(
+        fixed_list_trainable(configs, 1.0),
+        param_space={"point": tune.grid_search(list(range(len(configs))))},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=max_concurrent,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage),
+                                  callbacks=[_recording_callback(record)],
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  verbose=0))
+    t0 = time.perf_counter()
+    tuner.fit()
+    wall = time.perf_counter() - t0
+    if len(record.trials) != len(configs):
+        raise RuntimeError(f"{name}: {len(configs)} trials submitted but {len(record.trials)} "
+                           f"reported; see {storage / name}")
+    return wall, record

@@ -1,4 +1,4 @@
-"""How far single-seed results move when only the CPU kernels change (issue 13, item 8).
+"""How far single-seed results move when only the CPU kernels change.
 
     python benchmarks/kernel_spread.py                      # supervised,ctt x seeds 0,1,2
     python benchmarks/kernel_spread.py --variants supervised,ctt --seeds 0 --set optim.iters=60
@@ -7,7 +7,7 @@ Runs the real default study (``studies/voc_ablation.py``, same commit, seeds, da
 versions) once per kernel setting: the machine's default, then with oneDNN capped to an older
 instruction set (``ONEDNN_MAX_CPU_ISA``, default ``SSE41``), which picks other convolution
 kernels, as another CPU would. Same seed, same machine and same setting are bit-identical
-(tests/test_determinism.py); across settings the float rounding differs from the first step,
+(tests/test_train.py); across settings the float rounding differs from the first step,
 and chaotic training amplifies it. The JSON (``benchmarks/results/kernel_spread.json``, behind
 README's reproducibility paragraph) holds each trial's final val mIoU under each setting, the
 per-seed change, and the paired ``ctt - supervised`` difference under each.
@@ -23,11 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS_DIR, ROOT, metadata, write_json
 
-from benchmarks.common import RESULTS_DIR, ROOT, metadata, write_json  # noqa: E402
-from ctt.errors import UserError, guarded  # noqa: E402
+from ctt.errors import UserError, guarded
 
 DEFAULT_OUT = RESULTS_DIR / "kernel_spread.json"
 # ONEDNN_MAX_CPU_ISA values (oneDNN's documentation; oneDNN ignores one it does not know, which

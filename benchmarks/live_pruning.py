@@ -1,4 +1,4 @@
-"""Run points of the replayed pruning front as real sweeps, to see them land on it (issue 15).
+"""Run points of the replayed pruning front as real sweeps, to see them land on it.
 
     python benchmarks/live_pruning.py          # 2 points of optuna-curve's front, seed 2, order 0
 
@@ -37,13 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import replay_pruning as replay
+from common import RESULTS_DIR, fit_fixed_list, metadata, write_json
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import replay_pruning as replay  # noqa: E402
-from benchmarks.common import RESULTS_DIR, metadata, write_json  # noqa: E402
-from ctt.errors import UserError, guarded  # noqa: E402
+from ctt.errors import UserError, guarded
 
 DEFAULT_OUT = RESULTS_DIR / "pruning_live.json"
 # The sweeps' default setting and the cheapest point of the same family's front at 2 slots.
@@ -94,8 +91,7 @@ def run_point(family: str, kwargs: dict[str, Any], curves: list[replay.Curve],
               clock: dict[str, int], meta: dict[str, Any], every: int,
               storage: Path) -> dict[str, Any]:
     """One live sweep of the recorded configs in ``order``; its outcome (module doc)."""
-    from benchmarks.bench_study import _fit_list
-    from benchmarks.record_curves import run_cfg
+    from record_curves import run_cfg
 
     configs = [{**run_cfg(meta["preset"], runs[c]["params"], seed, every,
                           meta.get("overrides", {})).to_flat(),
@@ -103,10 +99,11 @@ def run_point(family: str, kwargs: dict[str, Any], curves: list[replay.Curve],
     np.random.seed(seed * 1000)  # as the replay: ASHA draws its bracket from NumPy's state
     sched = replay.build_scheduler(family, kwargs, clock, seed)
     name = f"live-{family}-{replay.setting_label(kwargs)}".replace("=", "").replace(",", "-")
-    wall, rec = _fit_list(configs, storage, name[:120], scheduler=sched, max_concurrent=slots)
+    wall, record = fit_fixed_list(configs, storage, name[:120], scheduler=sched,
+                                  max_concurrent=slots)
     by_config = {c.config: c for c in curves}
     trials = []
-    for t in sorted(rec.trials.values(), key=lambda t: t["index"]):
+    for t in sorted(record.trials.values(), key=lambda t: t["index"]):
         config = order[t["index"]]
         curve = by_config[config]
         k = int(np.searchsorted(curve.steps, t["step"]))
@@ -153,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.slots < 1 or a.every < 1 or not 0 <= a.order < a.orders:
         raise UserError(f"need --slots >= 1, --every >= 1 and 0 <= --order < --orders, got "
                         f"{a.slots}, {a.every}, {a.order}, {a.orders}")
-    curves_by_seed, _, clock, meta = replay._read_curves(a.curves, a.every)
+    curves_by_seed, _, clock, meta = replay.read_curves(a.curves, a.every)
     if a.seed not in curves_by_seed:
         raise UserError(f"--seed {a.seed}: {a.curves} has complete curves for seeds "
                         f"{sorted(curves_by_seed)} only")
@@ -166,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = json.loads(a.replay.read_text())
         summary, seeds = rep.get("summary", []), rep.get("seeds", seeds)
 
-    from ctt.tune.study import StudyOptions, init_ray
+    from ctt.tune.runtime import StudyOptions, init_ray
 
     storage = a.storage or Path(tempfile.mkdtemp(prefix="ctt-live-pruning-"))
     init_ray(StudyOptions(name="live-pruning", num_cpus=a.slots))

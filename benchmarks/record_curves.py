@@ -1,4 +1,4 @@
-"""Record unpruned learning curves of the sweep space for the offline pruning replay (issue 15).
+"""Record unpruned learning curves of the sweep space for the offline pruning replay.
 
     python benchmarks/record_curves.py                 # 24 configs x seeds 0,1,2 on tiny
     python benchmarks/record_curves.py --configs 4 --seeds 0 --set optim.iters=300   # a taste
@@ -35,11 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS_DIR, metadata, write_json
 
-from benchmarks.common import RESULTS_DIR, metadata, write_json  # noqa: E402
-from ctt.errors import UserError, guarded  # noqa: E402
+from ctt.errors import UserError, guarded
 
 DEFAULT_OUT = RESULTS_DIR / "curves_tiny.json"
 VARIANT = "ctt"
@@ -67,12 +65,12 @@ def run_cfg(preset: str, params: dict[str, float], seed: int, eval_every: int,
             overrides: dict[str, Any]) -> Any:
     """The ``CTTConfig`` of one run (raises ConfigError on an unknown preset or key)."""
     from ctt.config import CTTConfig, apply_variant, get_preset
-    from ctt.tune.space import resolve_config
+    from ctt.tune.space import resolve_one_minus
 
     flat = {**apply_variant(get_preset(preset), VARIANT).to_flat(),
             "run.eval_every": eval_every, "run.checkpoint_every": eval_every,
             "run.num_threads": 1, "run.device": "cpu", "run.seed": seed,
-            **overrides, **resolve_config(params)}
+            **overrides, **resolve_one_minus(params)}
     return CTTConfig.from_flat(flat)
 
 

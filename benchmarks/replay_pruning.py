@@ -1,4 +1,4 @@
-"""Replay recorded learning curves through the real schedulers: compute versus regret (issue 15).
+"""Replay recorded learning curves through the real schedulers: compute versus regret.
 
     python benchmarks/replay_pruning.py                       # benchmarks/results/curves_tiny.json
     python benchmarks/replay_pruning.py --curves /path/curves_tiny.partial.jsonl --quick
@@ -44,7 +44,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -53,9 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CURVES = ROOT / "benchmarks" / "results" / "curves_tiny.json"
@@ -86,7 +82,7 @@ SETTINGS: dict[str, list[dict[str, Any]]] = {
     # noise: the least scatter assumed around the fit (tiny's val mIoU moves by 1-2 points
     # between evaluations); with it 2 points suffice for a (wide) forecast. n_min_points 3:
     # the first decision one evaluation later (slow starters show their climb by then)
-    # top_k 3: what a sweep confirming its 3 best configs runs (ctt.tune.study.sweep_pruner)
+    # top_k 3: 3 trials can finish for a top-3 confirmation (ctt.tune.schedulers.make_pruner)
     "optuna-curve": _grid({"grace_period": 200}, reference=("complete", "step"),
                           margin=(0.0, 1.0, 2.0), noise=(0.5, 1.0), n_min_points=(2, 3),
                           top_k=(1, 3)),
@@ -188,7 +184,7 @@ def curves_by_seed(runs: list[dict[str, Any]], every: int
 # --- one simulated sweep ------------------------------------------------------------------------
 
 @dataclass
-class Sweep:
+class ReplayOutcome:
     """What one simulated sweep did: CPU seconds consumed, its makespan (seconds), the step
     each config stopped at (``{config: step}``) and the config it picks (None: no trial ran to
     the end)."""
@@ -200,7 +196,7 @@ class Sweep:
 
 
 def simulate(curves: Sequence[Curve], order: Sequence[int], slots: int, scheduler: Any, *,
-             max_t: int) -> Sweep:
+             max_t: int) -> ReplayOutcome:
     """Run one sweep of ``curves`` (indexed by ``order``: the launch order) on ``slots``
     parallel slots with ``scheduler`` deciding at every evaluation, as TuneController does:
     ``on_trial_add`` at launch, ``on_trial_result`` per evaluation, and once the trial is
@@ -252,7 +248,7 @@ def simulate(curves: Sequence[Curve], order: Sequence[int], slots: int, schedule
     finals = {c.config: c.final for c in curves}
     done = [c for c, step in stopped.items() if step >= max_t]
     picked = max(done, key=lambda c: (finals[c], -c)) if done else None
-    return Sweep(consumed, makespan, stopped, picked)
+    return ReplayOutcome(consumed, makespan, stopped, picked)
 
 
 def build_scheduler(family: str, kwargs: dict[str, Any], clock: dict[str, int],
@@ -310,17 +306,17 @@ def _run_task(task: tuple[str, dict[str, Any], int, int]) -> list[dict[str, Any]
     rows = []
     for i, order in enumerate(_STATE["orders"][seed]):
         np.random.seed(seed * 1000 + i)  # ASHA draws its bracket from NumPy's global state
-        sweep = simulate(curves, order, slots, build_scheduler(family, kwargs, clock, seed),
-                         max_t=clock["iters"])
-        picked_final = (curves[sweep.picked].final if sweep.picked is not None
+        outcome = simulate(curves, order, slots, build_scheduler(family, kwargs, clock, seed),
+                           max_t=clock["iters"])
+        picked_final = (curves[outcome.picked].final if outcome.picked is not None
                         else float("nan"))
         rows.append({"family": family, "setting": setting_label(kwargs), "slots": slots,
-                     "seed": seed, "order": i, "compute": sweep.consumed / full,
-                     "time": sweep.makespan / _STATE["base"][(seed, i, slots)],
+                     "seed": seed, "order": i, "compute": outcome.consumed / full,
+                     "time": outcome.makespan / _STATE["base"][(seed, i, slots)],
                      "regret": best - picked_final,
-                     "picked": sweep.picked,
-                     "n_complete": sum(s >= clock["iters"] for s in sweep.stopped.values()),
-                     "best_complete": sweep.stopped.get(best_config, 0) >= clock["iters"]})
+                     "picked": outcome.picked,
+                     "n_complete": sum(s >= clock["iters"] for s in outcome.stopped.values()),
+                     "best_complete": outcome.stopped.get(best_config, 0) >= clock["iters"]})
     return rows
 
 
@@ -515,8 +511,8 @@ def _json_safe(obj: Any) -> Any:
 
 # --- command line -------------------------------------------------------------------------------
 
-def _read_curves(path: Path, every: int) -> tuple[dict[int, list[Curve]], list[int],
-                                                  dict[str, int], dict[str, Any]]:
+def read_curves(path: Path, every: int) -> tuple[dict[int, list[Curve]], list[int],
+                                                 dict[str, int], dict[str, Any]]:
     """:func:`load_runs` + :func:`curves_by_seed`, with a bad file as one :class:`UserError`
     line naming it."""
     from ctt.errors import UserError
@@ -562,7 +558,7 @@ def _main(argv: list[str] | None = None) -> int:
     settings = {f: grid[f] for f in families}
     n_orders = min(a.orders, 3) if a.quick else a.orders
 
-    curves, dropped, clock, meta = _read_curves(a.curves, a.every)
+    curves, dropped, clock, meta = read_curves(a.curves, a.every)
     print(f"{sum(len(c) for c in curves.values())} curves, seeds {sorted(curves)} "
           f"(left out, incomplete: {dropped}); warm-up {clock['warmup_iters']}, "
           f"{clock['iters']} iterations, evaluation every {a.every}", flush=True)
@@ -573,7 +569,7 @@ def _main(argv: list[str] | None = None) -> int:
     analysis = analyse(summary, slots)
     elapsed = time.perf_counter() - t0
 
-    from benchmarks.common import metadata, write_json
+    from common import metadata, write_json  # here, after the replay: common imports torch
 
     meta_out = metadata("cpu", "replay_pruning.py", argv, threads=1)
     source = {k: meta.get(k) for k in ("preset", "variant", "eval_every", "config_seed",

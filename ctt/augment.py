@@ -1,4 +1,4 @@
-"""Batched strong augmentation for the unlabeled view (method.md step 2).
+"""Batched strong augmentation for the unlabeled view (docs/method.md, step 2).
 
 Every random number is drawn on the CPU from a caller-supplied ``torch.Generator`` and only
 then moved to the data's device, so a CPU run and a GPU run with the same seed make the same

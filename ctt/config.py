@@ -48,8 +48,8 @@ class ConfigError(UserError, ValueError):
     """A configuration key or value is invalid; the message names the key and the valid choices."""
 
 
-def _f(default: Any, doc: str, *, choices: tuple | None = None, lo: float | None = None,
-       hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Any:
+def _opt(default: Any, doc: str, *, choices: tuple | None = None, lo: float | None = None,
+         hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Any:
     """A dataclass field carrying its docstring and validation bounds in ``metadata``."""
     meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open,
             "hi_open": hi_open}
@@ -58,132 +58,132 @@ def _f(default: Any, doc: str, *, choices: tuple | None = None, lo: float | None
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _f("voc", "Dataset the root must hold: `voc` (Pascal VOC 2012 [+SBD]), "
+    dataset: str = _opt("voc", "Dataset the root must hold: `voc` (Pascal VOC 2012 [+SBD]), "
                       "`cityscapes`, or `synthetic` (the VOC-layout synthetic set, generated "
                       "into the cache on first use; tiny). A root of another layout is refused.",
                       choices=("synthetic", "voc", "cityscapes"))
-    root: str = _f("none", "Dataset root directory, read-only (nothing is ever written there); "
+    root: str = _opt("none", "Dataset root directory, read-only (nothing is ever written there); "
                    "`none` = the synthetic cache directory (data.dataset=synthetic only).")
-    labeled_split: str = _f("1464", "Labeled split name: reads `splits/<name>/labeled.txt` and "
+    labeled_split: str = _opt("1464", "Labeled split name: reads `splits/<name>/labeled.txt` and "
                             "`unlabeled.txt` under the root (or a directory path holding both). "
                             "Paper VOC: 1464 (or 92/183/366/732; reference: 212); tiny: 128 "
                             "(64 left the tiny net too weak for its pseudo-labels to help).")
-    val_split: str = _f("val", "Split used for periodic evaluation and model selection.")
-    test_split: str = _f("none", "Held-out split for the final report (`none` to skip). "
+    val_split: str = _opt("val", "Split used for periodic evaluation and model selection.")
+    test_split: str = _opt("none", "Held-out split for the final report (`none` to skip). "
                          "VOC and Cityscapes: none (their test labels are not public; the paper "
                          "reports val). tiny: `test`, the synthetic held-out split.")
-    num_classes: int = _f(21, "Number of classes including background (VOC 21, Cityscapes 19). "
+    num_classes: int = _opt(21, "Number of classes including background (VOC 21, Cityscapes 19). "
                           "tiny: 7 (6 synthetic object classes + background).", lo=2)
-    crop_size: int = _f(321, "Training crop height (and width unless crop_width > 0). "
+    crop_size: int = _opt(321, "Training crop height (and width unless crop_width > 0). "
                         "tiny: 48, the whole synthetic image.", lo=8)
-    crop_width: int = _f(0, "Training crop width; 0 = square crop (Cityscapes: 512).", lo=0)
-    scale_min: float = _f(0.5, "Random scale lower bound (reference VOC: 0.5). tiny: 1.0, no "
+    crop_width: int = _opt(0, "Training crop width; 0 = square crop (Cityscapes: 512).", lo=0)
+    scale_min: float = _opt(0.5, "Random scale lower bound (reference VOC: 0.5). tiny: 1.0, no "
                           "rescaling: resampling a 48 px image smears the 6 px textures that "
                           "identify the synthetic classes (all-labels val mIoU 40 -> 55).",
                           lo=0.0, lo_open=True)
-    scale_max: float = _f(1.6, "Random scale upper bound (reference VOC: 1.6). tiny: 1.0.",
+    scale_max: float = _opt(1.6, "Random scale upper bound (reference VOC: 1.6). tiny: 1.0.",
                           lo=0.0, lo_open=True)
-    flip: bool = _f(False, "Random horizontal flip (the reference VOC config has none). "
+    flip: bool = _opt(False, "Random horizontal flip (the reference VOC config has none). "
                     "tiny: on.")
-    batch_size: int = _f(10, "Labeled images per iteration. tiny: 8.", lo=1)
-    batch_size_u: int = _f(10, "Unlabeled images per iteration. tiny: 8.", lo=1)
-    num_workers: int = _f(0, "DataLoader worker processes (0 = load in the training process).",
+    batch_size: int = _opt(10, "Labeled images per iteration. tiny: 8.", lo=1)
+    batch_size_u: int = _opt(10, "Unlabeled images per iteration. tiny: 8.", lo=1)
+    num_workers: int = _opt(0, "DataLoader worker processes (0 = load in the training process).",
                           lo=0)
-    label_dir: str = _f("auto", "VOC label directory for bare-id split files: `auto` prefers "
+    label_dir: str = _opt("auto", "VOC label directory for bare-id split files: `auto` prefers "
                         "SegmentationClassAug (SBD) when present.")
-    eval_size: int = _f(0, "Cityscapes only: resize every image to eval_size x 2*eval_size "
+    eval_size: int = _opt(0, "Cityscapes only: resize every image to eval_size x 2*eval_size "
                         "before training crops and evaluation (reference: 512, i.e. 512x1024); "
                         "0 = native size.", lo=0)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = _f("deeplabv2", "Segmentation network: `tiny` (CPU), `deeplabv2`, "
+    arch: str = _opt("deeplabv2", "Segmentation network: `tiny` (CPU), `deeplabv2`, "
                    "`deeplabv3plus`.", choices=("tiny", "deeplabv2", "deeplabv3plus"))
-    depth: int = _f(101, "ResNet depth for the DeepLab backbones.", choices=(50, 101))
-    resnet_style: str = _f("torchvision", "`torchvision` (stride in the 3x3 conv) or `caffe` "
+    depth: int = _opt(101, "ResNet depth for the DeepLab backbones.", choices=(50, 101))
+    resnet_style: str = _opt("torchvision", "`torchvision` (stride in the 3x3 conv) or `caffe` "
                            "(stride in the 1x1 conv, as the reference's COCO-pretrained "
                            "DeepLab-v2 checkpoint).", choices=("torchvision", "caffe"))
-    pretrained: str = _f("none", "Local weight file for student 0 (ImageNet ResNet, the "
+    pretrained: str = _opt("none", "Local weight file for student 0 (ImageNet ResNet, the "
                          "reference DeepLab-v2 checkpoint, or ours); `none` = random init. "
                          "Nothing is ever downloaded.")
-    pretrained_peer: str = _f("none", "Local weight file for student 1 (the reference uses a "
+    pretrained_peer: str = _opt("none", "Local weight file for student 1 (the reference uses a "
                               "different initialisation per student); `none` = random init.")
-    feat_dim: int = _f(256, "Channels of the penultimate head feature used for contrast. "
+    feat_dim: int = _opt(256, "Channels of the penultimate head feature used for contrast. "
                        "tiny: 64 (halves the CPU step time at equal accuracy).", lo=1)
-    width: int = _f(24, "Base width of the `tiny` network (ignored by DeepLab). tiny: 16 "
+    width: int = _opt(24, "Base width of the `tiny` network (ignored by DeepLab). tiny: 16 "
                     "(tiny-v1: 24).", lo=4)
-    fuse: str = _f("3x3", "Kernel of the `tiny` decoder's fuse conv (skip + upsampled 1/8 map "
+    fuse: str = _opt("3x3", "Kernel of the `tiny` decoder's fuse conv (skip + upsampled 1/8 map "
                    "-> feat_dim at 1/4 resolution; ignored by DeepLab): `3x3` or `1x1`. tiny: "
                    "1x1 (tiny-v1: 3x3, which held 56 % of the net's multiply-adds).",
                    choices=("3x3", "1x1"))
-    output_stride: int = _f(16, "Backbone output stride of DeepLab-v3+ (8 or 16; the logits "
+    output_stride: int = _opt(16, "Backbone output stride of DeepLab-v3+ (8 or 16; the logits "
                             "are at 1/4 either way). DeepLab-v2 is always 8.", choices=(8, 16))
-    dropout: float = _f(0.1, "Dropout2d before the classifier.", lo=0.0, hi=1.0, hi_open=True)
+    dropout: float = _opt(0.1, "Dropout2d before the classifier.", lo=0.0, hi=1.0, hi_open=True)
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    unsup: str = _f("cross", "Unsupervised target: `cross` (peer teacher, CTT), `self` (own "
+    unsup: str = _opt("cross", "Unsupervised target: `cross` (peer teacher, CTT), `self` (own "
                     "teacher, mean teacher), `none` (supervised only).",
                     choices=("none", "self", "cross"))
-    pairs: int = _f(2, "Student/teacher pairs: 1 (mean teacher) or 2 (CTT).", choices=(1, 2))
-    lambda_u: float = _f(1.0, "Weight of the unsupervised pseudo-label loss.", lo=0.0)
-    lambda_h: float = _f(0.1, "Weight of the high-level contrastive loss (0 = off).", lo=0.0)
-    lambda_l: float = _f(0.1, "Weight of the low-level contrastive loss (0 = off).", lo=0.0)
-    tau_h: float = _f(0.1, "Temperature of the high-level contrast.", lo=0.0, lo_open=True)
-    tau_l: float = _f(0.5, "Temperature of the low-level contrast.", lo=0.0, lo_open=True)
-    ema_decay: float = _f(0.99, "EMA decay of the teachers, in [0, 1).", lo=0.0, hi=1.0,
+    pairs: int = _opt(2, "Student/teacher pairs: 1 (mean teacher) or 2 (CTT).", choices=(1, 2))
+    lambda_u: float = _opt(1.0, "Weight of the unsupervised pseudo-label loss.", lo=0.0)
+    lambda_h: float = _opt(0.1, "Weight of the high-level contrastive loss (0 = off).", lo=0.0)
+    lambda_l: float = _opt(0.1, "Weight of the low-level contrastive loss (0 = off).", lo=0.0)
+    tau_h: float = _opt(0.1, "Temperature of the high-level contrast.", lo=0.0, lo_open=True)
+    tau_l: float = _opt(0.5, "Temperature of the low-level contrast.", lo=0.0, lo_open=True)
+    ema_decay: float = _opt(0.99, "EMA decay of the teachers, in [0, 1).", lo=0.0, hi=1.0,
                           hi_open=True)
-    ema_buffers: str = _f("copy", "`copy` BN buffers from the student (DEV, needed by eval-mode "
+    ema_buffers: str = _opt("copy", "`copy` BN buffers from the student (DEV, needed by eval-mode "
                           "teachers) or `params_only` (reference).",
                           choices=("copy", "params_only"))
-    tau_p: float = _f(0.968, "Pseudo-label confidence threshold.", lo=0.0, hi=1.0)
-    tau_high_conf: float = _f(0.75, "Confidence splitting high-level (>=) from low-level (<) "
+    tau_p: float = _opt(0.968, "Pseudo-label confidence threshold.", lo=0.0, hi=1.0)
+    tau_high_conf: float = _opt(0.75, "Confidence splitting high-level (>=) from low-level (<) "
                               "anchors on unlabeled pixels.", lo=0.0, hi=1.0)
-    tau_bank: float = _f(0.95, "Softmax probability a correct labeled pixel needs to enter the "
+    tau_bank: float = _opt(0.95, "Softmax probability a correct labeled pixel needs to enter the "
                          "bank (DEV: the reference compares logits).", lo=0.0, hi=1.0)
-    bank_size: int = _f(256, "Per-class queue length Q of each memory bank. tiny: 32 (fills "
+    bank_size: int = _opt(256, "Per-class queue length Q of each memory bank. tiny: 32 (fills "
                         "within the short CPU budget; tiny-v1: 64).", lo=1)
-    bank_ready: str = _f("all_full", "When contrast switches on (latched): `all_full` "
+    bank_ready: str = _opt("all_full", "When contrast switches on (latched): `all_full` "
                          "(reference) or `min_fill`. tiny: `min_fill`.",
                          choices=("all_full", "min_fill"))
-    bank_min_fill: int = _f(32, "Entries per class needed by `min_fill`. tiny: 16.", lo=1)
-    mix: str = _f("classmix", "Mixing of the strong view: `classmix`, `cutmix` or `none`. "
-                  "tiny: cutmix (measured on seeds 100-101, see README).",
+    bank_min_fill: int = _opt(32, "Entries per class needed by `min_fill`. tiny: 16.", lo=1)
+    mix: str = _opt("classmix", "Mixing of the strong view: `classmix`, `cutmix` or `none`. "
+                  "tiny: cutmix (measured on seeds 100-101, see docs/results.md).",
                   choices=("classmix", "cutmix", "none"))
-    strong_color: str = _f("jitter", "Colour part of the strong view: `jitter` (colour jitter + "
+    strong_color: str = _opt("jitter", "Colour part of the strong view: `jitter` (colour jitter + "
                            "blur, the reference) or `permute` (channel permutation, gain/offset, "
                            "greyscale, noise; label-safe only where colour carries no class "
                            "information). tiny: permute (the synthetic palette is shared by all "
                            "classes; blur would also erase the class textures).",
                            choices=("jitter", "permute"))
-    shared_aug: bool = _f(True, "One augmentation shared by both students (DEV; makes the "
+    shared_aug: bool = _opt(True, "One augmentation shared by both students (DEV; makes the "
                           "low-level positive the same pixel). False = reference.")
-    jitter_blur_per: str = _f("batch", "Unit of the colour-jitter and blur coin flips: `batch` "
+    jitter_blur_per: str = _opt("batch", "Unit of the colour-jitter and blur coin flips: `batch` "
                               "(reference: one draw jitters the whole batch or none of it, "
                               "p 0.8, with per-image factors; one draw blurs the whole batch "
                               "or none of it, p 0.5, with one sigma) or `sample` (each image "
                               "its own draws). tiny: sample (unused there: `permute` always "
                               "draws per image).", choices=("batch", "sample"))
-    student_forward: str = _f("separate", "Student forwards per iteration: `separate` "
+    student_forward: str = _opt("separate", "Student forwards per iteration: `separate` "
                               "(reference: labeled and strong unlabeled images in two forwards, "
                               "so BatchNorm normalises each set with its own batch statistics) "
                               "or `joint` (one forward on both, shared statistics). tiny: joint "
                               "(separate lost 6-8 mIoU on tuning seeds 100-102, at equal CPU "
-                              "step time; see README).",
+                              "step time; see docs/results.md).",
                               choices=("separate", "joint"))
-    teacher_mode: str = _f("eval", "Teacher mode when labelling: `eval` (DEV) or `train` "
+    teacher_mode: str = _opt("eval", "Teacher mode when labelling: `eval` (DEV) or `train` "
                            "(reference).", choices=("eval", "train"))
-    weighting: str = _f("uniform", "Pseudo-label weighting: `uniform` (reference), `power` "
+    weighting: str = _opt("uniform", "Pseudo-label weighting: `uniform` (reference), `power` "
                         "(conf^6) or `mask` (hard threshold). tiny: power (uniform trains on "
                         "every argmax and collapsed the tiny net to background).",
                         choices=("uniform", "power", "mask"))
-    low_gate: bool = _f(False, "Keep low-level anchors only where the peer is more confident "
+    low_gate: bool = _opt(False, "Keep low-level anchors only where the peer is more confident "
                         "(reference DeepLab-v3+ script).")
-    max_anchors: int = _f(0, "Anchors kept per class and loss (seeded); 0 = all (reference). "
+    max_anchors: int = _opt(0, "Anchors kept per class and loss (seeded); 0 = all (reference). "
                           "tiny: 128 to bound CPU time (tiny-v1: 256).", lo=0)
-    warmup_iters: int = _f(0, "Supervised-only iterations before the unsupervised and "
+    warmup_iters: int = _opt(0, "Supervised-only iterations before the unsupervised and "
                            "contrastive terms start (not in the paper; 0 = reference). "
                            "Identical across variants of a seed, so studies fork from it. "
                            "tiny: 200 (10% of the iterations; tiny-v1: 400).", lo=0)
@@ -191,31 +191,31 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    iters: int = _f(160_000, "Total training iterations (reference VOC: 160k; Cityscapes "
+    iters: int = _opt(160_000, "Total training iterations (reference VOC: 160k; Cityscapes "
                     "16k). tiny: 2,000.", lo=1)
-    optimizer: str = _f("sgd", "`sgd` (reference) or `adamw`. tiny: adamw (trains a "
+    optimizer: str = _opt("sgd", "`sgd` (reference) or `adamw`. tiny: adamw (trains a "
                         "from-scratch network faster).", choices=("sgd", "adamw"))
-    lr: float = _f(2.5e-4, "Backbone learning rate (head: lr x head_lr_mult). tiny: 3e-3.",
+    lr: float = _opt(2.5e-4, "Backbone learning rate (head: lr x head_lr_mult). tiny: 3e-3.",
                    lo=0.0, lo_open=True)
-    head_lr_mult: float = _f(10.0, "Head learning-rate multiplier. tiny: 1 (no pretrained "
+    head_lr_mult: float = _opt(10.0, "Head learning-rate multiplier. tiny: 1 (no pretrained "
                              "backbone to protect).", lo=0.0, lo_open=True)
-    momentum: float = _f(0.9, "SGD momentum.", lo=0.0, hi=1.0, hi_open=True)
-    weight_decay: float = _f(5e-4, "Weight decay. tiny: 1e-4.", lo=0.0)
-    poly_power: float = _f(0.9, "Poly schedule power: lr * (1 - i/iters)^power.", lo=0.0)
+    momentum: float = _opt(0.9, "SGD momentum.", lo=0.0, hi=1.0, hi_open=True)
+    weight_decay: float = _opt(5e-4, "Weight decay. tiny: 1e-4.", lo=0.0)
+    poly_power: float = _opt(0.9, "Poly schedule power: lr * (1 - i/iters)^power.", lo=0.0)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    seed: int = _f(0, "Seed: fixes initialisation, data order and augmentation; shared by all "
+    seed: int = _opt(0, "Seed: fixes initialisation, data order and augmentation; shared by all "
                    "variants of a study (paired design).", lo=0)
-    num_threads: int = _f(1, "torch CPU threads; bit-exact comparisons need the same value.",
+    num_threads: int = _opt(1, "torch CPU threads; bit-exact comparisons need the same value.",
                           lo=1)
-    device: str = _f("auto", "`cpu`, `cuda` or `auto` (cuda when available).",
+    device: str = _opt("auto", "`cpu`, `cuda` or `auto` (cuda when available).",
                      choices=("auto", "cpu", "cuda"))
-    eval_every: int = _f(1000, "Evaluate (and report) every N iterations. tiny: 200.", lo=1)
-    checkpoint_every: int = _f(1000, "Checkpoint every N iterations. tiny: 200.", lo=1)
-    log_every: int = _f(50, "Log training metrics every N iterations.", lo=1)
-    amp: str = _f("none", "Mixed precision: `none` or `bf16` autocast.", choices=("none", "bf16"))
+    eval_every: int = _opt(1000, "Evaluate (and report) every N iterations. tiny: 200.", lo=1)
+    checkpoint_every: int = _opt(1000, "Checkpoint every N iterations. tiny: 200.", lo=1)
+    log_every: int = _opt(50, "Log training metrics every N iterations.", lo=1)
+    amp: str = _opt("none", "Mixed precision: `none` or `bf16` autocast.", choices=("none", "bf16"))
 
 
 _SECTIONS = ("data", "model", "method", "optim", "run")
@@ -413,8 +413,8 @@ def _validate(key: str, value: Any, f: dataclasses.Field) -> None:
 
 _VOC_R101: dict[str, Any] = {}  # the dataclass defaults are the paper's VOC DeepLab-v2 setting
 
-# tiny-v1: the embedded default until 2026-12 (README's first results table), kept so those
-# results stay reproducible with --preset tiny-v1.
+# tiny-v1: the first embedded default, kept so that its results
+# (docs/results.md#the-previous-default-tiny-v1) stay reproducible with --preset tiny-v1.
 _TINY_V1: dict[str, Any] = {
     "data.dataset": "synthetic",
     "data.test_split": "test",
@@ -452,8 +452,8 @@ _TINY_V1: dict[str, Any] = {
 }
 
 # tiny: tiny-v1 with ~3.8x fewer FLOPs per ctt step (1x1 fuse, width 16, half the anchors and
-# bank) and a 200-iteration warm-up; tuned on seeds 100-102 (README "How the embedded default
-# got here").
+# bank) and a 200-iteration warm-up; tuned on seeds 100-102
+# (docs/results.md#how-the-default-was-chosen).
 _TINY: dict[str, Any] = {
     **_TINY_V1,
     "model.width": 16,

@@ -1,4 +1,4 @@
-"""Mean-teacher EMA (method.md step 9) with fused ``torch._foreach`` ops.
+"""Mean-teacher EMA (docs/method.md, step 9) with fused ``torch._foreach`` ops.
 
 ``T <- a * T + (1 - a) * S`` with ``a = min(1 - 1 / (t + 1), decay)`` and ``t`` the 0-based
 iteration, so the teacher equals the student after the first step and the average reaches its

@@ -119,7 +119,7 @@ def environment(device: Any = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # the kernels oneDNN/ATen pick depend on the instruction set: results differ across
-        # CPUs (README, "The embedded default: results")
+        # CPUs (docs/results.md#reproducibility-across-machines)
         "cpu": cpu_info(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }

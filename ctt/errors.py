@@ -30,7 +30,11 @@ T = TypeVar("T")
 
 
 class UserError(Exception):
-    """An expected error whose message names the culprit (key, file, line) and what to do."""
+    """An expected error whose message names the culprit (key, file, line) and what to do.
+    ``exit_code``: the entry point's exit status (2; 1 where the input was fine but the work
+    failed, such as a study whose every trial failed)."""
+
+    exit_code = 2
 
 
 class DataRootError(UserError, ValueError):
@@ -83,10 +87,10 @@ def warn_all(messages: Iterable[str]) -> None:
 
 
 def guarded(main: Callable[..., T]) -> Callable[..., T | int]:
-    """Wrap a CLI ``main(argv)``: a :class:`UserError` becomes one line on stderr and exit code
-    2; ``--debug`` among the arguments re-raises it with its traceback. A closed stdout pipe
-    (``| head``) exits 141 quietly. Other exceptions pass through untouched (their traceback
-    is the bug report)."""
+    """Wrap a CLI ``main(argv)``: a :class:`UserError` becomes one line on stderr and its
+    ``exit_code``; ``--debug`` among the arguments re-raises it with its traceback. A closed
+    stdout pipe (``| head``) exits 141 quietly. Other exceptions pass through untouched (their
+    traceback is the bug report)."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None, *args: Any, **kwargs: Any) -> T | int:
@@ -97,7 +101,7 @@ def guarded(main: Callable[..., T]) -> Callable[..., T | int]:
             if "--debug" in given:
                 raise
             print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-            return 2
+            return err.exit_code
         except BrokenPipeError:
             # the reader of our stdout left (`... | head`): not an error of ours. Point stdout
             # at devnull so the interpreter's final flush does not raise again; exit as a

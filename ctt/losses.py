@@ -58,7 +58,8 @@ def pseudo_label_ce(
     weighting: str,
     tau_p: float,
 ) -> tuple[torch.Tensor, float]:
-    """Confidence-weighted cross-entropy against teacher pseudo-labels (method.md step 3).
+    """Confidence-weighted cross-entropy against teacher pseudo-labels (docs/method.md,
+    step 3).
 
     With ``V`` the pixels whose pseudo-label is not 255 (e.g. padding) and
     ``CE_i = -log softmax(logits_i)[yhat_i]``:
@@ -319,7 +320,8 @@ def _chunked(fn, row_args: tuple, shared_args: tuple) -> tuple[torch.Tensor, ...
 
 
 # The two public losses repeat their parameter lists on purpose: each signature is the contract
-# of architecture.md, read at the call site; the shared work lives in the helpers above.
+# of its step (docs/method.md, steps 6 and 7), read at the call site; the shared work lives in
+# the helpers above.
 def high_level_contrast(
     anchors: torch.Tensor,
     anchor_classes: torch.Tensor,
@@ -330,7 +332,8 @@ def high_level_contrast(
     max_anchors: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Per-positive, class-balanced InfoNCE against a class memory bank (method.md step 6).
+    """Per-positive, class-balanced InfoNCE against a class memory bank (docs/method.md,
+    step 6).
 
     With ``s(x, y) = x . y / temperature`` (features are unit vectors, so cosine / tau),
     ``P_c`` the valid entries of ``bank[c]`` and ``N_c`` the valid entries of every other class::
@@ -374,7 +377,7 @@ def low_level_contrast(
     max_anchors: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Class-balanced InfoNCE with one given positive per anchor (method.md step 7).
+    """Class-balanced InfoNCE with one given positive per anchor (docs/method.md, step 7).
 
     With ``s(x, y) = x . y / temperature`` and ``N_c`` the valid bank entries of classes
     other than ``c``::

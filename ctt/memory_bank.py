@@ -1,4 +1,4 @@
-"""Per-class FIFO memory bank of teacher features (method.md step 5).
+"""Per-class FIFO memory bank of teacher features (docs/method.md, step 5).
 
 One ``MemoryBank`` per teacher; what to push is chosen by the pure function
 ``select_bank_candidates``; ``bank_ready`` decides when the contrastive terms may start
@@ -137,8 +137,9 @@ def select_bank_candidates(
 
     A pixel qualifies when ``label != 255``, ``argmax(probs) == label`` and
     ``max(probs) >= tau_bank``. ``probs`` must be softmax probabilities: the reference
-    compares raw logits with 0.95 (a bug, method.md DEV). Per class the ``k`` most confident
-    qualify; ties go to the lower flat pixel index (``b, y, x`` order).
+    compares raw logits with 0.95 (a bug; docs/method.md#deviations-from-the-reference-code).
+    Per class the ``k`` most confident qualify; ties go to the lower flat pixel index
+    (``b, y, x`` order).
 
     Output is grouped by class (ascending) and, within a class, ordered from least to most
     confident, so that after ``MemoryBank.push`` the most confident pixel is the newest (the

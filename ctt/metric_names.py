@@ -1,4 +1,4 @@
-"""The metric names of a run, in report order (architecture.md, "Metric names").
+"""The metric names of a run, in report order (docs/method.md#metric-names).
 
 The same names are keys of ``train_step``'s dict, ``metrics.jsonl`` records, ``tune.report``
 results, ``metrics.parquet`` columns and TensorBoard tags. Wall-clock values are under ``time/``

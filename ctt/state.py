@@ -29,7 +29,9 @@ from ctt.fileio import atomic_open
 from ctt.memory_bank import MemoryBank
 from ctt.models import build_model
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "TrainState", "derive_seed", "resolve_device"]
+__all__ = ["CHECKPOINT_FORMAT", "SEED_AUGMENT", "SEED_GLOBAL", "SEED_INIT", "SEED_LABELED_ORDER",
+           "SEED_STEP", "SEED_UNLABELED_ORDER", "CheckpointError", "TrainState", "derive_seed",
+           "resolve_device"]
 
 CHECKPOINT_FORMAT = "ctt-trainstate-v1"
 
@@ -51,6 +53,16 @@ RESUMABLE_KEYS = frozenset({"run.eval_every", "run.checkpoint_every", "run.log_e
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, foreign or does not match the config."""
+
+
+# Seed streams: ``derive_seed(run.seed, STREAM, ...)`` gives each consumer of randomness its own
+# stream, so drawing more from one never shifts another.
+SEED_INIT = 1  # each student's initialisation (per student k)
+SEED_AUGMENT = 2  # the CPU generator of the strong augmentation
+SEED_GLOBAL = 3  # torch's global generator after construction
+SEED_STEP = 4  # a forward with randomness in it (per step, role and network)
+SEED_LABELED_ORDER = 10  # the labeled stream's order
+SEED_UNLABELED_ORDER = 11  # the unlabeled stream's order
 
 
 def derive_seed(*parts: int) -> int:
@@ -113,7 +125,7 @@ class TrainState:
         pairs = m.pairs
         self.students = nn.ModuleList()
         for k in range(pairs):
-            torch.manual_seed(derive_seed(cfg.run.seed, 1, k))
+            torch.manual_seed(derive_seed(cfg.run.seed, SEED_INIT, k))
             self.students.append(build_model(cfg, student=k).to(self.device))
         self.teachers = nn.ModuleList()
         if m.unsup != "none":
@@ -131,10 +143,10 @@ class TrainState:
         self.contrast_on = False
         # Size of the labeled set (sets the bank's per-class top-k); the runner fills it in.
         self.num_labeled = 1 << 30
-        self.generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 2))
+        self.generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, SEED_AUGMENT))
         self.streams: dict[str, dict[str, int]] = {"labeled": {"consumed": 0},
                                                    "unlabeled": {"consumed": 0}}
-        torch.manual_seed(derive_seed(cfg.run.seed, 3))
+        torch.manual_seed(derive_seed(cfg.run.seed, SEED_GLOBAL))
 
     # --- (de)serialisation ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

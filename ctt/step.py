@@ -1,4 +1,4 @@
-"""One Cross Teacher Training iteration, top to bottom (method.md "One training iteration").
+"""One Cross Teacher Training iteration, top to bottom (docs/method.md, steps 1-9).
 
 :func:`train_step` runs five phases, public functions that ``benchmarks/bench_step.py`` times
 one by one: :func:`label_and_augment`, :func:`student_forwards`, :func:`student_losses` (and the
@@ -33,7 +33,7 @@ from ctt.ema import ema_update
 from ctt.losses import high_level_contrast, low_level_contrast, pseudo_label_ce, supervised_ce
 from ctt.memory_bank import bank_ready, select_bank_candidates
 from ctt.metric_names import STEP_TERMS
-from ctt.state import TrainState, derive_seed
+from ctt.state import SEED_STEP, TrainState, derive_seed
 
 PEER = (1, 0)
 ROLE_STUDENT, ROLE_LABEL, ROLE_BANK = 0, 1, 2
@@ -64,7 +64,7 @@ class StrongView(NamedTuple):
 def _own_rng(state: TrainState, role: int, k: int) -> Iterator[None]:
     devices = [state.device] if state.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(derive_seed(state.cfg.run.seed, 4, state.step, role, k))
+        torch.manual_seed(derive_seed(state.cfg.run.seed, SEED_STEP, state.step, role, k))
         yield
 
 
@@ -276,9 +276,10 @@ def update_teachers_and_banks(state: TrainState, cfg: CTTConfig,
 def train_step(state: TrainState, batch: dict[str, torch.Tensor],
                cfg: CTTConfig | None = None) -> dict[str, float]:
     """Run iteration ``t = state.step`` in place on ``state``; return the metrics of
-    architecture.md (``ctt.metric_names.STEP_TERMS``, ``bank/fill``, ``contrast_on``, ``lr``,
-    ``step``). ``batch``: ``x_l [B,3,H,W]``, ``y_l [B,H,W]`` and, once the unsupervised terms
-    are on, ``x_u [B_u,3,H,W]``, on ``state.device``. ``cfg`` defaults to ``state.cfg``."""
+    docs/method.md#metric-names (``ctt.metric_names.STEP_TERMS``, ``bank/fill``,
+    ``contrast_on``, ``lr``, ``step``). ``batch``: ``x_l [B,3,H,W]``, ``y_l [B,H,W]`` and, once
+    the unsupervised terms are on, ``x_u [B_u,3,H,W]``, on ``state.device``. ``cfg`` defaults
+    to ``state.cfg``."""
     cfg = cfg or state.cfg
     rollback = _rollback_point(state)
     views = label_and_augment(state, cfg, batch)

@@ -6,9 +6,10 @@ study trial and a CLI run of the same config compute the same numbers (at the sa
 count).
 
 Outputs in ``--out``: ``config.json`` (resolved flat config + versions + git commit),
-``metrics.jsonl`` (one record per log/eval step; metric names of architecture.md, wall-clock
-values only under ``time/``), ``tb/`` (TensorBoard scalars), ``checkpoints/step_XXXXXXXX.pt``
-(the last few; written atomically), ``.run.lock`` (:mod:`ctt.rundir`).
+``metrics.jsonl`` (one record per log/eval step; the metric names of
+docs/method.md#metric-names, wall-clock values only under ``time/``), ``tb/`` (TensorBoard
+scalars), ``checkpoints/step_XXXXXXXX.pt`` (the last few; written atomically), ``.run.lock``
+(:mod:`ctt.rundir`).
 
 One run per directory: ``--out`` is locked while the run lasts (a second run on it fails at
 once, naming the holder); a fresh run refuses a non-empty ``--out`` unless ``--overwrite``, which
@@ -54,12 +55,20 @@ from ctt.evaluate import evaluate_many  # noqa: E402
 from ctt.fileio import append_record, truncate_records  # noqa: E402
 from ctt.interrupts import Interrupted, SignalGuard, continue_command  # noqa: E402
 from ctt.rundir import RUN_LOCK, DirLock  # noqa: E402
-from ctt.state import CheckpointError, TrainState, derive_seed  # noqa: E402
+from ctt.state import (  # noqa: E402
+    SEED_LABELED_ORDER,
+    SEED_UNLABELED_ORDER,
+    CheckpointError,
+    TrainState,
+    derive_seed,
+)
 from ctt.step import NonFiniteLossError, train_step  # noqa: E402
 
 __all__ = ["Trainer", "latest_checkpoint", "main", "resolve_config"]
 
 CKPT_GLOB = "step_*.pt"
+# Images per evaluation forward (evaluation is independent of batch mates: ctt.evaluate).
+EVAL_BATCH_SIZE = 16
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
@@ -98,12 +107,12 @@ class Trainer:
         self.state.num_labeled = len(self.datasets["labeled"])
         d = cfg.data
         self.streams = {"labeled": BatchStream(self.datasets["labeled"], d.batch_size,
-                                               seed=derive_seed(cfg.run.seed, 10),
+                                               seed=derive_seed(cfg.run.seed, SEED_LABELED_ORDER),
                                                num_workers=d.num_workers)}
         if cfg.method.unsup != "none":
-            self.streams["unlabeled"] = BatchStream(self.datasets["unlabeled"], d.batch_size_u,
-                                                    seed=derive_seed(cfg.run.seed, 11),
-                                                    num_workers=d.num_workers)
+            self.streams["unlabeled"] = BatchStream(
+                self.datasets["unlabeled"], d.batch_size_u,
+                seed=derive_seed(cfg.run.seed, SEED_UNLABELED_ORDER), num_workers=d.num_workers)
         for name, stream in self.streams.items():
             stream.load_state_dict(self.state.streams.get(name, {"consumed": 0}))
 
@@ -131,7 +140,7 @@ class Trainer:
         """mIoU of every student (``miou/student{k}``) and, with ``teachers``, every teacher
         (``miou/teacher{k}``) on ``split``, in one pass over its images; ``miou`` = mean over
         the students."""
-        loader = eval_loader(self.datasets[split], batch_size=16)
+        loader = eval_loader(self.datasets[split], batch_size=EVAL_BATCH_SIZE)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16,
                              enabled=self.cfg.run.amp == "bf16")
         names = [f"miou/student{k}" for k in range(len(self.state.students))]

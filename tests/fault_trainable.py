@@ -1,7 +1,7 @@
 """Fault injection for the study tests: the real trainable with a crash or a NaN batch.
 
 :func:`faulty_trainable` returns ``ctt.tune.trainable.train_ctt`` with faults chosen per variant.
-A test puts it where the study looks the trainable up (``ctt.tune.study.train_ctt``, with
+A test puts it where the study looks the trainable up (``ctt.tune.experiment.train_ctt``, with
 ``monkeypatch.setattr``): the driver builds the Tuner from that name, and Ray ships the function
 to its trial workers. Those workers cannot import this tests folder, so everything the trial
 runs is defined inside :func:`faulty_trainable`: cloudpickle ships a nested function by value

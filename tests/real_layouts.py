@@ -6,6 +6,8 @@
   ``_instanceIds`` and ``_polygons.json`` files that sit beside the label ids), optionally
   with the ``*_labelTrainIds.png`` that cityscapesScripts' ``createTrainIdLabelImgs`` writes.
 - :func:`make_half_prepared`: only ``splits/`` and ``ImageSets/`` (the images not yet copied).
+- :func:`make_flat_voc`: a tiny VOC tree of solid-colour images and labels known pixel by pixel
+  (:func:`flat_label`), for tests that compare values and name files and line numbers.
 - :func:`hash_tree`: ``{relpath: sha256}`` of a tree, directories included, so that a file or
   directory created, deleted or changed anywhere under a data root is detected.
 
@@ -32,11 +34,16 @@ __all__ = [
     "CityscapesTree",
     "VOCTree",
     "VOC_FORMS",
+    "flat_label",
     "hash_tree",
     "make_cityscapes",
+    "make_flat_voc",
     "make_half_prepared",
     "make_voc",
+    "voc_pair",
     "voc_palette",
+    "write_flat_image",
+    "write_label_png",
 ]
 
 IGNORE = 255
@@ -277,6 +284,68 @@ def make_half_prepared(root: str | os.PathLike[str], *, n_labeled: int = 4) -> P
     (sets / "val.txt").write_text("".join(f"{i}\n" for i in ids[8:]))
     _write_voc_split(root / "splits" / str(n_labeled), ids[:n_labeled], ids[n_labeled:8],
                      "pair_class")
+    return root
+
+
+# --- tiny flat VOC trees -------------------------------------------------------------------------
+
+def flat_label(k: int, size: tuple[int, int]) -> np.ndarray:
+    """Label ``k`` of a flat tree, ``[H, W]``: class ids ``(pixel index + k) % 21`` (every class
+    appears), the top row 255 (an ignore border, as VOC has)."""
+    label = (np.arange(size[0] * size[1]).reshape(size) + k) % VOC_CLASSES
+    label[0, :] = IGNORE
+    return label
+
+
+def write_flat_image(path: Path, k: int, size: tuple[int, int]) -> None:
+    """Image ``k`` of a flat tree: one colour, RGB (10 k, 100, 200), ``size`` = (H, W), JPEG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size[1], size[0]), (10 * k, 100, 200)).save(path, quality=95)
+
+
+def write_label_png(path: Path, label: np.ndarray, mode: str = "P") -> None:
+    """``label`` as a PNG: ``"P"`` (the values as palette indices, VOC palette), ``"L"`` or
+    ``"RGB"`` (grey, which a label reader must refuse)."""
+    if mode in ("P", "L"):
+        _save_label(path, label, mode)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(label.astype(np.uint8), mode="L").convert(mode).save(path)
+
+
+def voc_pair(item_id: str) -> str:
+    """A split-file line naming an image and its ``SegmentationClass/`` label."""
+    return f"JPEGImages/{item_id}.jpg SegmentationClass/{item_id}.png"
+
+
+def make_flat_voc(root: str | os.PathLike[str], ids: Sequence[str], *, size: tuple[int, int],
+                  val_ids: Sequence[str], labeled: str, unlabeled: Sequence[str],
+                  split: str = "2", train_list: bool = True) -> Path:
+    """Write a tiny VOC 2012 tree at ``root`` whose every pixel is known; returns ``root``.
+
+    Layout::
+
+        JPEGImages/<id>.jpg                 image k of ``ids``: :func:`write_flat_image`
+        SegmentationClass/<id>.png          :func:`flat_label` ``(k, size)``, "P" mode
+        ImageSets/Segmentation/val.txt      ``val_ids``
+        ImageSets/Segmentation/train.txt    every id (``train_list``)
+        splits/<split>/labeled.txt          the text ``labeled`` as given (comments, blank
+                                            lines, a leading slash: what published lists hold)
+        splits/<split>/unlabeled.txt        a :func:`voc_pair` line per id of ``unlabeled``
+    """
+    root = Path(root)
+    for k, item_id in enumerate(ids):
+        write_flat_image(root / "JPEGImages" / f"{item_id}.jpg", k, size)
+        write_label_png(root / "SegmentationClass" / f"{item_id}.png", flat_label(k, size))
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    if train_list:
+        (sets / "train.txt").write_text("".join(f"{i}\n" for i in ids))
+    (sets / "val.txt").write_text("".join(f"{i}\n" for i in val_ids))
+    folder = root / "splits" / split
+    folder.mkdir(parents=True)
+    (folder / "labeled.txt").write_text(labeled)
+    (folder / "unlabeled.txt").write_text("".join(voc_pair(i) + "\n" for i in unlabeled))
     return root
 
 

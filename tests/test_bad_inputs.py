@@ -24,8 +24,6 @@ Rows for directory locks, ``--resume`` mistakes and interrupts belong in the sam
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -36,12 +34,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
 from benchmark_scripts import load_benchmark
-from PIL import Image
+from helpers import REPO_ROOT, load_script
+from real_layouts import flat_label, hash_tree, make_flat_voc, voc_pair, write_label_png
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # px; every image and label of the fixture data
 IDS = [f"2007_{i:06d}" for i in range(6)]
 
@@ -59,41 +56,12 @@ VOC_STUDY = ["--preset", "voc-r101", "--data-root", "{d}/voc", "--split", "2", "
 
 # --- fixture data -------------------------------------------------------------------------------
 
-def write_image(path: Path, k: int, size: tuple[int, int] = (SIZE, SIZE)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (size[1], size[0]), (20 * k, 90, 180)).save(path, quality=95)
-
-
-def write_label(path: Path, values: np.ndarray, mode: str = "P") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(values.astype(np.uint8), mode="L")
-    im = im.convert("RGB") if mode == "RGB" else im if mode == "L" else im.convert("P")
-    im.save(path)
-
-
-def label(k: int, size: tuple[int, int] = (SIZE, SIZE)) -> np.ndarray:
-    values = (np.arange(size[0] * size[1]).reshape(size) + k) % 21
-    values[0, :] = 255
-    return values
-
-
-def pair(i: str) -> str:
-    return f"JPEGImages/{i}.jpg SegmentationClass/{i}.png"
-
-
-def make_voc(root: Path) -> Path:
-    """A 6-image VOC 2012 layout: splits/2 (2 labeled, 4 unlabeled) and val (2 images)."""
-    for k, i in enumerate(IDS):
-        write_image(root / "JPEGImages" / f"{i}.jpg", k)
-        write_label(root / "SegmentationClass" / f"{i}.png", label(k))
-    sets = root / "ImageSets" / "Segmentation"
-    sets.mkdir(parents=True)
-    (sets / "val.txt").write_text(f"{IDS[4]}\n{IDS[5]}\n")
-    split = root / "splits" / "2"
-    split.mkdir(parents=True)
-    (split / "labeled.txt").write_text(f"# two labels\n{pair(IDS[0])}\n{pair(IDS[1])}\n")
-    (split / "unlabeled.txt").write_text("".join(pair(i) + "\n" for i in IDS[:4]))
-    return root
+def make_case_voc(root: Path) -> Path:
+    """A 6-image VOC 2012 layout (real_layouts.make_flat_voc): splits/2 (2 labeled after a
+    comment line, 4 unlabeled) and val (2 images); no train.txt."""
+    return make_flat_voc(root, IDS, size=(SIZE, SIZE), val_ids=IDS[4:],
+                         labeled=f"# two labels\n{voc_pair(IDS[0])}\n{voc_pair(IDS[1])}\n",
+                         unlabeled=IDS[:4], train_list=False)
 
 
 def voc(d: Path) -> Path:
@@ -110,17 +78,19 @@ def missing_label(d: Path) -> None:
 
 
 def label_value_ge_c(d: Path) -> None:
-    bad = label(0)
+    bad = flat_label(0, (SIZE, SIZE))
     bad[5, 5] = 30
-    write_label(voc(d) / "SegmentationClass" / f"{IDS[1]}.png", bad)
+    write_label_png(voc(d) / "SegmentationClass" / f"{IDS[1]}.png", bad)
 
 
 def rgb_label(d: Path) -> None:
-    write_label(voc(d) / "SegmentationClass" / f"{IDS[0]}.png", label(0), mode="RGB")
+    write_label_png(voc(d) / "SegmentationClass" / f"{IDS[0]}.png", flat_label(0, (SIZE, SIZE)),
+                    mode="RGB")
 
 
 def size_mismatch(d: Path) -> None:
-    write_label(voc(d) / "SegmentationClass" / f"{IDS[1]}.png", label(1, (SIZE, SIZE + 4)))
+    write_label_png(voc(d) / "SegmentationClass" / f"{IDS[1]}.png",
+                    flat_label(1, (SIZE, SIZE + 4)))
 
 
 def empty_split(d: Path) -> None:
@@ -138,19 +108,19 @@ def garbage_image(d: Path) -> None:
 
 
 def latin1_split(d: Path) -> None:
-    text = f"# étiquettes\n{pair(IDS[0])}\n{pair(IDS[1])}\n"
+    text = f"# étiquettes\n{voc_pair(IDS[0])}\n{voc_pair(IDS[1])}\n"
     (voc(d) / "splits" / "2" / "labeled.txt").write_bytes(text.encode("latin-1"))
 
 
 def three_token_line(d: Path) -> None:
     with (voc(d) / "splits" / "2" / "labeled.txt").open("a") as f:
-        f.write(f"{pair(IDS[2])} extra\n")
+        f.write(f"{voc_pair(IDS[2])} extra\n")
 
 
 def bad_val_label(d: Path) -> None:
-    bad = label(4)
+    bad = flat_label(4, (SIZE, SIZE))
     bad[2, 2] = 99
-    write_label(voc(d) / "SegmentationClass" / f"{IDS[4]}.png", bad)
+    write_label_png(voc(d) / "SegmentationClass" / f"{IDS[4]}.png", bad)
 
 
 def data_root_is_file(d: Path) -> None:
@@ -440,8 +410,8 @@ CASES = [
     C("study-floor-unfinished-study", "study_floor", ["{d}/st", "--json", "{d}/f.json"],
       r".*st holds no finished study \(trials.parquet and study.json\)", setup=study),
     # --- runs and studies owning their directories (locks, --resume) ----------------------
-    # (interrupts: tests/test_interrupts.py; --resume --iters below the checkpoint and a stale
-    # lock: tests/test_train.py, which need a trained run)
+    # (interrupts: tests/scenarios/test_interrupted_runs.py; --resume --iters below the
+    # checkpoint and a stale lock: tests/test_train.py, which need a trained run)
     C("train-out-not-empty", "train", TRAIN,
       r"--out .*out is not empty \(notes.txt\): pass --resume to continue the run in it, "
       r"--overwrite to replace it", setup=out_with_notes),
@@ -469,13 +439,6 @@ CASES = [
 
 # --- running a case -----------------------------------------------------------------------------
 
-def _load_file(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def entry_main(entry: str) -> Callable:
     if entry == "train":
         from ctt.train import main
@@ -484,27 +447,13 @@ def entry_main(entry: str) -> Callable:
     elif entry == "synthetic":
         from ctt.data.synthetic import main
     elif entry in ("voc_ablation", "voc_sweep", "voc_contrast_sweep", "cityscapes_sweep"):
-        main = _load_file(f"_bad_inputs_{entry}", ROOT / "studies" / f"{entry}.py").main
+        main = load_script(entry).main
     elif entry in ("bench_step", "bench_study", "bench_contrast", "gpu_bench", "study_floor",
                    "record_curves", "kernel_spread", "replay_pruning", "live_pruning"):
         main = load_benchmark(entry).main
     else:
         raise AssertionError(entry)
     return main
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file, ``"<dir>"`` for every directory."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        base = Path(dirpath)
-        for name in dirnames:
-            out[(base / name).relative_to(root).as_posix()] = "<dir>"
-        for name in filenames:
-            path = base / name
-            out[path.relative_to(root).as_posix()] = hashlib.sha256(
-                path.read_bytes()).hexdigest()
-    return out
 
 
 def assert_unchanged(before: dict[str, str], after: dict[str, str],
@@ -536,9 +485,8 @@ def fill(argv: list[str], d: Path) -> list[str]:
 @pytest.fixture()
 def case_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     d = tmp_path / "case"
-    make_voc(d / "voc")
+    make_case_voc(d / "voc")
     monkeypatch.setenv("CTT_CACHE", str(d / "cache"))  # never touch the user's cache
-    monkeypatch.setenv("CTT_OPTUNA_DIR", str(tmp_path / "optuna"))
     monkeypatch.setenv("CTT_STAGING", str(tmp_path / "staging"))
     yield d
     while _HELD:
@@ -583,7 +531,7 @@ def test_bad_input(case: Case, case_dir: Path, capsys: pytest.CaptureFixture,
 
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     refuse_to_run(case, monkeypatch)
-    before = snapshot(case_dir)
+    before = hash_tree(case_dir)
     capsys.readouterr()
     try:
         code = main(fill(case.argv, case_dir))
@@ -592,7 +540,7 @@ def test_bad_input(case: Case, case_dir: Path, capsys: pytest.CaptureFixture,
     out, err = capsys.readouterr()
     assert code == case.code, err[-3000:]
     check_stderr(case, err, out)
-    assert_unchanged(before, snapshot(case_dir), case.may_create)
+    assert_unchanged(before, hash_tree(case_dir), case.may_create)
     if case.before_ray:
         ray = sys.modules.get("ray")
         assert ray is None or not ray.is_initialized(), "the study started Ray"
@@ -613,7 +561,7 @@ def test_table_covers_every_entry_point() -> None:
 PROCESS_CASES = [
     (["-m", "ctt.train", *TINY, "--set", "method.lamda_h=0.1"],
      r"^error: unknown config key 'method.lamda_h': did you mean 'method.lambda_h'", None),
-    ([str(ROOT / "studies" / "voc_ablation.py"), "--set", "method.lr=0.1", "--storage",
+    ([str(REPO_ROOT / "studies" / "voc_ablation.py"), "--set", "method.lr=0.1", "--storage",
       "{d}/s"], r"^error: unknown config key 'method.lr': did you mean 'optim.lr'\?", None),
     (["-m", "ctt.train", *TRAIN], rf"^error: cannot read image .*{IDS[1]}.jpg \(listed in "
      r".*labeled.txt, line 3\): truncated file \(", truncated_jpeg),
@@ -621,22 +569,22 @@ PROCESS_CASES = [
      lambda d: study(d, study_json=b"{")),
     (["-m", "ctt.data.synthetic", "--root", "{d}/syn", "--size", "8"],
      r"^error: size must be an int >= 16", None),
-    ([str(ROOT / "benchmarks" / "bench_step.py"), "--preset", "tiny", "--variant", "ctt",
+    ([str(REPO_ROOT / "benchmarks" / "bench_step.py"), "--preset", "tiny", "--variant", "ctt",
       "--set-nothing"],
      r"unrecognized arguments: --set-nothing", None),
-    ([str(ROOT / "benchmarks" / "bench_contrast.py"), "--device", "tpu9"],
+    ([str(REPO_ROOT / "benchmarks" / "bench_contrast.py"), "--device", "tpu9"],
      r"^error: unknown device 'tpu9'", None),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("argv", "pattern", "setup"), PROCESS_CASES,
-                         ids=[" ".join(a[:2]).replace(str(ROOT) + "/", "")
+                         ids=[" ".join(a[:2]).replace(str(REPO_ROOT) + "/", "")
                               for a, _, _ in PROCESS_CASES])
 def test_bad_input_as_a_process(argv, pattern, setup, case_dir: Path) -> None:
     if setup is not None:
         setup(case_dir)
-    before = snapshot(case_dir)
+    before = hash_tree(case_dir)
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, *fill(argv, case_dir)], capture_output=True,
                          text=True, cwd=case_dir.parent, timeout=300,
@@ -648,7 +596,7 @@ def test_bad_input_as_a_process(argv, pattern, setup, case_dir: Path) -> None:
     assert re.search(pattern, lines[-1]), run.stderr
     if "argparse" not in pattern and "unrecognized" not in pattern:
         assert len(lines) == 1, run.stderr
-    assert_unchanged(before, snapshot(case_dir), ("out",))
+    assert_unchanged(before, hash_tree(case_dir), ("out",))
     if "voc_ablation" in argv[0]:  # refused before Ray: Ray alone takes ~20 s to start
         assert "Ray" not in run.stdout + run.stderr and not (case_dir / "s").exists()
         assert wall < 60, wall
@@ -671,7 +619,7 @@ def test_sweep_samples_only_what_its_variant_uses(capsys: pytest.CaptureFixture)
     from ctt.config import PRESETS
     from ctt.tune.space import variant_space
 
-    sweep = _load_file("_bad_inputs_sweep_space", ROOT / "studies" / "voc_sweep.py")
+    sweep = load_script("voc_sweep")
     space = sweep.STUDY.space()
     kept = variant_space(space, PRESETS["tiny"], "mean_teacher")
     assert set(kept) == {"1-method.ema_decay", "method.lambda_u", "method.tau_p"}

@@ -7,15 +7,11 @@ import pytest
 import torch
 from cityscapesscripts.helpers.labels import labels as official_labels
 from PIL import Image
+from real_layouts import CITYSCAPES_TRAIN_ID  # cityscapesScripts' table, written out there
 
 from ctt.data.cityscapes import LABEL_ID_TO_TRAIN_ID, CityscapesDataset
 
 H, W = 32, 64
-# cityscapesScripts labels.py, written out independently of the module under test
-TRAIN_ID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-    25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}
 TRAIN = {
     "aachen": ["aachen_000000_000019", "aachen_000001_000019"],
     "bremen": ["bremen_000000_000019"],
@@ -32,7 +28,7 @@ def reference_train_ids(raw: np.ndarray) -> np.ndarray:
     out = np.full(raw.shape, 255, dtype=np.int64)
     for i in range(raw.shape[0]):
         for j in range(raw.shape[1]):
-            out[i, j] = TRAIN_ID.get(int(raw[i, j]), 255)
+            out[i, j] = CITYSCAPES_TRAIN_ID.get(int(raw[i, j]), 255)
     return out
 
 

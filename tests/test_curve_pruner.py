@@ -252,7 +252,7 @@ def test_registered_as_optuna_curve_on_the_pruning_clock():
 
 def test_the_sweeps_default_is_the_replayed_curve_setting():
     """What ``voc_sweep.py`` prunes with when no flag says otherwise: the curve pruner with the
-    setting the replay chose (README "Pruning, replayed"); explicit options still win."""
+    setting the replay chose (docs/benchmarks.md#pruning-replayed); explicit options still win."""
     from ctt.tune.cli import Sweep
     from ctt.tune.schedulers import CURVE_DEFAULTS, DEFAULT_SCHEDULER
 
@@ -268,11 +268,11 @@ def test_the_sweeps_default_is_the_replayed_curve_setting():
 
 
 def test_study_json_records_the_sweeps_pruner():
-    from ctt.tune.study import _pruner_record
+    from ctt.tune.sweep import pruner_record
 
     clock = {"max_t": 2000, "grace_period": 200, "step_offset": 200}
-    record = _pruner_record(make_pruner("optuna-curve", **clock))
+    record = pruner_record(make_pruner("optuna-curve", **clock))
     assert record["class"] == "CurvePruner" and record["top_k"] == 1
     assert (record["margin"], record["reference"], record["max_resource"]) == (0.0, "step", 1800)
-    assert _pruner_record(make_pruner("optuna-median", **clock))["n_warmup_steps"] == 200
-    assert _pruner_record(make_pruner("asha", **clock)) is None
+    assert pruner_record(make_pruner("optuna-median", **clock))["n_warmup_steps"] == 200
+    assert pruner_record(make_pruner("asha", **clock)) is None

@@ -1,34 +1,28 @@
 """A sweep's Optuna history survives the loss of the head (ctt/tune/optuna_storage.py, the
-searcher's reconcile in ctt/tune/schedulers.py, run_sweep's storage in ctt/tune/study.py).
+searcher's reconcile in ctt/tune/optuna_search.py, run_sweep's storage in ctt/tune/sweep.py).
 
-Unit tests: the journal file and its repair after a torn copy, ``--optuna-storage`` URLs, and
+The journal file and its repair after a torn copy, ``--optuna-storage`` URLs, and
 ``PruningAwareOptunaSearch`` restored from a snapshot onto a storage that is behind it, ahead
-of it, or empty. End to end (slow): a smoke sweep whose driver is SIGKILLed after a trial
-finished, resumed as a new head would (nothing of the old driver's local disk), and a sweep
-on ``--optuna-storage sqlite:///...``; afterwards the Optuna study holds every Tune trial once
-with the state trials.parquet gives it.
+of it, or empty. The head really lost, end to end: tests/scenarios/test_optuna_head_loss.py.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import json
-import os
 import pickle
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
+from helpers import load_script, optuna_trials_by_tune_id, tune_snapshot
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from ctt.tune.callbacks import LOST_ERROR
+from ctt.tune.optuna_search import (
+    ERROR_ATTR,
+    ORPHAN_ERROR,
+    TUNE_TRIAL_ID_ATTR,
+    PruningAwareOptunaSearch,
+)
 from ctt.tune.optuna_storage import (
     JOURNAL,
     OptunaStorageError,
@@ -38,17 +32,9 @@ from ctt.tune.optuna_storage import (
     open_url,
     repair_journal,
 )
-from ctt.tune.schedulers import (
-    ERROR_ATTR,
-    ORPHAN_ERROR,
-    TUNE_TRIAL_ID_ATTR,
-    PruningAwareOptunaSearch,
-    make_pruner,
-    make_scheduler,
-)
+from ctt.tune.schedulers import make_pruner, make_scheduler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- storage helpers -------------------------------------------------------------------------
@@ -192,29 +178,8 @@ def _finish(searcher, sched, tid, step, value=None, error=None):
     searcher.on_trial_complete(tid, result=result)
 
 
-def _snapshot(searcher, sched, path: Path):
-    """What Tune keeps: the tuner pickle (searcher + scheduler) and the searcher's save."""
-    pickled = pickle.dumps((searcher, sched))
-    searcher.save(str(path))
-
-    def restore(storage):
-        s2, sched2 = pickle.loads(pickled)
-        with PruningAwareOptunaSearch.restoring_into(storage):
-            s2.restore(str(path))
-        return s2, sched2
-
-    return restore
-
-
-def _held(study) -> dict[str, list]:
-    held = collections.defaultdict(list)
-    for t in study.get_trials(deepcopy=False):
-        held[t.user_attrs.get(TUNE_TRIAL_ID_ATTR)].append(t)
-    return held
-
-
 def _summary(study) -> dict[str, tuple]:
-    held = _held(study)
+    held = optuna_trials_by_tune_id(study)
     assert all(len(v) == 1 for v in held.values()), {k: len(v) for k, v in held.items()}
     return {k: (v[0].state, v[0].value, dict(v[0].intermediate_values), v[0].params,
                 v[0].user_attrs.get(ERROR_ATTR)) for k, v in held.items()}
@@ -242,7 +207,7 @@ def test_restore_onto_a_journal_copy_behind_the_snapshot_adds_what_it_lacks(tmp_
     searcher.suggest("fail")
     _finish(searcher, sched, "fail", 2, error="non-finite loss at 2")
     searcher.suggest("late")  # asked, not yet reported
-    restore = _snapshot(searcher, sched, tmp_path / "searcher.pkl")
+    restore = tune_snapshot(searcher, sched, tmp_path / "searcher.pkl")
     expected = _summary(searcher.study)
 
     new = tmp_path / "head2" / JOURNAL  # a new head: the copy restored elsewhere, torn
@@ -284,7 +249,7 @@ def test_restore_onto_a_storage_ahead_of_the_snapshot_keeps_it(tmp_path):
     searcher.suggest("a")
     searcher.suggest("b")
     _results(searcher, sched, "a", (1, 2), 9.5)
-    restore = _snapshot(searcher, sched, tmp_path / "searcher.pkl")
+    restore = tune_snapshot(searcher, sched, tmp_path / "searcher.pkl")
     _results(searcher, sched, "a", range(3, 11), 9.5)
     _finish(searcher, sched, "a", 10, 9.5)
     _results(searcher, sched, "b", (1, 2, 3, 4), 9.6)
@@ -319,13 +284,13 @@ def test_restore_onto_an_empty_storage_rebuilds_the_study(tmp_path):
         searcher.suggest(f"t{k}")
         _results(searcher, sched, f"t{k}", range(1, 11), v)
         _finish(searcher, sched, f"t{k}", 10, v)
-    restore = _snapshot(searcher, sched, tmp_path / "searcher.pkl")
+    restore = tune_snapshot(searcher, sched, tmp_path / "searcher.pkl")
     expected = _summary(searcher.study)
     s2, _ = restore(open_url(f"sqlite:///{tmp_path / 'new.db'}"))
     assert _summary(s2.study) == expected
     assert sorted(t.number for t in s2.study.trials) == [0, 1, 2]
     s2.suggest("t3")
-    assert _held(s2.study)["t3"][0].state == TrialState.RUNNING
+    assert optuna_trials_by_tune_id(s2.study)["t3"][0].state == TrialState.RUNNING
 
 
 def test_a_database_password_never_reaches_tunes_snapshot(tmp_path):
@@ -343,7 +308,7 @@ def test_a_database_password_never_reaches_tunes_snapshot(tmp_path):
     searcher.suggest("a")
     _results(searcher, sched, "a", range(1, 11), 5.0)
     _finish(searcher, sched, "a", 10, 5.0)
-    restore = _snapshot(searcher, sched, tmp_path / "searcher.pkl")
+    restore = tune_snapshot(searcher, sched, tmp_path / "searcher.pkl")
     assert b"hunter2" not in (tmp_path / "searcher.pkl").read_bytes()
     assert b"hunter2" not in pickle.dumps((searcher, sched))
     assert pickle.loads(pickle.dumps(storage)).url == "postgresql://ann:***@db.lan/ctt"
@@ -351,233 +316,31 @@ def test_a_database_password_never_reaches_tunes_snapshot(tmp_path):
     assert _summary(s2.study) == _summary(searcher.study)
 
 
-def test_sweep_storage_fresh_resume_and_a_sweep_started_before_the_journal(
-        tmp_path, monkeypatch):
-    """run_sweep's choice: a fresh start drops an old journal; a resume keeps it; a resume of
-    a sweep whose study is still in the driver's sqlite file (before the journal) copies it
-    into the journal first, so the restored searcher finds its trials."""
-    from ctt.tune import study as study_mod
+def test_sweep_optuna_storage_fresh_start_drops_the_old_record_and_resume_keeps_it(tmp_path):
+    """run_sweep's choice: a fresh start drops an old journal (or the database's study of that
+    name); a resume keeps it, so the restored searcher finds its trials."""
+    from ctt.tune.sweep import _sweep_optuna_storage
 
-    monkeypatch.setenv("CTT_OPTUNA_DIR", str(tmp_path / "optuna"))
     study_dir = tmp_path / "storage" / "s"
-    legacy = study_mod._legacy_optuna_db("s", str(study_dir))
-    legacy.parent.mkdir()
-    old = optuna.create_study(storage=f"sqlite:///{legacy}", study_name="s")
+    study_dir.mkdir(parents=True)
+    first = _sweep_optuna_storage(None, study_dir, "s", False)
+    old = optuna.create_study(storage=first, study_name="s")
     old.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={TUNE_TRIAL_ID_ATTR: "a"}))
-    storage = study_mod._sweep_optuna_storage(None, study_dir, "s", True, str(study_dir))
-    got = optuna.load_study(study_name="s", storage=storage).trials
+    kept = _sweep_optuna_storage(None, study_dir, "s", True)
+    got = optuna.load_study(study_name="s", storage=kept).trials
     assert [(t.value, t.user_attrs) for t in got] == [(1.0, {TUNE_TRIAL_ID_ATTR: "a"})]
-    again = study_mod._sweep_optuna_storage(None, study_dir, "s", True, str(study_dir))
-    assert len(optuna.load_study(study_name="s", storage=again).trials) == 1  # not twice
-    fresh = study_mod._sweep_optuna_storage(None, study_dir, "s", False, str(study_dir))
+    fresh = _sweep_optuna_storage(None, study_dir, "s", False)
     assert optuna.get_all_study_summaries(fresh) == []
     db = open_url(f"sqlite:///{tmp_path / 'db.sqlite'}")
     optuna.create_study(storage=db, study_name="s")
-    assert study_mod._sweep_optuna_storage(db, study_dir, "s", True, "") is db
+    assert _sweep_optuna_storage(db, study_dir, "s", True) is db
     assert [s.study_name for s in optuna.get_all_study_summaries(db)] == ["s"]
-    study_mod._sweep_optuna_storage(db, study_dir, "s", False, "")
+    _sweep_optuna_storage(db, study_dir, "s", False)
     assert optuna.get_all_study_summaries(db) == []
 
 
-# --- end to end: a sweep whose head is lost ----------------------------------------------------
-
-@pytest.fixture
-def ray_tmp():
-    """A short RAY_TMPDIR (Ray's socket paths must fit in 107 bytes): the head's local disk."""
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="ctt-ray-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _env(tmp: Path, ray_tmp: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CTT_STAGING=str(tmp / "staging"),
-               RAY_TMPDIR=str(ray_tmp), TUNE_GLOBAL_CHECKPOINT_S="1")
-    env.pop("RAY_ADDRESS", None)
-    env.pop("CTT_OPTUNA_DIR", None)
-    return env
-
-
-# Long enough (a few seconds a trial) for the head to be lost while a trial runs.
-E2E_ITERS = 30
-
-
-def _sweep_cmd(storage: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "studies" / "voc_sweep.py"), "--smoke-test",
-            "--iters", str(E2E_ITERS), "--storage", str(storage), "--out", "lost",
-            "--max-concurrent", "1", *extra]
-
-
-def _finished(study: Path) -> int:
-    n = 0
-    for trial in (study / "trials").glob("*/trial.json"):
-        try:
-            n += json.loads(trial.read_text()).get("status") in ("TERMINATED", "ERROR")
-        except ValueError:
-            pass  # being written
-    return n
-
-
-def _optuna_matches_trials(study_dir: Path, storage) -> None:
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(study_dir / "trials.parquet").to_pylist()
-    assert all(t["status"] in ("TERMINATED", "ERROR") for t in rows), rows
-    # A trial started after Tune's last snapshot is lost with the driver: its row says so,
-    # and Optuna holds it (FAIL, orphaned) only if its storage saw the ask.
-    lost = {t["trial_id"] for t in rows if t["error"] == LOST_ERROR}
-    trials = {t["trial_id"]: t for t in rows if t["trial_id"] not in lost}
-    ostudy = optuna.load_study(study_name="lost", storage=storage)
-    held = _held(ostudy)
-    assert len(trials) == 3 and all(len(held[tid]) == 1 for tid in trials), \
-        {tid: len(held[tid]) for tid in trials}
-    assert all(len(held[tid]) <= 1 for tid in lost), lost
-    for tid, t in trials.items():
-        ft = held[tid][0]
-        if t["status"] == "ERROR" or t.get("error"):
-            assert ft.state == TrialState.FAIL, (tid, t, ft)
-        elif t.get("pruned") or t["step"] < E2E_ITERS:
-            assert ft.state == TrialState.PRUNED, (tid, t, ft)
-        else:
-            assert ft.state == TrialState.COMPLETE and ft.value == t["miou_final"], (tid, t, ft)
-    extra = [ft for tid, fts in held.items() if tid not in trials for ft in fts]
-    assert all(ft.state == TrialState.FAIL and ft.user_attrs.get(ERROR_ATTR) == ORPHAN_ERROR
-               for ft in extra), extra
-
-
-def _running_checkpoints(study: Path) -> int:
-    """The most checkpoint directories Tune holds for one trial the logger has RUNNING."""
-    most = 0
-    for trial in (study / "trials").glob("*/trial.json"):
-        try:
-            running = json.loads(trial.read_text()).get("status") == "RUNNING"
-        except ValueError:
-            continue
-        if running:
-            tid = trial.parent.name
-            most = max([most, *(len(list(d.glob("checkpoint_*")))
-                                for d in (study / "ray").glob(f"*_{tid}_*"))])
-    return most
-
-
-def _reporting(study: Path, finished: bool) -> bool:
-    """Whether a trial that has (not) finished has reported a result."""
-    for trial in (study / "trials").glob("*/trial.json"):
-        try:
-            done = json.loads(trial.read_text()).get("status") in ("TERMINATED", "ERROR")
-        except ValueError:
-            continue
-        metrics = trial.parent / "metrics.jsonl"
-        if done == finished and metrics.exists() and metrics.stat().st_size > 0:
-            return True
-    return False
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("journal", ["live", "synced-behind", "checkpoints-gone"])
-def test_sweep_head_killed_after_a_trial_resumes_with_whole_optuna_history(
-        tmp_path, ray_tmp, journal):
-    """The driver (with its in-process Ray) is SIGKILLed once a trial finished and the next
-    one has reported. ``live``: the study directory is the storage (local, NFS), its journal
-    is as new as the kill. ``synced-behind``: the journal the new head finds is a copy taken
-    while the first trial was still running, torn mid-record (a URI study restored from its
-    last sync): Tune's snapshot knows more than it, and the resume adds it back (a run:
-    killed with trial 2 at step 19; the copy held trial 1 RUNNING; the resume told trial 1
-    COMPLETE, added trial 2 from the snapshot, which Tune resumed, then ran trial 3).
-    ``checkpoints-gone``: Tune's checkpoint retention deleted what its snapshot names as a
-    running trial's latest checkpoint (CI hit it: Tune failed the restore three times and the
-    best trial had no checkpoint to test); here every checkpoint of the running trials is
-    deleted after the kill, and they start again from the beginning."""
-    storage = tmp_path / "storage"
-    study = storage / "lost"
-    log = tmp_path / "first.log"
-    synced = None
-    # checkpoints-gone needs a running trial with two checkpoints at the kill, and one that is
-    # still running 1.5 s later: longer trials (CI once killed one that had written only one)
-    gone_case = journal == "checkpoints-gone"
-    longer = ("--iters", str(3 * E2E_ITERS)) if gone_case else ()
-    with log.open("w") as out:
-        proc = subprocess.Popen(_sweep_cmd(storage, *longer), cwd=ROOT,
-                                env=_env(tmp_path, ray_tmp), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 240
-        try:
-            while not (_finished(study) >= 1 and _reporting(study, finished=False)
-                       and (not gone_case or _running_checkpoints(study) >= 2)):
-                assert proc.poll() is None, log.read_text()[-4000:]
-                assert time.monotonic() < deadline, log.read_text()[-4000:]
-                if synced is None and _reporting(study, finished=False):
-                    synced = (study / JOURNAL).read_bytes()  # the first trial runs
-                time.sleep(0.1)
-            time.sleep(1.5)  # Tune snapshots (every second here) with the trial running
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # the head is lost: driver and Ray
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert not (study / "trials.parquet").exists()
-    assert synced, log.read_text()[-4000:]
-    if journal == "synced-behind":
-        (study / JOURNAL).write_bytes(synced + b'{"op_code": 4, "worker_id": "a1')
-    if journal == "checkpoints-gone":
-        running = [p.parent.name for p in (study / "trials").glob("*/trial.json")
-                   if json.loads(p.read_text())["status"] == "RUNNING"]
-        # all of them: whichever one Tune's last snapshot names is gone (deleting all but the
-        # first left the repair untested when the snapshot still named the first; resuming
-        # from a kept older one is tested in tests/test_tune_callbacks.py)
-        gone = [c for tid in running for d in (study / "ray").glob(f"*_{tid}_*")
-                for c in sorted(d.glob("checkpoint_*"))]
-        assert gone, running
-        for c in gone:
-            shutil.rmtree(c)
-    # a new head has nothing of the old one's local disk, only the study's storage
-    shutil.rmtree(tmp_path / "staging", ignore_errors=True)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    ray_tmp.mkdir()
-    proc = subprocess.run(_sweep_cmd(storage, "--resume", *longer), cwd=ROOT,
-                          env=_env(tmp_path, ray_tmp), capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    if journal == "synced-behind":
-        assert "Optuna's storage disagreed with the restored Tune experiment" in proc.stderr, \
-            proc.stderr[-4000:]
-    if journal == "checkpoints-gone":
-        assert "was deleted after Tune's last snapshot" in proc.stderr, proc.stderr[-4000:]
-    _optuna_matches_trials(study, open_journal(study / JOURNAL))
-    _optuna_matches_trials(study, f"sqlite:///{study / 'optuna.db'}")
-    record = json.loads((study / "study.json").read_text())
-    assert record["optuna_storage"] == JOURNAL and len(record["resumed"]) == 1
-
-
-@pytest.mark.slow
-def test_sweep_on_an_optuna_database_url(tmp_path, ray_tmp):
-    db = tmp_path / "db" / "optuna.sqlite"
-    db.parent.mkdir()
-    url = f"sqlite:///{db}"
-    storage = tmp_path / "storage"
-    proc = subprocess.run(_sweep_cmd(storage, "--optuna-storage", url), cwd=ROOT,
-                          env=_env(tmp_path, ray_tmp), capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    study = storage / "lost"
-    assert not (study / JOURNAL).exists()
-    _optuna_matches_trials(study, url)
-    assert json.loads((study / "study.json").read_text())["optuna_storage"] == url
-    # a fresh start on the same database refuses before Ray starts
-    again = subprocess.run(_sweep_cmd(tmp_path / "other", "--optuna-storage", url), cwd=ROOT,
-                           env=_env(tmp_path, ray_tmp), capture_output=True, text=True,
-                           timeout=120)
-    assert again.returncode == 2, again.stderr[-2000:]
-    assert "already holds an Optuna study named 'lost'" in again.stderr
-    assert not (tmp_path / "other" / "lost" / "ray").exists()
-
-
 def test_sweep_refuses_an_unusable_optuna_storage_before_ray(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_voc_sweep", ROOT / "studies" / "voc_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("voc_sweep")
     import io
     from contextlib import redirect_stderr
 

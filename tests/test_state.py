@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_config
 
 import ctt.state
-from ctt.config import PRESETS, apply_variant
 from ctt.state import CHECKPOINT_FORMAT, CheckpointError, TrainState, derive_seed
 from ctt.step import train_step
 
@@ -20,8 +20,8 @@ BASE = {
 
 
 def make_cfg(variant: str = "ctt", **flat):
-    cfg = apply_variant(PRESETS["tiny"].override(BASE), variant)
-    return cfg.override({k.replace("__", "."): v for k, v in flat.items()})
+    """The tiny preset with BASE, ``variant`` and ``flat`` (``optim__iters=6``)."""
+    return tiny_config(BASE, variant, **flat)
 
 
 def make_batch(seed: int) -> dict[str, torch.Tensor]:

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from benchmark_scripts import load_benchmark
+from helpers import tiny_config
 
 import ctt.step
-from ctt.config import PRESETS, VARIANTS, apply_variant
+from ctt.config import VARIANTS, apply_variant
 from ctt.state import TrainState
 from ctt.step import PEER, NonFiniteLossError, train_step
 
@@ -26,8 +27,8 @@ BASE = {
 
 
 def make_cfg(variant: str = "ctt", **flat):
-    cfg = apply_variant(PRESETS["tiny"].override(BASE), variant)
-    return cfg.override({k.replace("__", "."): v for k, v in flat.items()})
+    """The tiny preset with BASE, ``variant`` and ``flat`` (``optim__iters=6``)."""
+    return tiny_config(BASE, variant, **flat)
 
 
 def make_batch(seed: int = 0, b: int = 2, b_u: int = 2) -> dict[str, torch.Tensor]:

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_config
 
 import ctt.step
-from ctt.config import PRESETS, apply_variant
 from ctt.data import synthetic
 from ctt.data.loader import build_datasets
 from ctt.state import TrainState
@@ -38,8 +38,8 @@ def datasets(root):
 
 
 def make_cfg(root, variant: str = "ctt", **flat):
-    cfg = apply_variant(PRESETS["tiny"].override({**SMALL, "data.root": str(root)}), variant)
-    return cfg.override({k.replace("__", "."): v for k, v in flat.items()})
+    """The tiny preset with SMALL on the data at ``root``, ``variant`` and ``flat``."""
+    return tiny_config({**SMALL, "data.root": str(root)}, variant, **flat)
 
 
 def run(trainer: Trainer, until: int) -> list[dict[str, float]]:

@@ -268,8 +268,7 @@ def test_cli_prints_report_and_rejects_missing_dir(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ray_study(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+def ray_study(ray_local, tmp_path_factory):
     from ray import tune
 
     from ctt.tune.callbacks import StudyLoggerCallback
@@ -291,24 +290,18 @@ def ray_study(tmp_path_factory):
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     study_dir = tmp_path_factory.mktemp("study")
     (study_dir / "study.json").write_text(json.dumps({"name": "tiny", "kind": "ablation"}))
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2,
-             object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    try:
-        param_space = {
-            "variant": tune.grid_search(["supervised", "ctt", "broken"]),
-            "seed": tune.grid_search([0, 1]),
-            "method.ema_decay": 0.99, "method.unsup": "cross", "method.shared_aug": True,
-            "optim.iters": 4,
-        }
-        tuner = tune.Tuner(
-            fake_trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(reuse_actors=True),
-            run_config=tune.RunConfig(storage_path=str(study_dir), name="ray", verbose=0,
-                                      callbacks=[StudyLoggerCallback(study_dir)]))
-        tuner.fit()
-    finally:
-        ray.shutdown()
+    param_space = {
+        "variant": tune.grid_search(["supervised", "ctt", "broken"]),
+        "seed": tune.grid_search([0, 1]),
+        "method.ema_decay": 0.99, "method.unsup": "cross", "method.shared_aug": True,
+        "optim.iters": 4,
+    }
+    tuner = tune.Tuner(
+        fake_trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(study_dir), name="ray", verbose=0,
+                                  callbacks=[StudyLoggerCallback(study_dir)]))
+    tuner.fit()
     return study_dir, build_results(study_dir)
 
 

@@ -1,4 +1,5 @@
-"""Tests for ctt/tune/schedulers.py: Optuna pruners as a Tune scheduler, PRUNED bookkeeping."""
+"""Tests for ctt/tune/schedulers.py and ctt/tune/optuna_search.py: Optuna pruners as a Tune
+scheduler, PRUNED bookkeeping."""
 
 import os
 import pickle
@@ -8,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import optuna
 import pytest
-import ray
+from helpers import tune_snapshot
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from ray import tune
@@ -16,17 +17,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from ctt.tune.curve_pruner import CurvePruner
-from ctt.tune.schedulers import (
+from ctt.tune.optuna_search import (
     ERROR_ATTR,
     ORPHAN_ERROR,
-    SCHEDULERS,
     STEP_OFFSET_ATTR,
     TUNE_TRIAL_ID_ATTR,
-    OptunaPrunerScheduler,
     PruningAwareOptunaSearch,
-    make_pruner,
-    make_scheduler,
 )
+from ctt.tune.schedulers import SCHEDULERS, OptunaPrunerScheduler, make_pruner, make_scheduler
 
 os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -368,7 +366,7 @@ def test_make_scheduler_rejects_bad_input():
         make_scheduler("optuna-median", max_t=10, grace_period=1, no_such_option=3)
 
 
-# --- Optuna's record in every path (issue 13) ------------------------------------------------
+# --- Optuna's record in every path ------------------------------------------------------------
 
 
 class _HashableTrial:
@@ -450,20 +448,6 @@ def test_errors_and_non_finite_trials_are_fail_with_their_reason(tmp_path):
     assert _state_of(study, "config").state == TrialState.FAIL
 
 
-def _snapshot(searcher, sched, path):
-    """What Tune keeps of a study: the tuner pickle (searcher + scheduler, before fit) and the
-    searcher's periodic save. Returns a function that restores both like Tuner.restore."""
-    pickled = pickle.dumps((searcher, sched))
-    searcher.save(str(path))
-
-    def restore():
-        s2, sched2 = pickle.loads(pickled)
-        s2.restore(str(path))
-        return s2, sched2
-
-    return restore
-
-
 def test_restore_older_than_storage_never_retells_and_fails_orphans(tmp_path):
     """A driver killed after a prune/finish/failure and before Tune saved the searcher: the
     restored book is older than the sqlite storage. Nothing raises, nothing is told twice, a
@@ -481,7 +465,7 @@ def test_restore_older_than_storage_never_retells_and_fails_orphans(tmp_path):
         first = {"step": 1, "miou": 1.0 if tid == "bad" else 9.5}
         assert sched.on_trial_result(None, _trial(tid), first) == CONTINUE
         searcher.on_trial_result(tid, first)
-    restore = _snapshot(searcher, sched, tmp_path / "searcher.pkl")
+    restore = tune_snapshot(searcher, sched, tmp_path / "searcher.pkl")
     # after the snapshot: "bad" is pruned at step 3, "done" completes, "fail" fails, and an
     # Optuna trial is asked for a Tune trial that the snapshot will not hold
     for step in (2, 3):
@@ -586,15 +570,6 @@ def _make_trainable(n_steps):
             tune.report({"step": i, "miou": 100.0 * config["q"] * i / n_steps})
 
     return trainable
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2,
-             object_store_memory=300 * 1024**2, include_dashboard=False,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _fit(tmp_path, scheduler, searcher=None, param_space=None, num_samples=1):

@@ -1,11 +1,11 @@
-"""VOC reader on tiny trees written here with PIL: split formats, label dirs, errors, seeding."""
+"""VOC reader on tiny trees (real_layouts.make_flat_voc): split forms, label dirs, errors, seeds."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from real_layouts import flat_label, make_flat_voc, voc_pair, write_label_png
 from torch.utils.data import DataLoader
 
 from ctt.data.transforms import train_transform
@@ -13,52 +13,19 @@ from ctt.data.voc import VOCDataset
 
 SIZE = (20, 24)  # H, W
 IDS = ["2007_000032", "2007_000039", "2008_000001", "2008_000002"]
-PALETTE = [v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256)]
 
 
-def write_label(path: Path, label: np.ndarray, mode: str = "P") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(label.astype(np.uint8), mode="L")
-    if mode == "P":
-        im = im.convert("P")  # L -> P keeps the values as indices
-        im.putpalette(PALETTE)
-    elif mode == "RGB":
-        im = im.convert("RGB")
-    im.save(path)
-
-
-def label_for(k: int, size: tuple[int, int] = SIZE) -> np.ndarray:
-    label = (np.arange(size[0] * size[1]).reshape(size) + k) % 21
-    label[0, :] = 255  # an ignore border, as VOC has
-    return label
-
-
-def write_image(path: Path, k: int, size: tuple[int, int] = SIZE) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (size[1], size[0]), (10 * k, 100, 200)).save(path, quality=95)
-
-
-def make_voc(root: Path) -> Path:
-    for k, i in enumerate(IDS):
-        write_image(root / "JPEGImages" / f"{i}.jpg", k)
-        write_label(root / "SegmentationClass" / f"{i}.png", label_for(k))
-    sets = root / "ImageSets" / "Segmentation"
-    sets.mkdir(parents=True)
-    (sets / "train.txt").write_text("\n".join(IDS) + "\n")
-    (sets / "val.txt").write_text(IDS[0] + "\n")
-    split = root / "splits" / "2"
-    split.mkdir(parents=True)
-    pair = "JPEGImages/{0}.jpg SegmentationClass/{0}.png"
-    # comments, blank lines and a leading slash, as some published files have
-    (split / "labeled.txt").write_text(
-        f"# two labels\n{pair.format(IDS[0])}\n\n/{pair.format(IDS[1])}\n"
-    )
-    (split / "unlabeled.txt").write_text("\n".join(pair.format(i) for i in IDS[2:]) + "\n")
-    return root
+def make_small_voc(root: Path) -> Path:
+    """The 4 images of IDS (real_layouts.make_flat_voc): train.txt all, val.txt the first,
+    splits/2 with 2 labeled (a comment, a blank line and a leading slash, as some published
+    files have) and 2 unlabeled."""
+    return make_flat_voc(
+        root, IDS, size=SIZE, val_ids=IDS[:1],
+        labeled=f"# two labels\n{voc_pair(IDS[0])}\n\n/{voc_pair(IDS[1])}\n", unlabeled=IDS[2:])
 
 
 def test_bare_ids_and_pairs_give_the_same_items(tmp_path: Path) -> None:
-    root = make_voc(tmp_path)
+    root = make_small_voc(tmp_path)
     train = VOCDataset(root, "train")
     labeled = VOCDataset(root, "splits/2/labeled")
     assert len(train) == 4 and len(labeled) == 2
@@ -71,13 +38,13 @@ def test_bare_ids_and_pairs_give_the_same_items(tmp_path: Path) -> None:
     image, label = train[1]
     assert image.shape == (3, *SIZE) and image.dtype == torch.float32
     assert label.shape == SIZE and label.dtype == torch.int64
-    assert torch.equal(label, torch.from_numpy(label_for(1)).long())
+    assert torch.equal(label, torch.from_numpy(flat_label(1, SIZE)).long())
     assert 0.0 <= image.min() and image.max() <= 1.0
     assert image[2].mean().item() == pytest.approx(200 / 255, abs=0.02)  # JPEG is lossy
 
 
 def test_split_given_as_path_and_with_txt(tmp_path: Path) -> None:
-    root = make_voc(tmp_path)
+    root = make_small_voc(tmp_path)
     path = root / "splits" / "2" / "labeled.txt"
     assert VOCDataset(root, path).ids == IDS[:2]
     assert VOCDataset(root, "splits/2/labeled.txt").ids == IDS[:2]
@@ -86,7 +53,7 @@ def test_split_given_as_path_and_with_txt(tmp_path: Path) -> None:
 
 
 def test_unlabeled_is_all_ignore_and_needs_no_labels(tmp_path: Path) -> None:
-    root = make_voc(tmp_path)
+    root = make_small_voc(tmp_path)
     (root / "SegmentationClass" / f"{IDS[2]}.png").unlink()
     ds = VOCDataset(root, "splits/2/unlabeled", labeled=False)
     assert [label for _, label in ds.files] == [None, None]
@@ -96,9 +63,9 @@ def test_unlabeled_is_all_ignore_and_needs_no_labels(tmp_path: Path) -> None:
 
 
 def test_label_dir_auto_and_override(tmp_path: Path) -> None:
-    root = make_voc(tmp_path)
-    aug = label_for(5)
-    write_label(root / "SegmentationClassAug" / f"{IDS[0]}.png", aug, mode="L")
+    root = make_small_voc(tmp_path)
+    aug = flat_label(5, SIZE)
+    write_label_png(root / "SegmentationClassAug" / f"{IDS[0]}.png", aug, mode="L")
     auto = VOCDataset(root, "train")  # Aug where the id is there, else SegmentationClass
     assert auto.files[0][1] == root / "SegmentationClassAug" / f"{IDS[0]}.png"
     assert auto.files[1][1] == root / "SegmentationClass" / f"{IDS[1]}.png"
@@ -118,7 +85,7 @@ def test_missing_root(tmp_path: Path) -> None:
 
 
 def test_missing_split_lists_searched_paths(tmp_path: Path) -> None:
-    root = make_voc(tmp_path)
+    root = make_small_voc(tmp_path)
     with pytest.raises(FileNotFoundError) as e:
         VOCDataset(root, "trainaug")
     msg = str(e.value)
@@ -128,7 +95,7 @@ def test_missing_split_lists_searched_paths(tmp_path: Path) -> None:
 
 
 def test_missing_listed_file_names_file_and_line(tmp_path: Path) -> None:
-    root = make_voc(tmp_path)
+    root = make_small_voc(tmp_path)
     gone = root / "JPEGImages" / f"{IDS[1]}.jpg"
     gone.unlink()
     with pytest.raises(FileNotFoundError) as e:
@@ -143,11 +110,11 @@ def test_missing_listed_file_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_label_out_of_range_names_file(tmp_path: Path) -> None:
-    root = make_voc(tmp_path)
-    bad = label_for(0)
+    root = make_small_voc(tmp_path)
+    bad = flat_label(0, SIZE)
     bad[3, 3], bad[4, 4] = 21, 254
     path = root / "SegmentationClass" / f"{IDS[2]}.png"
-    write_label(path, bad)
+    write_label_png(path, bad)
     ds = VOCDataset(root, "train")  # values are checked when read
     ds[0]
     with pytest.raises(ValueError, match=r"\[21, 254\]") as e:
@@ -159,25 +126,25 @@ def test_label_out_of_range_names_file(tmp_path: Path) -> None:
 
 
 def test_size_mismatch_names_both_files(tmp_path: Path) -> None:
-    root = make_voc(tmp_path)
+    root = make_small_voc(tmp_path)
     label = root / "SegmentationClass" / f"{IDS[0]}.png"
-    write_label(label, label_for(0, (SIZE[0], SIZE[1] + 2)))
+    write_label_png(label, flat_label(0, (SIZE[0], SIZE[1] + 2)))
     with pytest.raises(ValueError, match="size mismatch") as e:
         VOCDataset(root, "val")[0]
     assert str(label) in str(e.value) and str(root / "JPEGImages" / f"{IDS[0]}.jpg") in str(e.value)
 
 
 def test_colour_label_refused(tmp_path: Path) -> None:
-    root = make_voc(tmp_path)
+    root = make_small_voc(tmp_path)
     path = root / "SegmentationClass" / f"{IDS[0]}.png"
-    write_label(path, label_for(0), mode="RGB")
+    write_label_png(path, flat_label(0, SIZE), mode="RGB")
     with pytest.raises(ValueError, match="'RGB'") as e:
         VOCDataset(root, "val")[0]
     assert str(path) in str(e.value)
 
 
 def test_malformed_split_line(tmp_path: Path) -> None:
-    root = make_voc(tmp_path)
+    root = make_small_voc(tmp_path)
     (root / "bad.txt").write_text(f"{IDS[0]}\na b c\n")
     with pytest.raises(ValueError, match="bad.txt, line 2"):
         VOCDataset(root, "bad")
@@ -187,7 +154,7 @@ def test_malformed_split_line(tmp_path: Path) -> None:
 
 
 def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path: Path) -> None:
-    root = make_voc(tmp_path)
+    root = make_small_voc(tmp_path)
     t = train_transform(16, 0, scale=(0.5, 1.5), flip=True)
     ds = VOCDataset(root, "train", transform=t, seed=3)
     first = [ds[i] for i in range(len(ds))]
@@ -234,7 +201,7 @@ def test_unreadable_files_name_file_and_line(tmp_path: Path) -> None:
     ValueErrors, and one-line user errors at entry points) naming the file and split line."""
     from ctt.errors import DataError, MissingDataError, UserError
 
-    root = make_voc(tmp_path)
+    root = make_small_voc(tmp_path)
     jpeg = root / "JPEGImages" / f"{IDS[1]}.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[:300])
     ds = VOCDataset(root, "splits/2/labeled")
@@ -269,7 +236,7 @@ def test_items_are_decoded_once_and_read_bit_identically(tmp_path: Path) -> None
     """The in-memory cache of decoded items: each file is decoded on its first read only, a
     cached read equals an uncached one bit for bit (augmented, over several epochs, labeled
     and unlabeled), the budget bounds it, and the data root is never written."""
-    root = make_voc(tmp_path)
+    root = make_small_voc(tmp_path)
     before = _tree_state(root)
     t = train_transform(16, 0, scale=(0.5, 1.5), flip=True)
     for labeled in (True, False):
@@ -285,7 +252,7 @@ def test_items_are_decoded_once_and_read_bit_identically(tmp_path: Path) -> None
     # a budget of two items' bytes keeps the first two items read; the rest decode each time
     one = VOCDataset(root, "train", cache_bytes=0)
     one[0]
-    item_bytes = SIZE[0] * SIZE[1] * 3 + label_for(0).astype(np.uint8).nbytes
+    item_bytes = SIZE[0] * SIZE[1] * 3 + flat_label(0, SIZE).astype(np.uint8).nbytes
     small = VOCDataset(root, "train", cache_bytes=2 * item_bytes)
     for _ in range(2):
         for i in range(len(small)):
@@ -298,7 +265,7 @@ def test_cache_budget_from_the_environment(tmp_path: Path, monkeypatch) -> None:
     from ctt.data.voc import DEFAULT_CACHE_MB, default_cache_bytes
     from ctt.errors import DataError
 
-    root = make_voc(tmp_path)
+    root = make_small_voc(tmp_path)
     monkeypatch.delenv("CTT_DATA_CACHE_MB", raising=False)
     assert default_cache_bytes() == DEFAULT_CACHE_MB * 2**20
     monkeypatch.setenv("CTT_DATA_CACHE_MB", "0")

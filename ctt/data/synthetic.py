@@ -16,7 +16,8 @@ semi-supervision to win. This module writes such a task to disk so that the ordi
 Ids are ``train_000000``, ``val_000000``, ``test_000000``. ``test`` is held out: sweeps select
 on ``val`` and report on ``test``. Labeled splits are nested (the 32 include the 16).
 
-The task (defaults, and why; sized by the prototype in design/embedded-default.md):
+The task (defaults, and why; sized by a prototype on a 2-core CPU, then tuned as
+docs/results.md#how-the-default-was-chosen describes):
 - 48 x 48 px, 1,000 train / 200 val / 200 test, 7 classes (background + 6 objects): small
   enough for ~0.04 s per supervised step of a 0.3 M-parameter net on one core, large enough for
   shapes and textures to be resolvable (texture periods >= 3.5 px; 6 px by default).

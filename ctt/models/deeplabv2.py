@@ -1,4 +1,4 @@
-"""DeepLab-v2 with the reference CTT head (method.md), on a dilated ResNet (output stride 8).
+"""DeepLab-v2 with the reference code's CTT head, on a dilated ResNet (output stride 8).
 
 Head, on the 2048-d layer4 output: a 1x1 branch and four 3x3 branches dilated 6/12/18/24,
 each conv (bias) -> 256 channels -> GroupNorm(32) -> ReLU; concatenated (1280 channels);

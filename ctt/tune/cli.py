@@ -12,27 +12,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ctt.config import PRESETS, VARIANTS, apply_variant, get_preset, parse_set_args
 from ctt.errors import guarded
+from ctt.tune.ablation import ablation_trials, run_ablation
+from ctt.tune.confirm import confirm_seed_list
+from ctt.tune.dry_run import print_dry_run, slots
+from ctt.tune.runtime import StudyOptions
 from ctt.tune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from ctt.tune.space import variant_space
-from ctt.tune.study import (
-    StudyOptions,
-    ablation_trials,
-    confirm_seed_list,
-    run_ablation,
-    run_sweep,
-    sweep_warmup_plan,
-)
+from ctt.tune.storage import RAY_JOB_ENV
+from ctt.tune.sweep import run_sweep, sweep_warmup_plan
 
 __all__ = ["SMOKE_OVERRIDES", "SMOKE_SYNTHETIC_OVERRIDES", "Ablation", "Sweep",
-           "add_common_args", "estimate_seconds_per_step", "options_from_args", "print_dry_run",
-           "run_study", "study_main"]
+           "add_common_args", "options_from_args", "run_study", "study_main"]
+
+# StudyOptions' own defaults: the flags show them, so they are set in one place.
+_DEFAULTS = StudyOptions(name="")
 
 
 @dataclass(frozen=True)
@@ -120,11 +119,6 @@ def _options(study: Ablation | Sweep, a: argparse.Namespace) -> StudyOptions:
                              dict(study.defaults))
 
 
-def _slots(opts: StudyOptions) -> int:
-    """Trials that run at once on this machine (for the ``--dry-run`` wall-time estimate)."""
-    return max(1, int((opts.num_cpus or os.cpu_count() or 1) // opts.cpus_per_trial))
-
-
 def _prog(study: Ablation | Sweep) -> list[str]:
     """The command before the arguments in the line that continues an interrupted study."""
     return ["python", os.path.relpath(study.script)]
@@ -145,10 +139,11 @@ def _run_ablation_cli(study: Ablation, argv: list[str] | None) -> int:
     opts = _options(study, a)
     opts.fork_warmup = not a.no_fork
     if a.dry_run:
-        print_dry_run(ablation_trials(opts, variants), opts, slots=_slots(opts),
+        print_dry_run(ablation_trials(opts, variants), opts.base, opts.preset,
+                      slots=slots(opts.num_cpus, opts.cpus_per_trial),
                       warmup_fork=opts.fork_warmup)
         return 0
-    return run_study(run_ablation, opts, variants, debug=a.debug, argv=argv, prog=_prog(study))
+    return run_study(run_ablation, opts, variants, argv=argv, prog=_prog(study))
 
 
 def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
@@ -157,7 +152,7 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
     p.add_argument("--num-samples", type=int, default=study.num_samples)
     p.add_argument("--scheduler", default=study.scheduler, choices=SCHEDULERS,
                    help="what prunes weak trials (default %(default)s: chosen on the replay of "
-                   "recorded curves, README 'Pruning, replayed')")
+                   "recorded curves, docs/benchmarks.md#pruning-replayed)")
     p.add_argument("--metric", default="miou", help="reported metric to maximise (ranked by "
                    "its final value)")
     p.add_argument("--grace-period", type=int, default=None, metavar="ITERS",
@@ -182,11 +177,11 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
     confirm = {"confirm_top": max(0, a.confirm_top), "confirm_seeds": max(0, a.confirm_seeds)}
     if a.smoke_test:
         confirm = {k: min(v, 1) for k, v in confirm.items()}
-    space = variant_space(study.space(), opts.base_config(), a.variant)
+    space = variant_space(study.space(), opts.base, a.variant)
     if a.dry_run:
-        flat = {**opts.base_config().to_flat(), "variant": a.variant}
+        flat = {**opts.base.to_flat(), "variant": a.variant}
         print(f"search space: {', '.join(space)}")
-        base = apply_variant(opts.base_config(), a.variant)
+        base = apply_variant(opts.base, a.variant)
         shared, why = sweep_warmup_plan(base, space, opts.fork_warmup)
         print(f"warm-up: {why}")
         n_confirm = confirm["confirm_top"] * confirm["confirm_seeds"]
@@ -197,14 +192,14 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
         search = [{**flat, "seed": opts.seeds[0]}] * num_samples
         fresh = confirm_seed_list(opts.seeds[0], confirm["confirm_seeds"])
         confirm_runs = [{**flat, "seed": s} for _ in range(confirm["confirm_top"]) for s in fresh]
-        print_dry_run(search + confirm_runs, opts, slots=_slots(opts), warmup_fork=shared,
+        print_dry_run(search + confirm_runs, opts.base, opts.preset,
+                      slots=slots(opts.num_cpus, opts.cpus_per_trial), warmup_fork=shared,
                       forked=len(search))
         print("(no pruning counted: the scheduler stops weak search trials early)")
         return 0
     return run_study(run_sweep, opts, a.variant, space, num_samples=num_samples,
                      scheduler=a.scheduler, metric=a.metric, grace_period=a.grace_period,
-                     optuna_storage=a.optuna_storage, **confirm, debug=a.debug, argv=argv,
-                     prog=_prog(study))
+                     optuna_storage=a.optuna_storage, **confirm, argv=argv, prog=_prog(study))
 
 # --smoke-test: a few iterations on a tiny synthetic set, every code path (warm-up fork,
 # contrast on, checkpoints, evaluation) exercised in seconds.
@@ -231,17 +226,18 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
     g.add_argument("--iters", type=int, help="total iterations per trial (optim.iters)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any flat config key (repeatable)")
-    g.add_argument("--cpus-per-trial", type=float, default=1.0)
-    g.add_argument("--gpus-per-trial", type=float, default=0.0,
+    g.add_argument("--cpus-per-trial", type=float, default=_DEFAULTS.cpus_per_trial)
+    g.add_argument("--gpus-per-trial", type=float, default=_DEFAULTS.gpus_per_trial,
                    help="fractional values pack several trials on one GPU")
-    g.add_argument("--max-concurrent", type=int, default=0, help="0 = as resources allow")
-    g.add_argument("--max-failures", type=int, default=2,
+    g.add_argument("--max-concurrent", type=int, default=_DEFAULTS.max_concurrent,
+                   help="0 = as resources allow")
+    g.add_argument("--max-failures", type=int, default=_DEFAULTS.max_failures,
                    help="restarts of a crashed trial from its last checkpoint")
-    g.add_argument("--storage", default="studies_out",
+    g.add_argument("--storage", default=_DEFAULTS.storage,
                    help="local directory, NFS path or URI (s3://bucket/prefix)")
     g.add_argument("--storage-shared", action="store_true",
                    help="the local --storage path is a mount shared by every node")
-    g.add_argument("--sync-every", type=_seconds, default=60.0, metavar="SECONDS",
+    g.add_argument("--sync-every", type=_seconds, default=_DEFAULTS.sync_every, metavar="SECONDS",
                    help="with a URI --storage: push the driver-side files (study.json, "
                    "trials/, tb/, tables, report) to it on every trial end and at least this "
                    "often (default 60; a head lost mid-study loses at most this much of them)")
@@ -253,6 +249,11 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
                    help="print the trials and a compute estimate, launch nothing")
     g.add_argument("--smoke-test", type=float, metavar="SECONDS", nargs="?", const=60.0,
                    help="tiny, fast run of every code path (tests)")
+    g.add_argument("--progress-every", type=_seconds, default=_DEFAULTS.progress_every,
+                   metavar="SECONDS", help="seconds between two progress lines (default "
+                   "%(default)s)")
+    g.add_argument("--verbose", action="store_true", help="Ray's status table and the trials' "
+                   "own output instead of the study's progress line")
     g.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
 
 
@@ -290,6 +291,7 @@ def options_from_args(a: argparse.Namespace, default_name: str,
         gpus_per_trial=a.gpus_per_trial, max_concurrent=a.max_concurrent,
         max_failures=a.max_failures, storage=a.storage, storage_shared=a.storage_shared,
         sync_every=a.sync_every, resume=a.resume, address=a.address or _job_address(),
+        verbose=2 if a.verbose else 1, progress_every=a.progress_every,
         # only the default throwaway "<study>_smoke" directory is ever deleted
         replace_existing=bool(a.smoke_test) and not a.out)
 
@@ -298,35 +300,22 @@ def _job_address() -> str | None:
     """``auto`` in the entrypoint of ``ray job submit`` (Ray sets RAY_ADDRESS there to the
     cluster running the job), else None. Without it a study starts a Ray of its own: in a job,
     a second Ray instance on the head, running the trials there instead of on the cluster."""
-    from ctt.tune.study import RAY_JOB_ENV
-
     return "auto" if RAY_JOB_ENV in os.environ else None
 
 
-def run_study(fn: Callable[..., Any], *args: Any, debug: bool = False,
-              argv: list[str] | None = None, prog: list[str] | None = None,
-              **kwargs: Any) -> int:
-    """Run ``run_ablation``/``run_sweep``. Refusals (bad config or data root, storage, existing
-    or missing study, a directory in use) become a one-line error and exit code 2 instead of a
-    traceback (``debug`` re-raises); a study whose trials all failed exits 1, naming the errors.
-    SIGINT/SIGTERM exit 130/143 with one line: where the study stopped and the command that
-    continues it (``argv`` after ``prog``, or the process's command line when ``argv`` is
-    None, with ``--resume``).
+def run_study(fn: Callable[..., Any], *args: Any, argv: list[str] | None = None,
+              prog: list[str] | None = None, **kwargs: Any) -> int:
+    """Run ``run_ablation``/``run_sweep``; exit 0 when done. SIGINT/SIGTERM exit 130/143 with
+    one line: where the study stopped and the command that continues it (``argv`` after
+    ``prog``, or the process's command line when ``argv`` is None, with ``--resume``). A
+    refusal (a :class:`~ctt.errors.UserError`: bad config or data root, storage, existing or
+    missing study, a directory in use, every trial failed) passes through to
+    :func:`ctt.errors.guarded`, which prints it as one line.
     """
-    from ctt.errors import UserError
     from ctt.interrupts import Interrupted, continue_command
-    from ctt.tune.study import StorageError, StudyExistsError, StudyFailedError
 
     try:
         fn(*args, **kwargs)
-    except (UserError, StorageError, StudyExistsError) as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except StudyFailedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except Interrupted as e:
         cmd = continue_command(argv, prog or ["python"], resume=e.resumable)
         how = "continue with" if e.resumable else "nothing was written; run again with"
@@ -334,77 +323,3 @@ def run_study(fn: Callable[..., Any], *args: Any, debug: bool = False,
               file=sys.stderr, flush=True)
         return e.exit_code
     return 0
-
-
-def estimate_seconds_per_step(cfg, repeats: int = 3) -> float:
-    """Median seconds of ``train_step`` for ``cfg`` on its device, with random inputs at the
-    crop size and every term on (contrast forced on, banks full)."""
-    import torch
-
-    from ctt.state import TrainState
-    from ctt.step import train_step
-
-    torch.set_num_threads(cfg.run.num_threads)
-    cfg = cfg.override({"method.warmup_iters": 0})
-    state = TrainState(cfg)
-    d = cfg.data
-    h, w = d.crop_size, d.crop_width or d.crop_size
-    gen = torch.Generator().manual_seed(0)
-    batch = {"x_l": torch.rand(d.batch_size, 3, h, w, generator=gen),
-             "y_l": torch.randint(0, d.num_classes, (d.batch_size, h, w), generator=gen),
-             "x_u": torch.rand(d.batch_size_u, 3, h, w, generator=gen)}
-    batch = {k: v.to(state.device) for k, v in batch.items()}
-    for bank in state.banks:
-        feats = torch.nn.functional.normalize(torch.randn(d.num_classes * bank.size,
-                                                          bank.dim, generator=gen), dim=1)
-        bank.push(feats.to(state.device),
-                  torch.arange(d.num_classes).repeat_interleave(bank.size).to(state.device))
-        state.contrast_on = True
-    train_step(state, batch)
-    times = []
-    for _ in range(repeats):
-        if state.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        train_step(state, batch)
-        if state.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def print_dry_run(trials: list[dict[str, Any]], opts: StudyOptions, *, slots: int,
-                  warmup_fork: bool, forked: int | None = None) -> float:
-    """Print the trial list and trials x iterations x measured s/step; return the estimate (s).
-
-    With ``warmup_fork`` the first ``forked`` trials (all when None) start from a shared
-    warm-up, counted once per seed of those trials instead of once per trial."""
-    base = opts.base_config()
-    print(f"{len(trials)} trials (preset {opts.preset}, device {base.run.device}):")
-    per_variant: dict[str, float] = {}
-    total = 0.0
-    n_forked = len(trials) if forked is None else forked
-    warm_seeds = sorted({t["seed"] for t in trials[:n_forked]}) if warmup_fork else []
-    sup_s = None
-    for i, t in enumerate(trials):
-        warm = base.method.warmup_iters if warmup_fork and i < n_forked else 0
-        v = t["variant"]
-        if v not in per_variant:
-            cfg = apply_variant(base, v) if v in VARIANTS else base
-            per_variant[v] = estimate_seconds_per_step(cfg)
-            if sup_s is None:
-                sup_s = estimate_seconds_per_step(apply_variant(base, "supervised"))
-        iters = int(t["optim.iters"])
-        secs = (iters - warm) * per_variant[v]
-        total += secs
-        print(f"  {v:14s} seed {t['seed']}: {iters} iters x {per_variant[v] * 1000:.1f} ms "
-              f"= {secs / 60:.1f} min")
-    if warm_seeds and base.method.warmup_iters:
-        warm = base.method.warmup_iters
-        warm_s = len(warm_seeds) * warm * 2 * (sup_s or 0.0)
-        print(f"  shared warm-up: {len(warm_seeds)} x {warm} iters (2 students) "
-              f"= {warm_s / 60:.1f} min")
-        total += warm_s
-    print(f"total compute {total / 60:.1f} min; about {total / 60 / max(slots, 1):.1f} min wall "
-          f"on {slots} concurrent slot(s) (plus Ray start-up and evaluation)")
-    return total

@@ -30,7 +30,7 @@ what the trial will reach at the end of its budget:
    stops every later one (a 16-trial ``voc_sweep.py``: 15 pruned, 1 finished). The sweeps
    keep ``top_k`` 1, which the replay measured cheaper (40.5 % of the unpruned compute
    against 57.9 % for ``top_k`` 3), and fill their ``--confirm-top K`` candidates from the
-   pruned trials instead (:func:`ctt.tune.study.confirm_candidates`).
+   pruned trials instead (:func:`ctt.tune.confirm.confirm_candidates`).
 
 It never prunes with fewer than ``n_min_points`` finite values, before ``n_warmup_steps``, at or
 past ``max_resource``, or with fewer than ``max(n_startup_trials, top_k)`` trials behind the

@@ -1,7 +1,7 @@
 """An ablation grid as one Tune experiment: longest trials first, warm-ups pipelined.
 
 :class:`GridSearcher` hands Tune a fixed list of trial configs (the variants x seeds grid of
-:func:`ctt.tune.study.run_ablation`) in priority order, so no core waits while work is left:
+:func:`ctt.tune.ablation.run_ablation`) in priority order, so no core waits while work is left:
 
 - **Warm-ups first, then longest-first.** The shared supervised warm-up of each seed is a trial
   of its own (``variant="warmup"``) at the head of the list; the variant trials follow, ordered
@@ -40,11 +40,12 @@ from ray.tune.search import Searcher
 
 from ctt.config import VARIANTS
 from ctt.fileio import atomic_write_text
-from ctt.tune.storage import local_path, portable_path
+from ctt.tune.layout import WARMUP
+from ctt.tune.storage import is_uri, join_uri, local_path, portable_path
 from ctt.tune.trainable import CHECKPOINT_FILE
 
 __all__ = ["WARMUP_VARIANT", "GridItem", "GridSearcher", "longest_first", "published",
-           "relative_cost"]
+           "relative_cost", "warmup_dir"]
 
 WARMUP_VARIANT = "warmup"
 
@@ -95,10 +96,15 @@ def longest_first(configs: list[dict[str, Any]], seeds: list[int]) -> list[dict[
     return sorted(configs, key=key)
 
 
+def warmup_dir(storage_path: str, seed: int) -> str:
+    """Where the shared warm-up of ``seed`` publishes its checkpoint (``state.pt``)."""
+    return join_uri(storage_path, WARMUP, f"seed-{seed}")
+
+
 def published(path: str) -> bool:
     """Whether a warm-up checkpoint directory (local path or storage URI) holds its state."""
     try:
-        if "://" in path:
+        if is_uri(path):
             import pyarrow.fs
 
             fs, where = pyarrow.fs.FileSystem.from_uri(path)

@@ -42,6 +42,23 @@ OPTUNA_DB = "optuna.db"
 TRIALS_PARQUET = "trials.parquet"
 METRICS_PARQUET = "metrics.parquet"
 REPORT_MD = "report.md"
+TRIALS_DIR = "trials"
+TB_DIR = "tb"
+# Tune experiments: the study's trials, a sweep's shared warm-up, a sweep's confirmation runs.
+EXPERIMENT = "ray"
+SWEEP_WARMUP_EXPERIMENT = "ray-warmup"
+CONFIRM_EXPERIMENT = "ray-confirm"
+# Shared warm-up checkpoints, one directory per seed (warmup/seed-<s>/), and the driver's
+# records of which warm-ups are done and which failed for good.
+WARMUP = "warmup"
+WARMUP_RECORD = "warmup.json"
+WARMUP_FAILED = "warmup-failed.json"
+# A sweep's confirmation runs: their trials/ and tb/, and the summary naming the winner.
+CONFIRM_DIR = "confirm"
+CONFIRM_JSON = "confirm.json"
+# Top-level directories that Tune and the trials write straight to the study's storage
+# (checkpoints, experiment state): never synced by the driver, never pulled on a resume.
+STORAGE_ONLY = (EXPERIMENT, SWEEP_WARMUP_EXPERIMENT, CONFIRM_EXPERIMENT, WARMUP)
 # Keys of a metrics.jsonl record that are not metrics: the text fields and two flags.
 NON_METRIC_KEYS = TEXT_KEYS | {"step", "pruned"}
 

@@ -138,7 +138,8 @@ def render_comparisons(comparisons: Sequence[dict]) -> list[str]:
 
 def _env_lines(study: dict) -> list[str]:
     """Header lines on the machine that ran the study (``study.json["env"]``,
-    :func:`ctt.envinfo.environment`): results move with the CPU's kernels (README)."""
+    :func:`ctt.envinfo.environment`): results move with the CPU's kernels
+    (docs/results.md#reproducibility-across-machines)."""
     env = study.get("env")
     if not isinstance(env, dict):
         return []
@@ -162,7 +163,7 @@ def _env_lines(study: dict) -> list[str]:
 
 def render_confirm(confirm: dict) -> list[str]:
     """The sweep's confirmation section (``study.json`` ``confirm``, written by
-    ``ctt.tune.study._confirm_winners``): the winner by its confirmed mean, and every
+    :func:`ctt.tune.confirm.confirm_winners`): the winner by its confirmed mean, and every
     candidate's search-time value beside its confirmed mean ± std."""
     metric, cands, win = confirm.get("metric", "miou"), confirm.get("candidates", []), \
         confirm.get("winner")

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from ctt.errors import MissingDataError, UserError, guarded
 from ctt.fileio import atomic_write_text
-from ctt.tune.layout import METRICS_PARQUET, REPORT_MD, TRIALS_PARQUET
+from ctt.tune.layout import METRICS_PARQUET, REPORT_MD, STUDY_JSON, TRIALS_PARQUET
 from ctt.tune.plots import write_plots
 from ctt.tune.report import render_report
 from ctt.tune.storage import StudySync, is_uri
@@ -123,7 +123,7 @@ def _results_from_storage(uri: str) -> str:
             sync.pull()
         except OSError as e:
             raise MissingDataError(f"cannot read the study at {uri}: {e}") from e
-        if not os.path.isfile(os.path.join(tmp, "study.json")):
+        if not os.path.isfile(os.path.join(tmp, STUDY_JSON)):
             raise MissingDataError(f"{uri} holds no study (no study.json): pass the URI of a "
                                    "study, <storage>/<name>")
         out = build_results(tmp)

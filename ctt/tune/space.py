@@ -3,7 +3,7 @@ studies share.
 
 A sweep may sample a config key through a transformed parameter: ``"1-method.ema_decay"``
 holds ``1 - decay``, so a log-uniform domain on it samples decays 0.9 ... 0.9999 evenly in
-"number of nines". :func:`resolve_config` turns such keys back into the real key, so trials,
+"number of nines". :func:`resolve_one_minus` turns such keys back into the real key, so trials,
 Parquet and HParams always show the value the run actually used.
 """
 
@@ -36,7 +36,7 @@ def contrast_space() -> dict[str, Any]:
     """:func:`ctt_space` with the EMA decay fixed (the preset's): the contrast temperatures
     and loss weights, the unsupervised weight and the pseudo-label threshold. None of them is
     read during the supervised warm-up, so a sweep over it forks one shared warm-up
-    (:func:`ctt.tune.study.sweep_warmup_plan`)."""
+    (:func:`ctt.tune.sweep.sweep_warmup_plan`)."""
     return {k: v for k, v in ctt_space().items() if k != ONE_MINUS + "method.ema_decay"}
 
 
@@ -60,7 +60,7 @@ def variant_space(space: dict[str, Any], base: CTTConfig, variant: str) -> dict[
     return kept
 
 
-def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
+def resolve_one_minus(config: dict[str, Any]) -> dict[str, Any]:
     """Replace every ``"1-<key>": x`` by ``"<key>": 1 - x`` (order otherwise kept)."""
     out = {k: v for k, v in config.items() if not k.startswith(ONE_MINUS)}
     for k, v in config.items():

@@ -3,10 +3,11 @@
 With ``--storage`` a URI (``s3://bucket/prefix``, ``gs://...``; any URI that
 ``pyarrow.fs.FileSystem.from_uri`` reads, query string included, e.g.
 ``s3://bucket/prefix?endpoint_override=127.0.0.1:9000&scheme=http``), Tune writes its
-experiment (``ray/``, ``ray-confirm/``) and the trials write the shared warm-ups (``warmup/``)
-straight to ``<storage>/<name>/``, while the driver's own files (``study.json``, ``trials/``,
-``tb/``, the tables, ``report.md``, plots, a sweep's Optuna files, ``confirm/``) are written in a
-local staging directory (``$CTT_STAGING/<name>``) and copied by :class:`StudySync`:
+experiments (``ray/``, ``ray-warmup/``, ``ray-confirm/``) and the trials write the shared
+warm-ups (``warmup/``) straight to ``<storage>/<name>/``, while the driver's own files
+(``study.json``, ``trials/``, ``tb/``, the tables, ``report.md``, plots, a sweep's Optuna files,
+``confirm/``) are written in a local staging directory (``$CTT_STAGING/<name>``) and copied
+by :class:`StudySync`:
 
 - :meth:`StudySync.push` uploads every file of the staging directory that changed (size or
   mtime) since the last push, and deletes from storage the files it uploaded that are gone
@@ -45,16 +46,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ctt.errors import UserError
 from ctt.fileio import _TEMP_SUFFIX, atomic_write_bytes
 from ctt.rundir import STUDY_LOCK
+from ctt.tune.layout import STORAGE_ONLY
 
-__all__ = ["STORAGE_ONLY", "StudySync", "active", "is_uri", "join_uri", "local_path",
-           "portable_path", "read_object", "register", "staging_root", "syncable",
-           "unregister"]
+__all__ = ["RAY_JOB_ENV", "STORAGE_ONLY", "StorageError", "StudySync", "active", "alive_nodes",
+           "check_job_storage", "check_storage", "is_uri", "join_uri", "local_path",
+           "portable_path", "push_study_files", "read_object", "register", "staging_root",
+           "syncable", "unregister"]
 
-# Top-level directories of a study that live only in URI storage: Tune's experiments and the
-# published warm-ups (ctt.tune.study: EXPERIMENT, CONFIRM_EXPERIMENT, WARMUP). Never synced.
-STORAGE_ONLY = ("ray", "ray-confirm", "warmup")
 _CHUNK = 8 * 1024**2
 _STAGED = "$CTT_STAGING"
 
@@ -288,3 +289,62 @@ def active(name: str) -> StudySync | None:
     """The registered :class:`StudySync` of study ``name`` (None: not a URI study, or not
     running in this process)."""
     return _ACTIVE.get(name)
+
+
+# --- checks of a study's storage ---
+
+class StorageError(UserError, RuntimeError):
+    """Study storage is unusable for this cluster (e.g. node-local storage, several nodes)."""
+
+
+def alive_nodes() -> int:
+    """Nodes of the Ray cluster this process joined that are alive."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_storage(storage: str, shared: bool) -> None:
+    """Refuse a plain local path on a multi-node cluster unless declared shared: trials that
+    move between nodes must find their checkpoints (this cannot be probed on one machine)."""
+    if is_uri(storage) or shared:
+        return
+    n = alive_nodes()
+    if n > 1:
+        raise StorageError(
+            f"--storage {storage!r} is a node-local path but the cluster has {n} alive nodes; "
+            "trials restarted on another node would lose their checkpoints. Pass shared "
+            "storage (--storage s3://bucket/prefix, gs://..., or an NFS path with "
+            "--storage-shared).")
+
+
+# Set by Ray's job supervisor for the entrypoint of `ray job submit` (only there).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def check_job_storage(storage: str) -> None:
+    """Refuse a relative local ``--storage`` in a ``ray job submit`` driver: its working
+    directory is Ray's temporary copy of ``--working-dir`` under the head's session directory
+    (a new one per submission), so the study would be written where neither a ``--resume``
+    nor a reader finds it, and lost with the head."""
+    if (is_uri(storage) or Path(storage).expanduser().is_absolute()
+            or RAY_JOB_ENV not in os.environ):
+        return
+    raise StorageError(
+        f"--storage {storage!r} is a relative path and this study runs as a Ray job: its "
+        f"working directory {os.getcwd()} is Ray's (a temporary copy of --working-dir). "
+        "Pass shared storage by an absolute path (an NFS mount, with --storage-shared) or a "
+        "URI (s3://bucket/prefix).")
+
+
+def push_study_files(name: str) -> None:
+    """Push the changed driver-side files of the running URI study ``name`` to storage
+    (nothing for a local study, whose directory is the storage)."""
+    sync = active(name)
+    if sync is None:
+        return
+    try:
+        sync.push()
+    except OSError as e:
+        raise StorageError(f"pushing the study's files to {sync.remote} failed ({e}); they "
+                           f"are in {sync.local_dir}") from e

@@ -38,7 +38,7 @@ from ctt.fileio import atomic_open
 from ctt.state import CheckpointError, TrainState
 from ctt.step import NonFiniteLossError
 from ctt.train import Trainer
-from ctt.tune.space import resolve_config
+from ctt.tune.space import resolve_one_minus
 
 __all__ = ["CHECKPOINT_FILE", "DETERMINISTIC_ERRORS", "META_KEYS", "split_config", "train_ctt"]
 
@@ -55,7 +55,7 @@ DETERMINISTIC_ERRORS = (ConfigError, DataError, CheckpointError)
 
 def split_config(config: dict[str, Any]) -> tuple[CTTConfig, dict[str, Any]]:
     """Trial config -> (``CTTConfig``, meta keys). Unknown dotted keys raise ConfigError."""
-    config = resolve_config(config)
+    config = resolve_one_minus(config)
     flat = {k: v for k, v in config.items() if k not in META_KEYS}
     meta = {k: config[k] for k in META_KEYS if k in config}
     return CTTConfig.from_flat(flat), meta

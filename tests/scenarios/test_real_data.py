@@ -34,9 +34,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import REPO_ROOT
 from real_layouts import hash_tree, make_cityscapes, make_half_prepared, make_voc
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE_ITERS = 6  # ctt.tune.cli.SMOKE_OVERRIDES
 TRAIN_ITERS = 4
 SPLIT = "4"
@@ -66,10 +66,10 @@ def run_entry(args: list[str], work: Path, data_roots: list[Path],
     work.mkdir(parents=True, exist_ok=True)
     before = {root: hash_tree(root) for root in data_roots}
     env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
                                          if p),
            # everything a run may write outside its --out/--storage goes to scratch
-           "CTT_OPTUNA_DIR": str(work / "optuna"), "CTT_STAGING": str(work / "staging"),
+           "CTT_STAGING": str(work / "staging"),
            "CTT_CACHE": str(work / "cache"),
            "RAY_USAGE_STATS_ENABLED": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
            "RAY_AIR_NEW_OUTPUT": "0", "OMP_NUM_THREADS": "1"}
@@ -107,7 +107,7 @@ def train_args(preset: str, data_root: Path, out: Path, *extra: str) -> list[str
 def study_args(script: str, data_root: Path, storage: Path, *extra: str,
                preset: str | None = None) -> list[str]:
     shrink = SHRINK_CITYSCAPES if script == "cityscapes_sweep" else SHRINK
-    args = [str(ROOT / "studies" / f"{script}.py"), "--data-root", str(data_root),
+    args = [str(REPO_ROOT / "studies" / f"{script}.py"), "--data-root", str(data_root),
             "--smoke-test", "--storage", str(storage), "--max-failures", "0", *shrink, *extra]
     return args if preset is None else [*args, "--preset", preset]
 

@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "optim.iters=40", "--set", "method.warmup_iters=10"]
 
 
 def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -25,7 +24,7 @@ def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_record_curves_records_costed_curves_and_resumes_from_its_output(tmp_path):
     out = tmp_path / "curves.json"
-    cmd = [str(ROOT / "benchmarks" / "record_curves.py"), "--configs", "2", "--seeds", "0",
+    cmd = [str(REPO_ROOT / "benchmarks" / "record_curves.py"), "--configs", "2", "--seeds", "0",
            "--eval-every", "20", *SMALL, "--out", str(out)]
     proc = _run(cmd)
     assert "0 runs recorded, 2 to go" in proc.stdout
@@ -53,10 +52,10 @@ def test_live_pruning_runs_recorded_configs_as_sweeps_and_reproduces_their_curve
     the end reproduces its recorded final mIoU exactly, and the unpruned sweep costs what the
     recording charged (compute 1.0, regret 0)."""
     curves = tmp_path / "curves.json"
-    _run([str(ROOT / "benchmarks" / "record_curves.py"), "--configs", "3", "--seeds", "0",
+    _run([str(REPO_ROOT / "benchmarks" / "record_curves.py"), "--configs", "3", "--seeds", "0",
           "--eval-every", "10", *SMALL, "--out", str(curves)])
     out = tmp_path / "live.json"
-    proc = _run([str(ROOT / "benchmarks" / "live_pruning.py"), "--curves", str(curves),
+    proc = _run([str(REPO_ROOT / "benchmarks" / "live_pruning.py"), "--curves", str(curves),
                  "--replay", str(tmp_path / "none.json"), "--seed", "0", "--orders", "1",
                  "--every", "10", "--point", "none:grace_period=0",
                  "--point", "optuna-curve:grace_period=10,margin=0.0,n_min_points=2,"
@@ -77,7 +76,7 @@ def test_live_pruning_runs_recorded_configs_as_sweeps_and_reproduces_their_curve
 @pytest.mark.slow
 def test_kernel_spread_runs_the_study_under_two_kernel_settings(tmp_path):
     out = tmp_path / "spread.json"
-    _run([str(ROOT / "benchmarks" / "kernel_spread.py"), "--seeds", "0", *SMALL,
+    _run([str(REPO_ROOT / "benchmarks" / "kernel_spread.py"), "--seeds", "0", *SMALL,
           "--set", "run.eval_every=20", "--set", "run.checkpoint_every=20",
           "--storage", str(tmp_path / "studies"), "--out", str(out)], timeout=600)
     data = json.loads(out.read_text())

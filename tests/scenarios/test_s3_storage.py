@@ -5,7 +5,8 @@ Tune, the trials, the driver's sync (ctt.tune.storage) and ``ctt.tune.results`` 
 
 The studies run as ``python studies/voc_ablation.py`` in a subprocess (the real entry point),
 Ray in-process on loopback; trial workers inherit the driver's environment, so the fake
-credentials reach them too.
+credentials reach them too. (URIs and staged paths without a server:
+tests/test_storage_paths.py.)
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import pyarrow.fs as pyarrow_fs
 import pytest
+from helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "ctt"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -86,86 +87,6 @@ def s3():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-# --------------------------------------------------------------------------------------------
-# URIs
-# --------------------------------------------------------------------------------------------
-
-
-def test_join_uri_keeps_the_query_string():
-    from ctt.tune.storage import join_uri
-
-    q = "endpoint_override=127.0.0.1:9000&scheme=http"
-    assert join_uri(f"s3://b/prefix?{q}", "name") == f"s3://b/prefix/name?{q}"
-    assert join_uri(f"s3://b/prefix/?{q}", "name", "ray") == f"s3://b/prefix/name/ray?{q}"
-    assert join_uri(f"s3://b?{q}", "warmup", "seed-0") == f"s3://b/warmup/seed-0?{q}"
-    assert join_uri("s3://b/p", "/n/") == "s3://b/p/n"
-    assert join_uri("gs://b/p/", "n") == "gs://b/p/n"
-    assert join_uri("/data/studies/", "n", "ray") == "/data/studies/n/ray"
-    assert join_uri("s3://b/p", "") == "s3://b/p"
-
-
-def test_study_uris_keep_the_endpoint(tmp_path, monkeypatch):
-    """Every URI the study derives from --storage keeps the query (a plain string join put the
-    name after it), and pyarrow reads each as the path it names."""
-    from ctt.tune import study
-
-    monkeypatch.setenv("CTT_STAGING", str(tmp_path))
-    q = "endpoint_override=127.0.0.1:9000&scheme=http"
-    opts = study.StudyOptions(name="abl", storage=f"s3://ctt/studies?{q}")
-    local, storage_path = study.study_paths(opts)
-    assert local == tmp_path / "abl"
-    assert storage_path == f"s3://ctt/studies/abl?{q}"
-    assert study._experiment_dir(storage_path, study.EXPERIMENT) == f"s3://ctt/studies/abl/ray?{q}"
-    warm = study.warmup_dir(storage_path, 3)
-    assert warm == f"s3://ctt/studies/abl/warmup/seed-3?{q}"
-    fs, path = pyarrow_fs.FileSystem.from_uri(warm)
-    assert isinstance(fs, pyarrow_fs.S3FileSystem) and path == "ctt/studies/abl/warmup/seed-3"
-    # the directories the sync never touches are the study's storage-only ones
-    from ctt.tune.storage import STORAGE_ONLY
-
-    assert set(STORAGE_ONLY) == {study.EXPERIMENT, study.CONFIRM_EXPERIMENT, study.WARMUP}
-
-
-def test_sync_every_flag():
-    import argparse
-
-    from ctt.tune.cli import add_common_args, options_from_args
-    from ctt.tune.study import RESUME_FREE_OPTIONS
-
-    p = argparse.ArgumentParser()
-    add_common_args(p)
-    assert options_from_args(p.parse_args([]), "s").sync_every == 60.0
-    assert options_from_args(p.parse_args(["--sync-every", "1.5"]), "s").sync_every == 1.5
-    for bad in ("-1", "nan", "soon"):
-        with pytest.raises(SystemExit):
-            p.parse_args(["--sync-every", bad])
-    assert "sync_every" in RESUME_FREE_OPTIONS  # how often to push is no study flag
-
-
-def test_staged_paths_travel_relative_to_the_staging_root(tmp_path, monkeypatch):
-    """Tune pickles the logger callback and the grid searcher with the experiment; a resume
-    on a head whose $CTT_STAGING differs must write to its own staging directory."""
-    from ctt.tune.callbacks import StudyLoggerCallback
-    from ctt.tune.grid import GridSearcher
-    from ctt.tune.storage import local_path, portable_path
-
-    old, new = tmp_path / "old", tmp_path / "new"
-    monkeypatch.setenv("CTT_STAGING", str(old))
-    assert portable_path(str(old / "s" / "trials")) == "$CTT_STAGING/s/trials"
-    assert portable_path("/elsewhere/s") == "/elsewhere/s"  # a local study stays where it is
-    assert local_path("/elsewhere/s") == "/elsewhere/s"
-    cb = pickle.dumps(StudyLoggerCallback(old.resolve() / "s"))
-    searcher = GridSearcher([], record=str(old.resolve() / "s" / "warmup.json"),
-                            failures=str(old.resolve() / "s" / "warmup-failed.json"))
-    state = pickle.dumps(searcher.get_state())
-    monkeypatch.setenv("CTT_STAGING", str(new))
-    assert pickle.loads(cb).study_dir == str(new.resolve() / "s")
-    restored = GridSearcher([])
-    restored.set_state(pickle.loads(state))
-    assert restored.record == str(new.resolve() / "s" / "warmup.json")
-    assert restored.failures == str(new.resolve() / "s" / "warmup-failed.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,8 +221,8 @@ def test_sync_callback_pushes_the_registered_study_and_pickles_its_name(s3, tmp_
 
 
 def _open_session(opts, payload=None) -> None:
-    """``_Session.open`` of a study, stopped before Ray starts (a test must not start it)."""
-    from ctt.tune import study
+    """``StudySession.open`` of a study, stopped before Ray starts (a test must not start it)."""
+    from ctt.tune import runtime
 
     class NoRay(BaseException):
         pass
@@ -310,9 +231,9 @@ def _open_session(opts, payload=None) -> None:
         raise NoRay
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(study, "init_ray", no_ray)
+        mp.setattr(runtime, "init_ray", no_ray)
         try:
-            with study._session(opts) as session:
+            with runtime.study_session(opts) as session:
                 session.open(payload or {"name": opts.name})
         except NoRay:
             pass
@@ -322,18 +243,19 @@ def test_study_refuses_unusable_or_taken_storage_before_ray(s3, tmp_path, monkey
     """An unreachable endpoint is one StorageError line (not a traceback); a fresh start on
     storage that holds a study is refused though this head's staging dir is empty; a resume
     of a study the storage does not hold is NoStudyError."""
-    from ctt.tune import study
+    from ctt.tune import runtime
+    from ctt.tune.storage import StorageError
 
     monkeypatch.setenv("CTT_STAGING", str(tmp_path / "staging"))
     dead = f"s3://ctt/studies?endpoint_override=127.0.0.1:{_free_port()}&scheme=http"
-    with pytest.raises(study.StorageError, match="cannot use the study's storage"):
-        _open_session(study.StudyOptions(name="dead", storage=dead))
+    with pytest.raises(StorageError, match="cannot use the study's storage"):
+        _open_session(runtime.StudyOptions(name="dead", storage=dead))
     with s3.fs.open_output_stream(f"{BUCKET}/studies/taken/study.json") as f:
         f.write(b"{}")
-    with pytest.raises(study.StudyExistsError, match="already holds a study"):
-        _open_session(study.StudyOptions(name="taken", storage=s3.uri()))
-    with pytest.raises(study.NoStudyError, match="nothing to resume"):
-        _open_session(study.StudyOptions(name="absent", storage=s3.uri(), resume=True))
+    with pytest.raises(runtime.StudyExistsError, match="already holds a study"):
+        _open_session(runtime.StudyOptions(name="taken", storage=s3.uri()))
+    with pytest.raises(runtime.NoStudyError, match="nothing to resume"):
+        _open_session(runtime.StudyOptions(name="absent", storage=s3.uri(), resume=True))
 
 
 def test_results_of_a_uri_without_a_study_is_one_error_line(s3, capsys):
@@ -349,15 +271,15 @@ def test_results_of_a_uri_without_a_study_is_one_error_line(s3, capsys):
 # --------------------------------------------------------------------------------------------
 
 
-def _env(tmp: Path) -> dict[str, str]:
+def _driver_env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", CTT_STAGING=str(tmp / "staging"),
-               CTT_OPTUNA_DIR=str(tmp / "optuna"), **CREDENTIALS)
+               **CREDENTIALS)
     env.pop("RAY_ADDRESS", None)
     return env
 
 
 def _study_cmd(s3: S3, name: str, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "studies" / "voc_ablation.py"), "--smoke-test",
+    return [sys.executable, str(REPO_ROOT / "studies" / "voc_ablation.py"), "--smoke-test",
             "--variants", "supervised,ctt", "--seeds", "0", "--storage", s3.uri(),
             "--out", name, "--sync-every", "1", *extra]
 
@@ -394,9 +316,9 @@ def test_s3_study_syncs_while_running_and_results_read_the_uri(s3, tmp_path):
     name = "live"
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     seen_running = None
-    with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen(_study_cmd(s3, name), cwd=ROOT, env=_env(tmp_path), stdout=fo,
-                                stderr=fe, start_new_session=True)
+    with open(out, "w") as stdout_file, open(err, "w") as stderr_file:
+        proc = subprocess.Popen(_study_cmd(s3, name), cwd=REPO_ROOT, env=_driver_env(tmp_path),
+                                stdout=stdout_file, stderr=stderr_file, start_new_session=True)
         try:
             deadline = time.monotonic() + 300
             while proc.poll() is None and time.monotonic() < deadline:
@@ -430,7 +352,7 @@ def test_s3_study_syncs_while_running_and_results_read_the_uri(s3, tmp_path):
         json.loads((staged / "study.json").read_text())
 
     res = subprocess.run([sys.executable, "-m", "ctt.tune.results",
-                          s3.uri(f"studies/{name}")], cwd=ROOT, env=_env(tmp_path),
+                          s3.uri(f"studies/{name}")], cwd=REPO_ROOT, env=_driver_env(tmp_path),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-4000:]
     _assert_whole_report(res.stdout, 2)
@@ -450,11 +372,11 @@ def test_s3_study_resumes_on_a_new_head(s3, tmp_path):
              "--set", f"run.eval_every={every}", "--set", f"run.checkpoint_every={every}")
     cmd = _study_cmd(s3, name, *extra)
     # Tune's experiment snapshot each second instead of 5: the kill waits for one
-    env = dict(_env(tmp_path), TUNE_GLOBAL_CHECKPOINT_S="1")
+    env = dict(_driver_env(tmp_path), TUNE_GLOBAL_CHECKPOINT_S="1")
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     finished, running, before_kill = None, None, []
-    with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fo, stderr=fe,
+    with open(out, "w") as stdout_file, open(err, "w") as stderr_file:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=stdout_file, stderr=stderr_file,
                                 start_new_session=True)
         try:
             deadline = time.monotonic() + 300
@@ -501,7 +423,7 @@ def test_s3_study_resumes_on_a_new_head(s3, tmp_path):
     env["CTT_STAGING"] = str(tmp_path / "new-head-staging")
 
     resumed_at = time.time()
-    res = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+    res = subprocess.run([*cmd, "--resume"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, f"stdout:\n{res.stdout[-4000:]}\nstderr:\n{res.stderr[-4000:]}"
     assert "restored" in res.stdout and "study files from" in res.stdout

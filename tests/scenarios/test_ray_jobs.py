@@ -4,13 +4,13 @@
 in the shared storage; then the head lost mid-study and the same submission with ``--resume``
 on a fresh head.
 
-One machine plays two hosts, as in tests/test_cluster.py: the head on 127.0.0.1, the worker
-node on 127.0.0.2 (the whole 127/8 block is loopback on Linux), each with its own temp dir (two
-hosts have two disks: with one shared temp dir the worker node's runtime-env agent manages the
-head's copy of the working directory, and deleted it under the running job driver). Every port
-is chosen free and named, the dashboard and every server of the head listen on 127.0.0.1 only
-(checked; Ray binds the worker node's raylet, whose node IP is not 127.0.0.1, on every
-interface), and the cluster uses token authentication with a token of its own (in the
+One machine plays two hosts, as in tests/scenarios/test_cluster_runs.py: the head on 127.0.0.1,
+the worker node on 127.0.0.2 (the whole 127/8 block is loopback on Linux), each with its own
+temp dir (two hosts have two disks: with one shared temp dir the worker node's runtime-env agent
+manages the head's copy of the working directory, and deleted it under the running job driver).
+Every port is chosen free and named, the dashboard and every server of the head listen on
+127.0.0.1 only (checked; Ray binds the worker node's raylet, whose node IP is not 127.0.0.1, on
+every interface), and the cluster uses token authentication with a token of its own (in the
 environment, so ``~/.ray/auth_token`` is neither read nor written).
 
 ``ray stop`` would stop every Ray process of this user on the machine, other tests' clusters
@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT, read_trial_metrics, read_trials_parquet
 
-ROOT = Path(__file__).resolve().parents[1]
 HEAD_IP, WORKER_IP = "127.0.0.1", "127.0.0.2"
 OBJECT_STORE = 200 * 1024**2
 # The worker node's `ray start`, with one change: Ray rewrites a loopback --address to the
@@ -108,7 +108,7 @@ class CLICluster:
 
     def _run(self, cmd: list[str], env: dict[str, str], timeout: float = 120,
              check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                               timeout=timeout)
         self.log.append(f"$ {' '.join(cmd[-12:])}\nrc={proc.returncode}\n"
                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -235,25 +235,12 @@ def _job_status(c: CLICluster, sid: str) -> str:
     return m.group(1).upper()
 
 
-def _records(study: Path, trial_id: str) -> list[dict]:
-    path = study / "trials" / trial_id / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _trial_json(study: Path) -> dict[str, dict]:
     out = {}
     for path in sorted(study.glob("trials/*/trial.json")):
         with contextlib.suppress(ValueError, OSError):
             out[path.parent.name] = json.loads(path.read_text())
     return out
-
-
-def _parquet_trials(study: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(study / "trials.parquet").to_pylist()
 
 
 def _shipped_working_dir(c: CLICluster) -> Path:
@@ -275,38 +262,6 @@ def _check_shipped(pkg: Path) -> None:
            if p.stat().st_size > 2 * 1024**2]
     assert not big and size < 20 * 1024**2, (size, big)
     print(f"shipped working dir: {len(files)} files, {size / 1024**2:.1f} MiB")
-
-
-def test_a_job_refuses_relative_storage(monkeypatch, tmp_path):
-    """Inside `ray job submit` the driver's working directory is Ray's temporary copy of
-    --working-dir: a relative --storage (the default, studies_out) would vanish with it."""
-    from ctt.tune.study import RAY_JOB_ENV, StorageError, check_job_storage
-
-    monkeypatch.delenv(RAY_JOB_ENV, raising=False)
-    check_job_storage("studies_out")  # a plain run: relative to where the user is
-    monkeypatch.setenv(RAY_JOB_ENV, "{}")
-    with pytest.raises(StorageError, match="studies_out.*Ray job"):
-        check_job_storage("studies_out")
-    check_job_storage(str(tmp_path / "shared"))
-    check_job_storage("s3://bucket/prefix")
-
-
-def test_a_job_joins_its_cluster_without_address(monkeypatch):
-    """A study submitted with `ray job submit` but without --address joins the job's cluster
-    instead of starting a second Ray on the head; outside a job nothing changes."""
-    import argparse
-
-    from ctt.tune.cli import add_common_args, options_from_args
-    from ctt.tune.study import RAY_JOB_ENV
-
-    p = argparse.ArgumentParser()
-    add_common_args(p)
-    monkeypatch.delenv(RAY_JOB_ENV, raising=False)
-    assert options_from_args(p.parse_args([]), "s").address is None
-    monkeypatch.setenv(RAY_JOB_ENV, "{}")
-    assert options_from_args(p.parse_args([]), "s").address == "auto"
-    assert options_from_args(p.parse_args(["--address", "10.0.0.1:6379"]), "s").address == (
-        "10.0.0.1:6379")
 
 
 @pytest.mark.slow
@@ -340,12 +295,12 @@ def test_readme_job_submit_runs_a_study_on_a_real_head(tmp_path):
     study = storage / "voc_ablation_smoke"
     for name in ("study.json", "trials.parquet", "metrics.parquet", "report.md"):
         assert (study / name).is_file(), name
-    trials = _parquet_trials(study)
+    trials = read_trials_parquet(study)
     assert len(trials) == 7 and len({t["trial_id"] for t in trials}) == 7
     assert all(t["status"] == "TERMINATED" and t["step"] == 6 for t in trials), trials
     for t in trials:
         assert (study / "trials" / t["trial_id"] / "trial.json").is_file()
-        assert [r["step"] for r in _records(study, t["trial_id"])] == [3, 6]
+        assert [r["step"] for r in read_trial_metrics(study, t["trial_id"])] == [3, 6]
 
 
 def _snapshot_state(study: Path) -> float:
@@ -358,7 +313,7 @@ def _wait_for_a_finished_trial(study: Path, c: CLICluster, sid: str,
                                timeout: float) -> dict[str, dict]:
     """Poll storage until a trial has finished (its trial.json says TERMINATED) and Tune has
     written an experiment snapshot since: the driver saves that state every
-    TUNE_GLOBAL_CHECKPOINT_S (5 s, ctt.tune.study), and a head lost before the next snapshot
+    TUNE_GLOBAL_CHECKPOINT_S (5 s, ctt.tune.runtime), and a head lost before the next snapshot
     would restart a trial the callback had already written as finished. Returns trial.json of
     every trial. Fails at once, with the job's logs, when job ``sid`` ends first."""
     deadline = time.monotonic() + timeout
@@ -422,7 +377,7 @@ def test_head_loss_then_resume_on_a_fresh_head(tmp_path):
     finished = sorted(t for t, i in before.items() if i["status"] == "TERMINATED")
     unfinished = sorted(t for t, i in before.items() if i["status"] != "TERMINATED")
     for tid, info in sorted(before.items()):
-        steps = [r["step"] for r in _records(study, tid)]
+        steps = [r["step"] for r in read_trial_metrics(study, tid)]
         note(f"  at the kill: {info['variant']:13s} {tid} {info['status']:10s} "
              f"steps {steps}")
     note(f"  at the kill: {4 - len(before)} trial(s) not started yet")
@@ -440,7 +395,7 @@ def test_head_loss_then_resume_on_a_fresh_head(tmp_path):
         assert "results in" in logs.stdout, logs.stdout[-3000:]
         assert _job_status(second, sid) == "SUCCEEDED"
 
-    trials = _parquet_trials(study)
+    trials = read_trials_parquet(study)
     ids = [t["trial_id"] for t in trials]
     assert len(ids) == 4 and len(set(ids)) == 4, ids  # each trial once in the report's table
     assert sorted(t["variant"] for t in trials) == ["cross", "ctt", "mean_teacher",
@@ -448,7 +403,7 @@ def test_head_loss_then_resume_on_a_fresh_head(tmp_path):
     assert set(before) <= set(ids)  # trials known before the kill kept their ids
     for t in trials:
         assert t["status"] == "TERMINATED" and t["step"] == iters and not t["pruned"], t
-        steps = [r["step"] for r in _records(study, t["trial_id"])]
+        steps = [r["step"] for r in read_trial_metrics(study, t["trial_id"])]
         assert steps == list(range(every, iters + 1, every)), (t["trial_id"], steps)
     for tid in finished:  # kept as they were: not rerun, not even rewritten
         path = study / "trials" / tid / "metrics.jsonl"
