@@ -10,8 +10,8 @@ half of one. The temporary file is removed when writing fails; only a hard kill 
 :func:`append_record` on top of it); its one decoder :func:`decode_record`. Lines are strict JSON
 (any JSON reader can read them): JSON has no NaN or infinity, so a non-finite float is written as
 the string ``"nan"``, ``"inf"`` or ``"-inf"``, and :func:`decode_record` turns those strings back
-into floats, except in the text fields :data:`TEXT_KEYS`. Lines with bare ``NaN`` (written before
-this format) still decode.
+into floats, except in the text fields :data:`TEXT_KEYS`. A bare ``NaN`` (Python's ``json``
+default) decodes too.
 
 Standard library only: ``import ctt`` must work without Ray or Optuna.
 """
