@@ -4,10 +4,11 @@
 
 Reads each study's own records (``study.json``, ``trials/*/trial.json``) and pairs the trials by
 (variant, seed). For each it prints and records ``miou_final`` and ``miou_best`` of both runs
-and whether they are bit-identical; then each run's ablation table (the rows of its
-``report.md``), its wall time, commit and CPU. Same seeds on the same machine must give the
-same numbers, so two commits whose trials are identical here changed no result (a refactor's
-proof). Exits 1 when a pair differs. Writes ``benchmarks/results/compare_studies.json`` by default.
+and whether they are bit-identical; then each run's ablation table and paired comparisons
+(the rows of its ``report.md``), its wall time, commit and CPU. Same seeds on the same machine
+must give the same numbers, so two commits whose trials are identical here changed no result
+(a refactor's proof). Exits 1 when a pair differs. Writes
+``benchmarks/results/compare_studies.json`` by default.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ VALUES = ("miou_final", "miou_best")
 
 def read_study(study_dir: Path) -> dict[str, Any]:
     """The study's record, its trials by (variant, seed) and its ablation rows."""
-    from ctt.tune.tables import ablation_rows, load_study_json, load_trials
+    from ctt.tune.tables import ablation_rows, comparison_rows, load_study_json, load_trials
 
     if not (study_dir / "study.json").is_file():
         raise UserError(f"{study_dir} holds no finished study (no study.json): pass the "
@@ -39,8 +40,9 @@ def read_study(study_dir: Path) -> dict[str, Any]:
         "cpu": env.get("cpu"), "wall_s": (study.get("wall_s_runs") or [None])[-1],
         "trials": {(t["variant"], int(t["seed"])): t for t in trials},
         "rows": [{k: r.get(k) for k in ("variant", "seeds", "final_mean", "final_std",
-                                         "best_mean", "best_std")}
+                                         "best_mean", "best_std", "delta", "p")}
                  for r in ablation_rows(trials, study)],
+        "comparisons": comparison_rows(trials, study),
     }
 
 
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("before", type=Path)
     p.add_argument("after", type=Path)
     p.add_argument("--json", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--note", default="", help="free text kept in the JSON (e.g. what each run "
+                   "ran beside it, which tree a run without a git checkout came from)")
     a = p.parse_args(argv)
     runs = {"before": read_study(a.before), "after": read_study(a.after)}
     keys = sorted(set(runs["before"]["trials"]) | set(runs["after"]["trials"]))
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: commit {run['commit']}, wall "
               f"{'?' if wall is None else f'{wall / 60:.1f} min'}, {run['cpu']}")
     print("bit-identical" if identical else "the runs differ")
-    out = {**metadata("cpu", "compare_studies.py", argv), "identical": identical,
+    out = {**metadata("cpu", "compare_studies.py", argv, note=a.note), "identical": identical,
            "trials": pairs,
            "runs": {name: {k: v for k, v in run.items() if k != "trials"}
                     for name, run in runs.items()}}
