@@ -125,8 +125,17 @@ def test_pipelined_warmup_forks_equal_training_from_scratch(ray_local, smoke_abl
 
 
 @pytest.mark.slow
-def test_progress_table_shows_variant_seed_step_loss_miou(smoke_ablation):
-    _, out = smoke_ablation
+def test_default_output_is_the_study_progress_line_not_rays_table(smoke_ablation):
+    study_dir, out = smoke_ablation
+    assert f"study voc_ablation_smoke: 7 trials + 1 shared warm-up in {study_dir}" in out
+    assert re.search(r"^\[\s*\d+:\d\d\] trials 7 done, 0 running, 0 pending \| compute 100%",
+                     out, re.M), out[-3000:]
+    assert "| Trial name" not in out and "Result logdir" not in out
+
+
+def test_verbose_shows_rays_table_with_variant_seed_step_loss_miou(ray_local, tmp_path):
+    out = run_main("voc_ablation", ["--smoke-test", "--variants", "supervised,ctt", "--verbose",
+                                    "--storage", str(tmp_path)])
     headers = [line for line in out.splitlines() if line.startswith("| Trial name")]
     assert any(re.search(r"\| variant\s+\|\s+seed \|\s+step \|\s+loss \|\s+mIoU \|", h)
                for h in headers), "\n".join(headers) or out[-3000:]
