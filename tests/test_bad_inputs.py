@@ -159,6 +159,26 @@ def out_with_notes(d: Path) -> None:
     (d / "out" / "notes.txt").write_text("my notes\n")
 
 
+def out_not_a_run(d: Path) -> None:
+    """A directory with a run's folder names but no run: the user's own checkpoint and notes."""
+    (d / "out" / "checkpoints").mkdir(parents=True)
+    (d / "out" / "checkpoints" / "model.pth").write_bytes(b"weights")
+    (d / "out" / "tb").mkdir()
+    (d / "out" / "tb" / "README").write_text("my runs\n")
+
+
+def run_with_user_checkpoint(d: Path) -> None:
+    """A run's directory (config.json, an event file, a step checkpoint) where the user also
+    keeps a checkpoint of their own inside checkpoints/."""
+    out = d / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "tb").mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "tb" / "events.out.tfevents.1.host.from000000000").write_bytes(b"e")
+    (out / "checkpoints" / "step_00000001.pt").write_bytes(b"c")
+    (out / "checkpoints" / "best_by_hand.pth").write_bytes(b"mine")
+
+
 def old_study(directory: Path, **fields) -> None:
     """The study.json of an earlier ablation in ``directory``."""
     directory.mkdir(parents=True)
@@ -416,8 +436,14 @@ CASES = [
       r"--out .*out is not empty \(notes.txt\): pass --resume to continue the run in it, "
       r"--overwrite to replace it", setup=out_with_notes),
     C("train-overwrite-foreign-files", "train", [*TRAIN, "--overwrite"],
-      r"--overwrite clears only a run's own files .* also holds notes.txt",
-      setup=out_with_notes),
+      r"--overwrite replaces a run, but --out .*out holds no run \(no config.json; it holds "
+      r"notes.txt\)", setup=out_with_notes),
+    C("train-overwrite-not-a-run", "train", [*TRAIN, "--overwrite"],
+      r"--overwrite replaces a run, but --out .*out holds no run \(no config.json; it holds "
+      r"checkpoints/, tb/\): choose another --out", setup=out_not_a_run),
+    C("train-overwrite-user-file-in-a-run-folder", "train", [*TRAIN, "--overwrite"],
+      r"--overwrite clears only a run's own files .* also holds checkpoints/best_by_hand.pth: "
+      r"choose another --out", setup=run_with_user_checkpoint),
     C("train-resume-without-run", "train", [*TRAIN, "--resume"],
       r"nothing to resume in .*out: it holds no run \(no config.json\)"),
     C("train-resume-and-overwrite", "train", [*TRAIN, "--resume", "--overwrite"],
