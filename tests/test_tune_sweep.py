@@ -52,6 +52,21 @@ def test_resume_differences_lists_changed_flags_and_ignores_harmless_ones():
     ]
 
 
+def test_resume_of_a_finished_sweep_compares_flags_not_results():
+    """A finished sweep's study.json also holds what it found (``best``, ``confirm`` with its
+    candidates, wall times): none of that is a flag, so the same command with --resume is not
+    refused; a dropped override still is."""
+    flags = {"name": "s", "kind": "sweep", "num_samples": 4, "confirm_top": 0,
+             "options": {"resume": False, "overrides": {"optim.iters": 6}}}
+    finished = {**flags, "best": {"trial_id": "t1"}, "wall_s_runs": [12.0],
+                "confirm": {"candidates": [{"rank": 1, "confirm_mean": 31.0}], "winner": None}}
+    again = {**flags, "options": {**flags["options"], "resume": True}}
+    assert resume_differences(finished, again) == []
+    dropped = {**again, "options": {"resume": True, "overrides": {}}}
+    assert resume_differences(finished, dropped) == [
+        "options.overrides.optim.iters: 6 -> '(unset)'"]
+
+
 def test_sweep_helpers():
     assert [tpe_startup_trials(n) for n in (1, 3, 16, 64)] == [3, 3, 4, 16]
     tiny = get_preset("tiny")

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ctt.config import PRESETS, VARIANTS, apply_variant, get_preset, parse_set_args
-from ctt.errors import guarded
+from ctt.errors import UserError, guarded, int_at_least
 from ctt.tune.ablation import ablation_trials, run_ablation
 from ctt.tune.confirm import confirm_seed_list
 from ctt.tune.dry_run import print_dry_run, slots
-from ctt.tune.runtime import StudyOptions
+from ctt.tune.runtime import StudyOptions, check_inputs
 from ctt.tune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from ctt.tune.space import variant_space
 from ctt.tune.storage import RAY_JOB_ENV
@@ -132,14 +132,16 @@ def _run_ablation_cli(study: Ablation, argv: list[str] | None) -> int:
     p.add_argument("--no-fork", action="store_true",
                    help="run each trial's warm-up itself instead of forking a shared one")
     a = p.parse_args(argv)
-    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    variants = _name_list(a.variants, "variants")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(order)}")
     opts = _options(study, a)
     opts.fork_warmup = not a.no_fork
     if a.dry_run:
-        print_dry_run(ablation_trials(opts, variants), opts.base, opts.preset,
+        trials = ablation_trials(opts, variants)
+        check_inputs(opts)  # the data root, as the study checks it
+        print_dry_run(trials, opts.base, opts.preset,
                       slots=slots(opts.num_cpus, opts.cpus_per_trial),
                       warmup_fork=opts.fork_warmup)
         return 0
@@ -149,19 +151,21 @@ def _run_ablation_cli(study: Ablation, argv: list[str] | None) -> int:
 def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
     p = _parser(study)
     p.add_argument("--variant", default=study.variant, choices=sorted(VARIANTS))
-    p.add_argument("--num-samples", type=int, default=study.num_samples)
+    p.add_argument("--num-samples", type=int_at_least(1), default=study.num_samples)
     p.add_argument("--scheduler", default=study.scheduler, choices=SCHEDULERS,
                    help="what prunes weak trials (default %(default)s: chosen on the replay of "
                    "recorded curves, docs/benchmarks.md#pruning-replayed)")
     p.add_argument("--metric", default="miou", help="reported metric to maximise (ranked by "
                    "its final value)")
-    p.add_argument("--grace-period", type=int, default=None, metavar="ITERS",
+    p.add_argument("--grace-period", type=int_at_least(0), default=None, metavar="ITERS",
                    help="iterations after the supervised warm-up before the first pruning "
                    "decision (default run.eval_every); rungs count from the warm-up's end")
-    p.add_argument("--confirm-top", type=int, default=study.confirm_top, metavar="K",
+    p.add_argument("--confirm-top", type=int_at_least(0), default=study.confirm_top,
+                   metavar="K",
                    help="after the search, rerun the K best configs on fresh seeds and name "
                    "the winner by their mean (0: off; --smoke-test: at most 1)")
-    p.add_argument("--confirm-seeds", type=int, default=study.confirm_seeds, metavar="S",
+    p.add_argument("--confirm-seeds", type=int_at_least(0), default=study.confirm_seeds,
+                   metavar="S",
                    help="fresh seeds per confirmed config (--smoke-test: at most 1)")
     p.add_argument("--no-fork", action="store_true",
                    help="give each trial its own warm-up even where the space would let the "
@@ -172,13 +176,18 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
                    "survives the head wherever --storage does)")
     a = p.parse_args(argv)
     opts = _options(study, a)
+    if len(opts.seeds) > 1:
+        raise UserError(f"--seeds {','.join(map(str, opts.seeds))}: a sweep searches at one "
+                        "seed; pass one, and --confirm-seeds S to rerun its best configs on S "
+                        "fresh seeds after the search")
     opts.fork_warmup = not a.no_fork
     num_samples = min(a.num_samples, 3) if a.smoke_test else a.num_samples
-    confirm = {"confirm_top": max(0, a.confirm_top), "confirm_seeds": max(0, a.confirm_seeds)}
+    confirm = {"confirm_top": a.confirm_top, "confirm_seeds": a.confirm_seeds}
     if a.smoke_test:
         confirm = {k: min(v, 1) for k, v in confirm.items()}
     space = variant_space(study.space(), opts.base, a.variant)
     if a.dry_run:
+        check_inputs(opts)  # the data root, as the study checks it
         flat = {**opts.base.to_flat(), "variant": a.variant}
         print(f"search space: {', '.join(space)}")
         base = apply_variant(opts.base, a.variant)
@@ -222,16 +231,18 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
     g.add_argument("--data-root", help="dataset root, read-only (tiny: default synthetic "
                    "data, generated once into ~/.cache/ctt)")
     g.add_argument("--split", help="labeled split name (data.labeled_split)")
-    g.add_argument("--seeds", default=default_seeds, help="comma-separated seeds")
-    g.add_argument("--iters", type=int, help="total iterations per trial (optim.iters)")
+    g.add_argument("--seeds", type=seed_list, default=None,
+                   help=f"comma-separated distinct seeds (default {default_seeds})")
+    g.add_argument("--iters", type=int_at_least(1),
+                   help="total iterations per trial (optim.iters)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any flat config key (repeatable)")
-    g.add_argument("--cpus-per-trial", type=float, default=_DEFAULTS.cpus_per_trial)
-    g.add_argument("--gpus-per-trial", type=float, default=_DEFAULTS.gpus_per_trial,
+    g.add_argument("--cpus-per-trial", type=_positive, default=_DEFAULTS.cpus_per_trial)
+    g.add_argument("--gpus-per-trial", type=_non_negative, default=_DEFAULTS.gpus_per_trial,
                    help="fractional values pack several trials on one GPU")
-    g.add_argument("--max-concurrent", type=int, default=_DEFAULTS.max_concurrent,
+    g.add_argument("--max-concurrent", type=int_at_least(0), default=_DEFAULTS.max_concurrent,
                    help="0 = as resources allow")
-    g.add_argument("--max-failures", type=int, default=_DEFAULTS.max_failures,
+    g.add_argument("--max-failures", type=int_at_least(0), default=_DEFAULTS.max_failures,
                    help="restarts of a crashed trial from its last checkpoint")
     g.add_argument("--storage", default=_DEFAULTS.storage,
                    help="local directory, NFS path or URI (s3://bucket/prefix)")
@@ -255,6 +266,59 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
     g.add_argument("--verbose", action="store_true", help="Ray's status table and the trials' "
                    "own output instead of the study's progress line")
     g.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    p.set_defaults(study_seeds=seed_list(default_seeds))
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds`` (argparse type): comma-separated distinct integers, at least one. A seed
+    listed twice would train the same trial twice and count it as two paired samples."""
+    words = [w.strip() for w in str(text).split(",")]
+    if not any(words):
+        raise argparse.ArgumentTypeError("no seed given: pass e.g. --seeds 0,1,2")
+    try:
+        seeds = [int(w) for w in words if w]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(
+            f"seed {', '.join(map(str, twice))} listed twice in {text!r}: each seed is one "
+            "paired sample, list it once")
+    return seeds
+
+
+def _name_list(text: str, what: str) -> list[str]:
+    names = [w.strip() for w in str(text).split(",") if w.strip()]
+    if not names:
+        raise UserError(f"--{what} {text!r} names nothing: pass at least one")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"--{what}: {', '.join(twice)} listed twice; list each once (a "
+                        "repeated row would be counted as another result)")
+    return names
+
+
+def _positive(text: str) -> float:
+    """A number > 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """A number >= 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -271,7 +335,8 @@ def _seconds(text: str) -> float:
 def options_from_args(a: argparse.Namespace, default_name: str,
                       defaults: dict[str, Any] | None = None) -> StudyOptions:
     """StudyOptions from the common flags. Overrides, later winning: the study's ``defaults``,
-    the smoke-test settings, ``--set``."""
+    the smoke-test settings, ``--set``; an explicit ``--iters`` or ``--seeds`` beats the smoke
+    test's."""
     overrides: dict[str, Any] = dict(defaults or {})
     sets = parse_set_args(a.overrides)
     if a.smoke_test:
@@ -282,9 +347,9 @@ def options_from_args(a: argparse.Namespace, default_name: str,
         if a.iters:  # an explicit --iters beats the smoke default
             overrides["optim.iters"] = a.iters
     overrides.update(sets)
-    seeds = [int(s) for s in str(a.seeds).split(",") if s.strip()]
-    if a.smoke_test:
-        seeds = seeds[:1]
+    seeds = a.seeds
+    if seeds is None:  # the study's default seeds; a smoke test keeps only the first
+        seeds = a.study_seeds[:1] if a.smoke_test else a.study_seeds
     return StudyOptions(
         name=a.out or default_name, preset=a.preset, data_root=a.data_root, split=a.split,
         seeds=seeds, iters=a.iters, overrides=overrides, cpus_per_trial=a.cpus_per_trial,
