@@ -260,12 +260,12 @@ class _RunFiles:
         self._tb_held: dict[str, float] | None = None
 
     @staticmethod
-    def clear(out: Path) -> None:
-        """Delete what ctt.train wrote in ``out`` and nothing else (``--overwrite``, after
-        :func:`_check_out_dir` found nothing foreign; the caller holds the lock): its files by
-        name, the event files and checkpoints in its two directories, then those directories
-        if that left them empty."""
-        for name in RUN_FILES:
+    def clear(out: Path, names: tuple[str, ...] = RUN_FILES) -> None:
+        """Delete what ctt.train wrote in ``out`` (of ``names``) and nothing else
+        (``--overwrite`` after :func:`_check_out_dir` found nothing foreign, or a restart;
+        the caller holds the lock): its files by name, the event files and checkpoints in its
+        two directories, then those directories if that left them empty."""
+        for name in names:
             path = out / name
             if name in RUN_DIR_FILES and path.is_dir() and not path.is_symlink():
                 for pattern in RUN_DIR_FILES[name]:
@@ -422,9 +422,10 @@ def _train(a: argparse.Namespace, cfg: CTTConfig, out: Path, guard: SignalGuard,
                         f"{saved_step} or more (the run's total was {saved_iters})")
                 state = TrainState.load(ckpt, cfg)
             except CheckpointError as e:
-                print(f"error: {e}. Resume with the run's original --variant/--set options "
-                      f"(see {out / 'config.json'}).", file=sys.stderr)
-                return 1
+                if "different config" not in str(e):
+                    raise  # truncated, foreign: the message says what to do with the file
+                raise UserError(f"{e}: the run's original --variant and --set options, in "
+                                f"{out / 'config.json'}") from e
             print(f"resumed from {ckpt} (step {state.step})")
             if saved_iters != total:
                 print(f"note: optim.iters changed from {saved_iters} to {total}; the poly "
@@ -443,7 +444,7 @@ def _train(a: argparse.Namespace, cfg: CTTConfig, out: Path, guard: SignalGuard,
         print(_interrupted_line(e, out, trainer, files, guard, argv, total, where["evaluating"]),
               file=sys.stderr, flush=True)
         return e.exit_code
-    except (NonFiniteLossError, CheckpointError) as e:
+    except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -179,6 +179,24 @@ def run_with_user_checkpoint(d: Path) -> None:
     (out / "checkpoints" / "best_by_hand.pth").write_bytes(b"mine")
 
 
+def run_with_checkpoint(d: Path, data: bytes | None = None) -> None:
+    """A run's directory whose only checkpoint is ``data`` (default: a checkpoint that pickles a
+    class, which torch's weights_only loader refuses)."""
+    import io
+
+    import torch
+
+    from ctt.state import CHECKPOINT_FORMAT
+
+    (d / "out" / "checkpoints").mkdir(parents=True)
+    (d / "out" / "config.json").write_text("{}")
+    if data is None:
+        buf = io.BytesIO()
+        torch.save({"format": CHECKPOINT_FORMAT, "payload": Case}, buf)
+        data = buf.getvalue()
+    (d / "out" / "checkpoints" / "step_00000001.pt").write_bytes(data)
+
+
 def old_study(directory: Path, **fields) -> None:
     """The study.json of an earlier ablation in ``directory``."""
     directory.mkdir(parents=True)
@@ -227,6 +245,7 @@ def C(*args, **kwargs) -> pytest.param:  # noqa: N802 - a table row
 
 
 OUT = ("out",)  # a run that failed mid-training keeps its --out (config, logs); data untouched
+LOCK = ("out/.run.lock",)  # a resume refused under the lock leaves its (released) lock file
 CASES = [
     # --- ctt.train: configuration ----------------------------------------------------------
     C("train-unknown-key", "train", [*TINY, "--set", "method.lamda_h=0.1"],
@@ -421,6 +440,9 @@ CASES = [
     # --- ctt.data.synthetic ---------------------------------------------------------------
     C("synthetic-size-too-small", "synthetic", ["--root", "{d}/syn", "--size", "8"],
       r"size must be an int >= 16 pixels, got 8"),
+    C("synthetic-root-is-a-file", "synthetic", ["--root", "{d}/notes.txt"],
+      r"cannot generate into .*notes.txt: it is a file, not a directory; choose another --root",
+      setup=lambda d: (d / "notes.txt").write_text("mine\n")),
     C("synthetic-into-foreign-dir", "synthetic", ["--root", "{d}/mine"],
       r"refusing to generate into .*mine: it is not empty and holds no synthetic dataset",
       setup=foreign_dir),
@@ -488,6 +510,15 @@ CASES = [
     C("train-overwrite-user-file-in-a-run-folder", "train", [*TRAIN, "--overwrite"],
       r"--overwrite clears only a run's own files .* also holds checkpoints/best_by_hand.pth: "
       r"choose another --out", setup=run_with_user_checkpoint),
+    C("train-resume-truncated-checkpoint", "train", [*TRAIN, "--resume"],
+      r"cannot read checkpoint .*step_00000001.pt: .*The file is truncated, corrupt or not a "
+      r"ctt checkpoint; delete it to restart from the previous one",
+      setup=lambda d: run_with_checkpoint(d, b"PK\x03\x04 cut short"), may_create=LOCK),
+    # torch's own message suggests weights_only=False, i.e. running the file's code: never said
+    C("train-resume-untrusted-checkpoint", "train", [*TRAIN, "--resume"],
+      r"^(?!.*weights_only).*cannot read checkpoint .*step_00000001.pt: it holds Python "
+      r"objects beyond tensors and plain data, .* refused unread", setup=run_with_checkpoint,
+      may_create=LOCK),
     C("train-resume-without-run", "train", [*TRAIN, "--resume"],
       r"nothing to resume in .*out: it holds no run \(no config.json\)"),
     C("train-resume-and-overwrite", "train", [*TRAIN, "--resume", "--overwrite"],
