@@ -413,6 +413,13 @@ CASES = [
     # --- ctt.tune.results -----------------------------------------------------------------
     C("results-missing-dir", "results", ["{d}/nope"],
       r"study directory .*nope does not exist: pass the directory of a study"),
+    C("results-of-a-single-run", "results", ["{d}/run"],
+      r"run is a single ctt.train run, not a study \(no study.json\): its metrics are its "
+      r"metrics.jsonl and tb/", setup=lambda d: (d / "run").mkdir() or (
+          d / "run" / "config.json").write_text("{}") or (
+          d / "run" / "metrics.jsonl").write_text('{"step": 1, "miou": 3.0}\n')),
+    C("results-of-a-directory-without-study", "results", ["{d}/voc"],
+      r"voc holds no study \(no study.json\): pass the directory of a study"),
     C("results-corrupt-study-json", "results", ["{d}/st"],
       r"st/study.json is not valid JSON \(Expecting value at line 1, column 23\)",
       setup=lambda d: study(d, study_json=b'{"name": "s", "kind": ')),
