@@ -117,6 +117,11 @@ def three_token_line(d: Path) -> None:
         f.write(f"{voc_pair(IDS[2])} extra\n")
 
 
+def repeated_split_item(d: Path) -> None:
+    with (voc(d) / "splits" / "2" / "labeled.txt").open("a") as f:
+        f.write(f"{voc_pair(IDS[0])}\n")
+
+
 def bad_val_label(d: Path) -> None:
     bad = flat_label(4, (SIZE, SIZE))
     bad[2, 2] = 99
@@ -332,6 +337,9 @@ CASES = [
     C("train-three-token-split-line", "train", TRAIN,
       r"split file .*labeled.txt, line 4: expected 'image_path label_path' or an id",
       setup=three_token_line, may_create=OUT),
+    C("train-split-lists-an-item-twice", "train", TRAIN,
+      rf"split file .*labeled.txt, line 4 lists JPEGImages/{IDS[0]}.jpg again \(first on line "
+      r"2\): list each item once", setup=repeated_split_item, may_create=OUT),
     C("train-bad-val-label", "train", TRAIN,
       rf"label file .*{IDS[4]}.png \(listed in .*val.txt, line 1\) has values \[99\]",
       setup=bad_val_label, may_create=OUT),
