@@ -383,6 +383,13 @@ CASES = [
       r"argument --max-failures: must be >= 0, got -2", argparse=True, before_ray=True),
     C("ablation-zero-iters", "voc_ablation", [*VOC_STUDY, "--iters", "0"],
       r"argument --iters: must be >= 1, got 0", argparse=True, before_ray=True),
+    C("ablation-gpu-trials-on-a-machine-without-one", "voc_ablation",
+      [*VOC_STUDY, "--gpus-per-trial", "1"],
+      r"--gpus-per-trial 1: this machine has 0 GPU\(s\) and the study runs on it \(no "
+      r"--address\), so no trial could ever start", no_cuda=True, before_ray=True),
+    C("sweep-more-cpus-per-trial-than-cores", "voc_sweep", [*VOC_STUDY, "--cpus-per-trial", "512"],
+      r"--cpus-per-trial 512: this machine has \d+ cores, so no trial could ever start",
+      before_ray=True),
     C("sweep-several-seeds", "voc_sweep", [*VOC_STUDY, "--seeds", "0,1,2"],
       r"--seeds 0,1,2: a sweep searches at one seed; pass one, and --confirm-seeds S",
       before_ray=True),
