@@ -390,6 +390,15 @@ CASES = [
     C("sweep-more-cpus-per-trial-than-cores", "voc_sweep", [*VOC_STUDY, "--cpus-per-trial", "512"],
       r"--cpus-per-trial 512: this machine has \d+ cores, so no trial could ever start",
       before_ray=True),
+    # credentials never on a command line (ps and ray job list show it); never echoed back
+    C("sweep-password-in-optuna-storage", "voc_sweep",
+      [*VOC_STUDY, "--optuna-storage", "postgresql://ctt:hunter2@127.0.0.1:5432/optuna"],
+      r"^(?!.*hunter2).*--optuna-storage 'postgresql://ctt:\*\*\*@127.0.0.1:5432/optuna' "
+      r"carries a password, .*PGPASSWORD or ~/.pgpass", before_ray=True),
+    C("ablation-secret-in-storage-uri", "voc_ablation",
+      ["--storage", "s3://bucket/studies?access_key=AKIDEXAMPLE&secret_key=hunter2"],
+      r"^(?!.*hunter2).*--storage carries a credential \(access_key, secret_key\) in its "
+      r"query string, .*AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY", before_ray=True),
     C("sweep-several-seeds", "voc_sweep", [*VOC_STUDY, "--seeds", "0,1,2"],
       r"--seeds 0,1,2: a sweep searches at one seed; pass one, and --confirm-seeds S",
       before_ray=True),

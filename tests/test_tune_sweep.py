@@ -184,3 +184,19 @@ def test_sweep_warmup_plan_shares_only_when_nothing_sampled_acts_during_it():
     for cfg in no_warmup:
         assert sweep_warmup_plan(cfg, contrast_space()) == (
             False, "the variant has no supervised warm-up to share")
+
+
+def test_optuna_storage_password_comes_from_the_environment_not_the_command_line():
+    """A URL with a password is refused on the command line (ps shows it) and taken from
+    $CTT_OPTUNA_STORAGE, which no process listing shows."""
+    from ctt.errors import UserError
+    from ctt.tune.cli import check_no_secrets
+
+    url = "postgresql://ctt:hunter2@127.0.0.1/optuna"
+    check_no_secrets("studies_out", url, given=[])  # from the environment
+    check_no_secrets("studies_out", "postgresql://ctt@127.0.0.1/optuna",
+                     given=["--optuna-storage", "postgresql://ctt@127.0.0.1/optuna"])
+    with pytest.raises(UserError, match=r"ctt:\*\*\*@") as err:
+        check_no_secrets("studies_out", url, given=["--optuna-storage", url])
+    assert "hunter2" not in str(err.value)
+    check_no_secrets("s3://bucket/p?endpoint_override=127.0.0.1:9000&scheme=http", None, [])

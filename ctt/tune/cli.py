@@ -24,7 +24,7 @@ from ctt.tune.dry_run import print_dry_run, slots
 from ctt.tune.runtime import StudyOptions, check_inputs
 from ctt.tune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from ctt.tune.space import variant_space
-from ctt.tune.storage import RAY_JOB_ENV
+from ctt.tune.storage import RAY_JOB_ENV, is_uri
 from ctt.tune.sweep import run_sweep, sweep_warmup_plan
 
 __all__ = ["SMOKE_OVERRIDES", "SMOKE_SYNTHETIC_OVERRIDES", "Ablation", "Sweep",
@@ -137,6 +137,7 @@ def _run_ablation_cli(study: Ablation, argv: list[str] | None) -> int:
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(order)}")
     opts = _options(study, a)
+    check_no_secrets(opts.storage, None, [])
     opts.fork_warmup = not a.no_fork
     if a.dry_run:
         trials = ablation_trials(opts, variants)
@@ -170,12 +171,14 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
     p.add_argument("--no-fork", action="store_true",
                    help="give each trial its own warm-up even where the space would let the "
                    "trials share one")
-    p.add_argument("--optuna-storage", metavar="URL", default=None,
+    p.add_argument("--optuna-storage", metavar="URL", default=os.environ.get(OPTUNA_STORAGE_ENV),
                    help="database for Optuna's study (sqlite:///PATH, postgresql://..., "
-                   "mysql://...; default: optuna.journal in the study directory, which "
-                   "survives the head wherever --storage does)")
+                   "mysql://...; default: $CTT_OPTUNA_STORAGE, else optuna.journal in the study "
+                   "directory, which survives the head wherever --storage does). No password "
+                   "in the URL on the command line: PGPASSWORD, ~/.pgpass or $CTT_OPTUNA_STORAGE")
     a = p.parse_args(argv)
     opts = _options(study, a)
+    check_no_secrets(opts.storage, a.optuna_storage, sys.argv[1:] if argv is None else argv)
     if len(opts.seeds) > 1:
         raise UserError(f"--seeds {','.join(map(str, opts.seeds))}: a sweep searches at one "
                         "seed; pass one, and --confirm-seeds S to rerun its best configs on S "
@@ -267,6 +270,37 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
                    "own output instead of the study's progress line")
     g.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     p.set_defaults(study_seeds=seed_list(default_seeds))
+
+
+# Query parameters of a storage URI that carry a credential (pyarrow's S3 options).
+SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token")
+# Where a sweep's --optuna-storage URL may come from instead of the command line.
+OPTUNA_STORAGE_ENV = "CTT_OPTUNA_STORAGE"
+
+
+def check_no_secrets(storage: str, optuna_storage: str | None, given: list[str]) -> None:
+    """Refuse a credential written on the command line (``given``: the arguments as typed),
+    where every process listing (``ps``, ``ray job list``) shows it."""
+    import urllib.parse
+
+    from ctt.tune.optuna_storage import mask_url
+
+    if is_uri(storage):
+        keys = sorted(set(urllib.parse.parse_qs(urllib.parse.urlsplit(storage).query))
+                      & set(SECRET_QUERY_KEYS))
+        if keys:
+            raise UserError(
+                f"--storage carries a credential ({', '.join(keys)}) in its query string, which "
+                "process listings (ps, ray job list) show: leave it out and give it to S3 the "
+                "standard way (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in "
+                "~/.aws with AWS_PROFILE, or the instance's role)")
+    if optuna_storage and mask_url(optuna_storage) != optuna_storage and any(
+            optuna_storage in arg for arg in given):
+        raise UserError(
+            f"--optuna-storage {mask_url(optuna_storage)!r} carries a password, which process "
+            "listings (ps, ray job list) show: leave it out of the URL and let the database "
+            f"client find it (PGPASSWORD or ~/.pgpass for PostgreSQL), or pass the whole URL in "
+            f"${OPTUNA_STORAGE_ENV} instead of the flag")
 
 
 def seed_list(text: str) -> list[int]:
