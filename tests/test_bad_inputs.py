@@ -390,6 +390,20 @@ CASES = [
     C("sweep-more-cpus-per-trial-than-cores", "voc_sweep", [*VOC_STUDY, "--cpus-per-trial", "512"],
       r"--cpus-per-trial 512: this machine has \d+ cores, so no trial could ever start",
       before_ray=True),
+    # storage and cluster addresses checked before the study directory or Ray
+    C("ablation-storage-is-a-file", "voc_ablation", [*VOC_STUDY[:-1], "{d}/afile"],
+      r"cannot write .*afile/voc_ablation \(--storage\): .*afile is not a writable directory",
+      setup=lambda d: (d / "afile").write_text("x\n"), before_ray=True),
+    C("ablation-storage-uri-without-bucket", "voc_ablation", ["--storage", "s3://"],
+      r"--storage 's3://' names no bucket: pass s3://BUCKET/prefix", before_ray=True),
+    C("sweep-storage-uri-with-a-space", "voc_sweep", ["--storage", "s3://my bucket/studies"],
+      r"--storage 's3://my bucket/studies' contains white space", before_ray=True),
+    C("ablation-address-where-nothing-listens", "voc_ablation",
+      [*VOC_STUDY, "--address", "127.0.0.1:1"],
+      r"--address 127.0.0.1:1: no Ray head answers there within 10 s \(Connection refused\); "
+      r"start the cluster", before_ray=True),
+    C("ablation-address-not-host-port", "voc_ablation", [*VOC_STUDY, "--address", "headnode"],
+      r"--address 'headnode' is not HOST:PORT \(or auto\)", before_ray=True),
     # credentials never on a command line (ps and ray job list show it); never echoed back
     C("sweep-password-in-optuna-storage", "voc_sweep",
       [*VOC_STUDY, "--optuna-storage", "postgresql://ctt:hunter2@127.0.0.1:5432/optuna"],

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ctt.config import PRESETS, VARIANTS, apply_variant, get_preset, parse_set_args
@@ -138,6 +139,8 @@ def _run_ablation_cli(study: Ablation, argv: list[str] | None) -> int:
         p.error(f"unknown variants {unknown}; choose from {', '.join(order)}")
     opts = _options(study, a)
     check_no_secrets(opts.storage, None, [])
+    check_storage_place(opts.storage, opts.name)
+    check_address(opts.address)
     opts.fork_warmup = not a.no_fork
     if a.dry_run:
         trials = ablation_trials(opts, variants)
@@ -179,6 +182,8 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
     a = p.parse_args(argv)
     opts = _options(study, a)
     check_no_secrets(opts.storage, a.optuna_storage, sys.argv[1:] if argv is None else argv)
+    check_storage_place(opts.storage, opts.name)
+    check_address(opts.address)
     if len(opts.seeds) > 1:
         raise UserError(f"--seeds {','.join(map(str, opts.seeds))}: a sweep searches at one "
                         "seed; pass one, and --confirm-seeds S to rerun its best configs on S "
@@ -276,6 +281,49 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
 SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token")
 # Where a sweep's --optuna-storage URL may come from instead of the command line.
 OPTUNA_STORAGE_ENV = "CTT_OPTUNA_STORAGE"
+
+
+# Seconds a study waits for the Ray cluster named by --address to answer.
+ADDRESS_TIMEOUT_S = 10.0
+
+
+def check_address(address: str | None) -> None:
+    """A ``HOST:PORT`` ``--address`` must answer within :data:`ADDRESS_TIMEOUT_S`: Ray itself
+    retries a dead address for many minutes. ``auto`` and ``ray://`` addresses are Ray's to
+    resolve (:func:`ctt.tune.runtime.init_ray` turns its failure into one line)."""
+    import socket
+
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address!r} is not HOST:PORT (or auto): pass the address "
+                        "of a running Ray head, e.g. 10.0.0.5:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserError(f"--address {address}: no Ray head answers there within "
+                        f"{ADDRESS_TIMEOUT_S:g} s ({e.strerror or e}); start the cluster "
+                        "(ray up, or ray start --head) or check the address") from None
+
+
+def check_storage_place(storage: str, name: str) -> None:
+    """``--storage``: a URI needs a bucket and no spaces; a local path must be a directory
+    this process can create the study in."""
+    import urllib.parse
+
+    from ctt.errors import check_writable
+
+    if is_uri(storage):
+        parts = urllib.parse.urlsplit(storage)
+        if any(c.isspace() for c in storage):
+            raise UserError(f"--storage {storage!r} contains white space: a storage URI has "
+                            "none (quote nothing inside it; rename the prefix)")
+        if not parts.netloc:
+            raise UserError(f"--storage {storage!r} names no bucket: pass "
+                            f"{parts.scheme or 's3'}://BUCKET/prefix")
+        return
+    check_writable(Path(storage).expanduser() / name, "--storage")
 
 
 def check_no_secrets(storage: str, optuna_storage: str | None, given: list[str]) -> None:

@@ -44,7 +44,7 @@ import ray
 
 from ctt.config import CTTConfig, get_preset
 from ctt.data.loader import dataset_root
-from ctt.errors import UserError
+from ctt.errors import UserError, one_line
 from ctt.interrupts import Interrupted, SignalGuard
 from ctt.rundir import STUDY_LOCK, DirLock
 from ctt.tune import storage as study_storage
@@ -163,7 +163,12 @@ def init_ray(opts: StudyOptions) -> None:
     if ray.is_initialized():
         return
     if opts.address:
-        ray.init(address=opts.address, log_to_driver=opts.verbose > 1)
+        try:
+            ray.init(address=opts.address, log_to_driver=opts.verbose > 1)
+        except ConnectionError as e:  # e.g. auto with no cluster on this machine
+            raise UserError(f"--address {opts.address}: cannot join a Ray cluster ("
+                            f"{one_line(e)}); start one (ray up, or ray start --head) or "
+                            "check the address") from None
         return
     # Ray "resolves" _node_ip_address=127.0.0.1 to the machine's routable IP, and then GCS,
     # raylet and workers listen on every interface ("::"). With cluster support off (the
