@@ -447,6 +447,15 @@ def _train(a: argparse.Namespace, cfg: CTTConfig, out: Path, guard: SignalGuard,
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except UserError:
+        # Refused before its first checkpoint (a data file found bad in the first batches):
+        # nothing it wrote may block the same command once the input is fixed.
+        if not a.resume and (files is None or files.last_checkpoint == 0):
+            if files is not None:
+                files.close()
+                files = None
+            _RunFiles.clear(out)
+        raise
     finally:
         if files is not None:
             files.close()

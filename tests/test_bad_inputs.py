@@ -10,8 +10,10 @@ case directory), the fault to plant and a regex the error line must match. The c
   ``argparse`` allow argparse's usage lines above its ``<prog>: error: ...`` line);
 - no ``Traceback`` anywhere in stdout or stderr;
 - the sha256 of every file (and the set of directories) under the case directory is the same
-  before and after, so nothing was modified, deleted or created (rows list the subdirectories
-  where a failed run may leave new files, e.g. the ``--out`` of a run that failed mid-training).
+  before and after, so nothing was modified, deleted or created: a run refused before its
+  first checkpoint (a data file found bad once training started, rows marked ``trains``)
+  leaves no --out behind that would block the corrected command; rows list the few paths a
+  case may leave (a released lock file).
 
 Most rows call the entry points' ``main(argv)`` in this process (each is wrapped by
 ``ctt.errors.guarded``, which is what turns an error into the line and the 2); the ``slow``
@@ -239,6 +241,7 @@ class Case:
     code: int = 2
     argparse: bool = False
     may_create: tuple[str, ...] = ()
+    trains: bool = False  # the fault shows once training has started (a file read then)
     no_cuda: bool = False
     before_ray: bool = False  # a study that must fail without starting Ray
     marks: tuple = field(default=())
@@ -249,7 +252,6 @@ def C(*args, **kwargs) -> pytest.param:  # noqa: N802 - a table row
     return pytest.param(case, id=case.id, marks=case.marks)
 
 
-OUT = ("out",)  # a run that failed mid-training keeps its --out (config, logs); data untouched
 LOCK = ("out/.run.lock",)  # a resume refused under the lock leaves its (released) lock file
 CASES = [
     # --- ctt.train: configuration ----------------------------------------------------------
@@ -304,45 +306,45 @@ CASES = [
     # --- ctt.train: data files (the split line is named where there is one) --------------
     C("train-missing-split", "train", [*TRAIN[:4], "--split", "9", *TRAIN[6:]],
       r"split 'splits/9/labeled' not found under root .*voc' \(tried .* and \d+ more\)",
-      may_create=OUT),
+      trains=True),
     C("train-missing-image", "train", TRAIN,
       rf"missing file .*JPEGImages/{IDS[1]}.jpg \(listed in .*labeled.txt, line 3\)",
-      setup=missing_image, may_create=OUT),
+      setup=missing_image, trains=True),
     C("train-missing-label", "train", TRAIN,
       rf"missing file .*SegmentationClass/{IDS[0]}.png \(listed in .*labeled.txt, line 2\)",
-      setup=missing_label, may_create=OUT),
+      setup=missing_label, trains=True),
     C("train-label-value-ge-c", "train", TRAIN,
       rf"label file .*{IDS[1]}.png \(listed in .*labeled.txt, line 3\) has values \[30\] "
-      r"outside \[0, 21\)", setup=label_value_ge_c, may_create=OUT),
+      r"outside \[0, 21\)", setup=label_value_ge_c, trains=True),
     C("train-label-value-ge-c-in-worker", "train", [*TRAIN, "--set", "data.num_workers=1"],
       rf"^error: label file .*{IDS[1]}.png \(listed in .*labeled.txt, line 3\) has values "
-      r"\[30\]", setup=label_value_ge_c, may_create=OUT),
+      r"\[30\]", setup=label_value_ge_c, trains=True),
     C("train-rgb-label", "train", TRAIN,
       rf"label file .*{IDS[0]}.png \(listed in .*labeled.txt, line 2\) has image mode 'RGB'",
-      setup=rgb_label, may_create=OUT),
+      setup=rgb_label, trains=True),
     C("train-size-mismatch", "train", TRAIN,
       rf"size mismatch: image .*{IDS[1]}.jpg is \(16, 16\).*label .*{IDS[1]}.png is "
-      r"\(16, 20\) \(listed in .*line 3\)", setup=size_mismatch, may_create=OUT),
+      r"\(16, 20\) \(listed in .*line 3\)", setup=size_mismatch, trains=True),
     C("train-empty-split", "train", TRAIN,
-      r"split file .*labeled.txt lists no items", setup=empty_split, may_create=OUT),
+      r"split file .*labeled.txt lists no items", setup=empty_split, trains=True),
     C("train-truncated-jpeg", "train", TRAIN,
       rf"cannot read image .*{IDS[1]}.jpg \(listed in .*labeled.txt, line 3\): "
-      r"truncated file \(", setup=truncated_jpeg, may_create=OUT),
+      r"truncated file \(", setup=truncated_jpeg, trains=True),
     C("train-not-an-image", "train", TRAIN,
       rf"cannot read image .*{IDS[0]}.jpg \(listed in .*labeled.txt, line 2\): cannot "
-      r"identify image file", setup=garbage_image, may_create=OUT),
+      r"identify image file", setup=garbage_image, trains=True),
     C("train-latin1-split", "train", TRAIN,
       r"split file .*labeled.txt, line 1 is not UTF-8 text \(byte 0xe9\)",
-      setup=latin1_split, may_create=OUT),
+      setup=latin1_split, trains=True),
     C("train-three-token-split-line", "train", TRAIN,
       r"split file .*labeled.txt, line 4: expected 'image_path label_path' or an id",
-      setup=three_token_line, may_create=OUT),
+      setup=three_token_line, trains=True),
     C("train-split-lists-an-item-twice", "train", TRAIN,
       rf"split file .*labeled.txt, line 4 lists JPEGImages/{IDS[0]}.jpg again \(first on line "
-      r"2\): list each item once", setup=repeated_split_item, may_create=OUT),
+      r"2\): list each item once", setup=repeated_split_item, trains=True),
     C("train-bad-val-label", "train", TRAIN,
       rf"label file .*{IDS[4]}.png \(listed in .*val.txt, line 1\) has values \[99\]",
-      setup=bad_val_label, may_create=OUT),
+      setup=bad_val_label, trains=True),
     # --- studies (checked before Ray starts) ------------------------------------------------
     C("ablation-key-in-wrong-section", "voc_ablation",
       ["--set", "method.lr=0.1", "--storage", "{d}/s"],
@@ -654,7 +656,7 @@ def refuse_to_run(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
             raise Started(f"{case.id}: {what} started")
         return fn
 
-    if not case.may_create:
+    if not case.may_create and not case.trains:
         import ctt.data.synthetic
         import ctt.train
 
