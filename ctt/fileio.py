@@ -27,7 +27,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-_TEMP_SUFFIX = ".tmp"
+# The suffix of an atomic write's temporary file (.<name>.<pid>.<hex>.tmp, beside its target).
+TEMP_SUFFIX = ".tmp"
 # The strings that stand for non-finite floats in metrics.jsonl (what str(float) gives).
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 # Text fields of a metrics.jsonl record (identity, placement, a trial's own error message): never
@@ -52,7 +53,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = False
         raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:  # name the file the caller writes, not our temporary one
@@ -84,7 +85,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Fa
 def is_atomic_temp(filename: str, target: str) -> bool:
     """Whether ``filename`` is a temporary file that an atomic write of ``target`` (a file name
     in the same directory) left behind."""
-    return filename.startswith(f".{target}.") and filename.endswith(_TEMP_SUFFIX)
+    return filename.startswith(f".{target}.") and filename.endswith(TEMP_SUFFIX)
 
 
 # --- metrics.jsonl records ----------------------------------------------------------------------

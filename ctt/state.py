@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from ctt.config import CTTConfig
 from ctt.ema import make_teacher, set_teacher_mode
-from ctt.errors import DeviceError
+from ctt.errors import DeviceError, UserError
 from ctt.fileio import atomic_open
 from ctt.memory_bank import MemoryBank
 from ctt.models import build_model
@@ -51,7 +52,7 @@ RESUMABLE_KEYS = frozenset({"run.eval_every", "run.checkpoint_every", "run.log_e
                             "run.device", "data.num_workers", "optim.iters"})
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, truncated, foreign or does not match the config."""
 
 
@@ -183,7 +184,14 @@ class TrainState:
             raise CheckpointError(f"checkpoint not found: {path}")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated zip, pickle of foreign objects, ...
+        except pickle.UnpicklingError as e:
+            # torch's message goes on to suggest weights_only=False, which would run whatever
+            # code the file holds: never repeated to a user.
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it holds Python objects beyond tensors and "
+                "plain data, which ctt never writes, so it was refused unread (a file from "
+                "another program, or altered); use a checkpoint that ctt wrote") from e
+        except Exception as e:  # truncated or corrupt zip, not a torch file, ...
             raise CheckpointError(
                 f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}. "
                 "The file is truncated, corrupt or not a ctt checkpoint; delete it to restart "
@@ -205,7 +213,7 @@ class TrainState:
             diff = _config_diff(saved, cfg, ignore=RESUMABLE_KEYS)
             if diff:
                 raise CheckpointError(f"checkpoint {path} was written with a different config: "
-                                      f"{diff}")
+                                      f"{diff}; use the config it was written with")
         state = cls(cfg or saved, device)
         state._load_obj(obj, path)
         return state

@@ -26,7 +26,8 @@ where it stopped, the last checkpoint and the command that continues it.
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
+import fnmatch
 import sys
 import time
 from collections.abc import Callable
@@ -52,7 +53,7 @@ from ctt.data.loader import BatchStream, build_datasets, dataset_root, eval_load
 from ctt.envinfo import environment  # noqa: E402
 from ctt.errors import UserError, guarded, warn_all  # noqa: E402
 from ctt.evaluate import evaluate_many  # noqa: E402
-from ctt.fileio import append_record, truncate_records  # noqa: E402
+from ctt.fileio import TEMP_SUFFIX, append_record, truncate_records  # noqa: E402
 from ctt.interrupts import Interrupted, SignalGuard, continue_command  # noqa: E402
 from ctt.rundir import RUN_LOCK, DirLock  # noqa: E402
 from ctt.state import (  # noqa: E402
@@ -213,6 +214,27 @@ def _log_line(m: dict[str, float], total: int) -> str:
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "tb", "checkpoints")  # all that ctt.train writes
+# What a run writes inside its two directories: TensorBoard event files, step checkpoints and,
+# from a write cut short, an atomic write's temporary. --overwrite deletes these and no other.
+RUN_DIR_FILES = {"tb": ("events.out.tfevents.*",),
+                 "checkpoints": (CKPT_GLOB, f".{CKPT_GLOB}.*{TEMP_SUFFIX}")}
+
+
+def _not_run_written(out: Path) -> list[Path]:
+    """What ``out`` holds that no run wrote (a user's files, links, subdirectories)."""
+    foreign = []
+    for p in sorted(out.iterdir()):
+        if p.name == RUN_LOCK:
+            continue
+        if p.name not in RUN_FILES or p.is_symlink():
+            foreign.append(p)
+        elif p.is_dir() != (p.name in RUN_DIR_FILES):
+            foreign.append(p)
+        elif p.is_dir():
+            foreign += [q for q in sorted(p.iterdir())
+                        if q.is_symlink() or not q.is_file()
+                        or not any(fnmatch.fnmatchcase(q.name, g) for g in RUN_DIR_FILES[p.name])]
+    return foreign
 
 
 class _RunFiles:
@@ -239,13 +261,20 @@ class _RunFiles:
 
     @staticmethod
     def clear(out: Path, names: tuple[str, ...] = RUN_FILES) -> None:
-        """Delete what ctt.train wrote in ``out`` (``--overwrite``; the caller holds the lock)."""
+        """Delete what ctt.train wrote in ``out`` (of ``names``) and nothing else
+        (``--overwrite`` after :func:`_check_out_dir` found nothing foreign, or a restart;
+        the caller holds the lock): its files by name, the event files and checkpoints in its
+        two directories, then those directories if that left them empty."""
         for name in names:
             path = out / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+            if name in RUN_DIR_FILES and path.is_dir() and not path.is_symlink():
+                for pattern in RUN_DIR_FILES[name]:
+                    for f in path.glob(pattern):
+                        f.unlink()
+                with contextlib.suppress(OSError):  # not empty: something appeared meanwhile
+                    path.rmdir()
+            elif path.is_file() and not path.is_symlink():
+                path.unlink()
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (written after the checkpoint we resume from)."""
@@ -281,8 +310,9 @@ class _RunFiles:
         self.tb.close()
 
 
-def _listing(paths: list[Path], limit: int = 4) -> str:
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in paths)
+def _listing(paths: list[Path], limit: int = 4, relative_to: Path | None = None) -> str:
+    names = sorted(str(p.relative_to(relative_to) if relative_to else p.name)
+                   + ("/" if p.is_dir() else "") for p in paths)
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit
                                         else "")
 
@@ -303,10 +333,14 @@ def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise UserError(f"--out {out} is not empty ({_listing(present)}): pass --resume to "
                         "continue the run in it, --overwrite to replace it, or choose another "
                         "--out")
-    foreign = [p for p in present if p.name not in RUN_FILES]
+    if not (out / "config.json").is_file():
+        raise UserError(f"--overwrite replaces a run, but --out {out} holds no run (no "
+                        f"config.json; it holds {_listing(present)}): choose another --out")
+    foreign = _not_run_written(out)
     if foreign:
         raise UserError(f"--overwrite clears only a run's own files ({', '.join(RUN_FILES)}), "
-                        f"but --out {out} also holds {_listing(foreign)}: choose another --out")
+                        f"but --out {out} also holds {_listing(foreign, relative_to=out)}: "
+                        "choose another --out")
 
 
 @guarded
@@ -388,9 +422,10 @@ def _train(a: argparse.Namespace, cfg: CTTConfig, out: Path, guard: SignalGuard,
                         f"{saved_step} or more (the run's total was {saved_iters})")
                 state = TrainState.load(ckpt, cfg)
             except CheckpointError as e:
-                print(f"error: {e}. Resume with the run's original --variant/--set options "
-                      f"(see {out / 'config.json'}).", file=sys.stderr)
-                return 1
+                if "different config" not in str(e):
+                    raise  # truncated, foreign: the message says what to do with the file
+                raise UserError(f"{e}: the run's original --variant and --set options, in "
+                                f"{out / 'config.json'}") from e
             print(f"resumed from {ckpt} (step {state.step})")
             if saved_iters != total:
                 print(f"note: optim.iters changed from {saved_iters} to {total}; the poly "
@@ -409,9 +444,18 @@ def _train(a: argparse.Namespace, cfg: CTTConfig, out: Path, guard: SignalGuard,
         print(_interrupted_line(e, out, trainer, files, guard, argv, total, where["evaluating"]),
               file=sys.stderr, flush=True)
         return e.exit_code
-    except (NonFiniteLossError, CheckpointError) as e:
+    except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except UserError:
+        # Refused before its first checkpoint (a data file found bad in the first batches):
+        # nothing it wrote may block the same command once the input is fixed.
+        if not a.resume and (files is None or files.last_checkpoint == 0):
+            if files is not None:
+                files.close()
+                files = None
+            _RunFiles.clear(out)
+        raise
     finally:
         if files is not None:
             files.close()

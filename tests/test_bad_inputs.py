@@ -10,8 +10,10 @@ case directory), the fault to plant and a regex the error line must match. The c
   ``argparse`` allow argparse's usage lines above its ``<prog>: error: ...`` line);
 - no ``Traceback`` anywhere in stdout or stderr;
 - the sha256 of every file (and the set of directories) under the case directory is the same
-  before and after, so nothing was modified, deleted or created (rows list the subdirectories
-  where a failed run may leave new files, e.g. the ``--out`` of a run that failed mid-training).
+  before and after, so nothing was modified, deleted or created: a run refused before its
+  first checkpoint (a data file found bad once training started, rows marked ``trains``)
+  leaves no --out behind that would block the corrected command; rows list the few paths a
+  case may leave (a released lock file).
 
 Most rows call the entry points' ``main(argv)`` in this process (each is wrapped by
 ``ctt.errors.guarded``, which is what turns an error into the line and the 2); the ``slow``
@@ -117,6 +119,11 @@ def three_token_line(d: Path) -> None:
         f.write(f"{voc_pair(IDS[2])} extra\n")
 
 
+def repeated_split_item(d: Path) -> None:
+    with (voc(d) / "splits" / "2" / "labeled.txt").open("a") as f:
+        f.write(f"{voc_pair(IDS[0])}\n")
+
+
 def bad_val_label(d: Path) -> None:
     bad = flat_label(4, (SIZE, SIZE))
     bad[2, 2] = 99
@@ -159,6 +166,44 @@ def out_with_notes(d: Path) -> None:
     (d / "out" / "notes.txt").write_text("my notes\n")
 
 
+def out_not_a_run(d: Path) -> None:
+    """A directory with a run's folder names but no run: the user's own checkpoint and notes."""
+    (d / "out" / "checkpoints").mkdir(parents=True)
+    (d / "out" / "checkpoints" / "model.pth").write_bytes(b"weights")
+    (d / "out" / "tb").mkdir()
+    (d / "out" / "tb" / "README").write_text("my runs\n")
+
+
+def run_with_user_checkpoint(d: Path) -> None:
+    """A run's directory (config.json, an event file, a step checkpoint) where the user also
+    keeps a checkpoint of their own inside checkpoints/."""
+    out = d / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "tb").mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "tb" / "events.out.tfevents.1.host.from000000000").write_bytes(b"e")
+    (out / "checkpoints" / "step_00000001.pt").write_bytes(b"c")
+    (out / "checkpoints" / "best_by_hand.pth").write_bytes(b"mine")
+
+
+def run_with_checkpoint(d: Path, data: bytes | None = None) -> None:
+    """A run's directory whose only checkpoint is ``data`` (default: a checkpoint that pickles a
+    class, which torch's weights_only loader refuses)."""
+    import io
+
+    import torch
+
+    from ctt.state import CHECKPOINT_FORMAT
+
+    (d / "out" / "checkpoints").mkdir(parents=True)
+    (d / "out" / "config.json").write_text("{}")
+    if data is None:
+        buf = io.BytesIO()
+        torch.save({"format": CHECKPOINT_FORMAT, "payload": Case}, buf)
+        data = buf.getvalue()
+    (d / "out" / "checkpoints" / "step_00000001.pt").write_bytes(data)
+
+
 def old_study(directory: Path, **fields) -> None:
     """The study.json of an earlier ablation in ``directory``."""
     directory.mkdir(parents=True)
@@ -196,6 +241,7 @@ class Case:
     code: int = 2
     argparse: bool = False
     may_create: tuple[str, ...] = ()
+    trains: bool = False  # the fault shows once training has started (a file read then)
     no_cuda: bool = False
     before_ray: bool = False  # a study that must fail without starting Ray
     marks: tuple = field(default=())
@@ -206,7 +252,7 @@ def C(*args, **kwargs) -> pytest.param:  # noqa: N802 - a table row
     return pytest.param(case, id=case.id, marks=case.marks)
 
 
-OUT = ("out",)  # a run that failed mid-training keeps its --out (config, logs); data untouched
+LOCK = ("out/.run.lock",)  # a resume refused under the lock leaves its (released) lock file
 CASES = [
     # --- ctt.train: configuration ----------------------------------------------------------
     C("train-unknown-key", "train", [*TINY, "--set", "method.lamda_h=0.1"],
@@ -260,42 +306,45 @@ CASES = [
     # --- ctt.train: data files (the split line is named where there is one) --------------
     C("train-missing-split", "train", [*TRAIN[:4], "--split", "9", *TRAIN[6:]],
       r"split 'splits/9/labeled' not found under root .*voc' \(tried .* and \d+ more\)",
-      may_create=OUT),
+      trains=True),
     C("train-missing-image", "train", TRAIN,
       rf"missing file .*JPEGImages/{IDS[1]}.jpg \(listed in .*labeled.txt, line 3\)",
-      setup=missing_image, may_create=OUT),
+      setup=missing_image, trains=True),
     C("train-missing-label", "train", TRAIN,
       rf"missing file .*SegmentationClass/{IDS[0]}.png \(listed in .*labeled.txt, line 2\)",
-      setup=missing_label, may_create=OUT),
+      setup=missing_label, trains=True),
     C("train-label-value-ge-c", "train", TRAIN,
       rf"label file .*{IDS[1]}.png \(listed in .*labeled.txt, line 3\) has values \[30\] "
-      r"outside \[0, 21\)", setup=label_value_ge_c, may_create=OUT),
+      r"outside \[0, 21\)", setup=label_value_ge_c, trains=True),
     C("train-label-value-ge-c-in-worker", "train", [*TRAIN, "--set", "data.num_workers=1"],
       rf"^error: label file .*{IDS[1]}.png \(listed in .*labeled.txt, line 3\) has values "
-      r"\[30\]", setup=label_value_ge_c, may_create=OUT),
+      r"\[30\]", setup=label_value_ge_c, trains=True),
     C("train-rgb-label", "train", TRAIN,
       rf"label file .*{IDS[0]}.png \(listed in .*labeled.txt, line 2\) has image mode 'RGB'",
-      setup=rgb_label, may_create=OUT),
+      setup=rgb_label, trains=True),
     C("train-size-mismatch", "train", TRAIN,
       rf"size mismatch: image .*{IDS[1]}.jpg is \(16, 16\).*label .*{IDS[1]}.png is "
-      r"\(16, 20\) \(listed in .*line 3\)", setup=size_mismatch, may_create=OUT),
+      r"\(16, 20\) \(listed in .*line 3\)", setup=size_mismatch, trains=True),
     C("train-empty-split", "train", TRAIN,
-      r"split file .*labeled.txt lists no items", setup=empty_split, may_create=OUT),
+      r"split file .*labeled.txt lists no items", setup=empty_split, trains=True),
     C("train-truncated-jpeg", "train", TRAIN,
       rf"cannot read image .*{IDS[1]}.jpg \(listed in .*labeled.txt, line 3\): "
-      r"truncated file \(", setup=truncated_jpeg, may_create=OUT),
+      r"truncated file \(", setup=truncated_jpeg, trains=True),
     C("train-not-an-image", "train", TRAIN,
       rf"cannot read image .*{IDS[0]}.jpg \(listed in .*labeled.txt, line 2\): cannot "
-      r"identify image file", setup=garbage_image, may_create=OUT),
+      r"identify image file", setup=garbage_image, trains=True),
     C("train-latin1-split", "train", TRAIN,
       r"split file .*labeled.txt, line 1 is not UTF-8 text \(byte 0xe9\)",
-      setup=latin1_split, may_create=OUT),
+      setup=latin1_split, trains=True),
     C("train-three-token-split-line", "train", TRAIN,
       r"split file .*labeled.txt, line 4: expected 'image_path label_path' or an id",
-      setup=three_token_line, may_create=OUT),
+      setup=three_token_line, trains=True),
+    C("train-split-lists-an-item-twice", "train", TRAIN,
+      rf"split file .*labeled.txt, line 4 lists JPEGImages/{IDS[0]}.jpg again \(first on line "
+      r"2\): list each item once", setup=repeated_split_item, trains=True),
     C("train-bad-val-label", "train", TRAIN,
       rf"label file .*{IDS[4]}.png \(listed in .*val.txt, line 1\) has values \[99\]",
-      setup=bad_val_label, may_create=OUT),
+      setup=bad_val_label, trains=True),
     # --- studies (checked before Ray starts) ------------------------------------------------
     C("ablation-key-in-wrong-section", "voc_ablation",
       ["--set", "method.lr=0.1", "--storage", "{d}/s"],
@@ -313,6 +362,80 @@ CASES = [
       r"a checkpoint only when it reports an evaluation", before_ray=True),
     C("ablation-unknown-variant", "voc_ablation", ["--variants", "ctt,cttt"],
       r"unknown variants \['cttt'\]", argparse=True, before_ray=True),
+    # --- study flags: refused before anything runs instead of a silently wrong study ------
+    C("ablation-seed-twice", "voc_ablation", [*VOC_STUDY, "--seeds", "0,0"],
+      r"argument --seeds: seed 0 listed twice in '0,0': each seed is one paired sample",
+      argparse=True, before_ray=True),
+    C("ablation-seeds-not-integers", "voc_ablation", [*VOC_STUDY, "--seeds", "0,one"],
+      r"argument --seeds: '0,one' is not a comma-separated list of integers", argparse=True,
+      before_ray=True),
+    C("ablation-no-seed", "voc_ablation", [*VOC_STUDY, "--seeds", ""],
+      r"argument --seeds: no seed given", argparse=True, before_ray=True),
+    C("ablation-variant-twice", "voc_ablation", [*VOC_STUDY, "--variants", "supervised,ctt,ctt"],
+      r"--variants: ctt listed twice; list each once", before_ray=True),
+    C("ablation-no-variant", "voc_ablation", [*VOC_STUDY, "--variants", ","],
+      r"--variants ',' names nothing: pass at least one", before_ray=True),
+    C("ablation-zero-cpus-per-trial", "voc_ablation", [*VOC_STUDY, "--cpus-per-trial", "0"],
+      r"argument --cpus-per-trial: '0' is not a number > 0", argparse=True, before_ray=True),
+    C("ablation-negative-gpus-per-trial", "voc_ablation", [*VOC_STUDY, "--gpus-per-trial=-1"],
+      r"argument --gpus-per-trial: '-1' is not a number >= 0", argparse=True, before_ray=True),
+    C("ablation-negative-max-concurrent", "voc_ablation", [*VOC_STUDY, "--max-concurrent=-1"],
+      r"argument --max-concurrent: must be >= 0, got -1", argparse=True, before_ray=True),
+    C("ablation-negative-max-failures", "voc_ablation", [*VOC_STUDY, "--max-failures=-2"],
+      r"argument --max-failures: must be >= 0, got -2", argparse=True, before_ray=True),
+    C("ablation-zero-iters", "voc_ablation", [*VOC_STUDY, "--iters", "0"],
+      r"argument --iters: must be >= 1, got 0", argparse=True, before_ray=True),
+    C("ablation-gpu-trials-on-a-machine-without-one", "voc_ablation",
+      [*VOC_STUDY, "--gpus-per-trial", "1"],
+      r"--gpus-per-trial 1: this machine has 0 GPU\(s\) and the study runs on it \(no "
+      r"--address\), so no trial could ever start", no_cuda=True, before_ray=True),
+    C("sweep-more-cpus-per-trial-than-cores", "voc_sweep", [*VOC_STUDY, "--cpus-per-trial", "512"],
+      r"--cpus-per-trial 512: this machine has \d+ cores, so no trial could ever start",
+      before_ray=True),
+    # storage and cluster addresses checked before the study directory or Ray
+    C("ablation-storage-is-a-file", "voc_ablation", [*VOC_STUDY[:-1], "{d}/afile"],
+      r"cannot write .*afile/voc_ablation \(--storage\): .*afile is not a writable directory",
+      setup=lambda d: (d / "afile").write_text("x\n"), before_ray=True),
+    C("ablation-storage-uri-without-bucket", "voc_ablation", ["--storage", "s3://"],
+      r"--storage 's3://' names no bucket: pass s3://BUCKET/prefix", before_ray=True),
+    C("sweep-storage-uri-with-a-space", "voc_sweep", ["--storage", "s3://my bucket/studies"],
+      r"--storage 's3://my bucket/studies' contains white space", before_ray=True),
+    C("ablation-address-where-nothing-listens", "voc_ablation",
+      [*VOC_STUDY, "--address", "127.0.0.1:1"],
+      r"--address 127.0.0.1:1: no Ray head answers there within 10 s \(Connection refused\); "
+      r"start the cluster", before_ray=True),
+    C("ablation-address-not-host-port", "voc_ablation", [*VOC_STUDY, "--address", "headnode"],
+      r"--address 'headnode' is not HOST:PORT \(or auto\)", before_ray=True),
+    # credentials never on a command line (ps and ray job list show it); never echoed back
+    C("sweep-password-in-optuna-storage", "voc_sweep",
+      [*VOC_STUDY, "--optuna-storage", "postgresql://ctt:hunter2@127.0.0.1:5432/optuna"],
+      r"^(?!.*hunter2).*--optuna-storage 'postgresql://ctt:\*\*\*@127.0.0.1:5432/optuna' "
+      r"carries a password, .*PGPASSWORD or ~/.pgpass", before_ray=True),
+    C("ablation-secret-in-storage-uri", "voc_ablation",
+      ["--storage", "s3://bucket/studies?access_key=AKIDEXAMPLE&secret_key=hunter2"],
+      r"^(?!.*hunter2).*--storage carries a credential \(access_key, secret_key\) in its "
+      r"query string, .*AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY", before_ray=True),
+    C("sweep-several-seeds", "voc_sweep", [*VOC_STUDY, "--seeds", "0,1,2"],
+      r"--seeds 0,1,2: a sweep searches at one seed; pass one, and --confirm-seeds S",
+      before_ray=True),
+    C("contrast-sweep-several-seeds", "voc_contrast_sweep", [*VOC_STUDY, "--seeds", "3,4"],
+      r"--seeds 3,4: a sweep searches at one seed", before_ray=True),
+    C("sweep-negative-num-samples", "voc_sweep", [*VOC_STUDY, "--num-samples=-4"],
+      r"argument --num-samples: must be >= 1, got -4", argparse=True, before_ray=True),
+    C("sweep-no-samples", "voc_sweep", [*VOC_STUDY, "--num-samples", "0", "--dry-run"],
+      r"argument --num-samples: must be >= 1, got 0", argparse=True, before_ray=True),
+    C("sweep-negative-confirm-top", "voc_sweep", [*VOC_STUDY, "--confirm-top=-1"],
+      r"argument --confirm-top: must be >= 0, got -1", argparse=True, before_ray=True),
+    C("sweep-negative-confirm-seeds", "voc_sweep", [*VOC_STUDY, "--confirm-seeds=-3"],
+      r"argument --confirm-seeds: must be >= 0, got -3", argparse=True, before_ray=True),
+    C("sweep-negative-grace-period", "voc_sweep", [*VOC_STUDY, "--grace-period=-100"],
+      r"argument --grace-period: must be >= 0, got -100", argparse=True, before_ray=True),
+    C("ablation-dry-run-missing-data-root", "voc_ablation",
+      ["--preset", "voc-r101", "--data-root", "{d}/nowhere", "--split", "1464", "--dry-run"],
+      r"data root .*nowhere does not exist", before_ray=True),
+    C("sweep-dry-run-missing-data-root", "voc_sweep",
+      ["--preset", "voc-r101", "--data-root", "{d}/nowhere", "--dry-run"],
+      r"data root .*nowhere does not exist", before_ray=True),
     C("ablation-missing-data-root", "voc_ablation",
       ["--preset", "voc-r101", "--data-root", "{d}/nowhere", "--storage", "{d}/s"],
       r"data root .*nowhere does not exist", before_ray=True),
@@ -330,6 +453,13 @@ CASES = [
     # --- ctt.tune.results -----------------------------------------------------------------
     C("results-missing-dir", "results", ["{d}/nope"],
       r"study directory .*nope does not exist: pass the directory of a study"),
+    C("results-of-a-single-run", "results", ["{d}/run"],
+      r"run is a single ctt.train run, not a study \(no study.json\): its metrics are its "
+      r"metrics.jsonl and tb/", setup=lambda d: (d / "run").mkdir() or (
+          d / "run" / "config.json").write_text("{}") or (
+          d / "run" / "metrics.jsonl").write_text('{"step": 1, "miou": 3.0}\n')),
+    C("results-of-a-directory-without-study", "results", ["{d}/voc"],
+      r"voc holds no study \(no study.json\): pass the directory of a study"),
     C("results-corrupt-study-json", "results", ["{d}/st"],
       r"st/study.json is not valid JSON \(Expecting value at line 1, column 23\)",
       setup=lambda d: study(d, study_json=b'{"name": "s", "kind": ')),
@@ -357,6 +487,9 @@ CASES = [
     # --- ctt.data.synthetic ---------------------------------------------------------------
     C("synthetic-size-too-small", "synthetic", ["--root", "{d}/syn", "--size", "8"],
       r"size must be an int >= 16 pixels, got 8"),
+    C("synthetic-root-is-a-file", "synthetic", ["--root", "{d}/notes.txt"],
+      r"cannot generate into .*notes.txt: it is a file, not a directory; choose another --root",
+      setup=lambda d: (d / "notes.txt").write_text("mine\n")),
     C("synthetic-into-foreign-dir", "synthetic", ["--root", "{d}/mine"],
       r"refusing to generate into .*mine: it is not empty and holds no synthetic dataset",
       setup=foreign_dir),
@@ -416,8 +549,23 @@ CASES = [
       r"--out .*out is not empty \(notes.txt\): pass --resume to continue the run in it, "
       r"--overwrite to replace it", setup=out_with_notes),
     C("train-overwrite-foreign-files", "train", [*TRAIN, "--overwrite"],
-      r"--overwrite clears only a run's own files .* also holds notes.txt",
-      setup=out_with_notes),
+      r"--overwrite replaces a run, but --out .*out holds no run \(no config.json; it holds "
+      r"notes.txt\)", setup=out_with_notes),
+    C("train-overwrite-not-a-run", "train", [*TRAIN, "--overwrite"],
+      r"--overwrite replaces a run, but --out .*out holds no run \(no config.json; it holds "
+      r"checkpoints/, tb/\): choose another --out", setup=out_not_a_run),
+    C("train-overwrite-user-file-in-a-run-folder", "train", [*TRAIN, "--overwrite"],
+      r"--overwrite clears only a run's own files .* also holds checkpoints/best_by_hand.pth: "
+      r"choose another --out", setup=run_with_user_checkpoint),
+    C("train-resume-truncated-checkpoint", "train", [*TRAIN, "--resume"],
+      r"cannot read checkpoint .*step_00000001.pt: .*The file is truncated, corrupt or not a "
+      r"ctt checkpoint; delete it to restart from the previous one",
+      setup=lambda d: run_with_checkpoint(d, b"PK\x03\x04 cut short"), may_create=LOCK),
+    # torch's own message suggests weights_only=False, i.e. running the file's code: never said
+    C("train-resume-untrusted-checkpoint", "train", [*TRAIN, "--resume"],
+      r"^(?!.*weights_only).*cannot read checkpoint .*step_00000001.pt: it holds Python "
+      r"objects beyond tensors and plain data, .* refused unread", setup=run_with_checkpoint,
+      may_create=LOCK),
     C("train-resume-without-run", "train", [*TRAIN, "--resume"],
       r"nothing to resume in .*out: it holds no run \(no config.json\)"),
     C("train-resume-and-overwrite", "train", [*TRAIN, "--resume", "--overwrite"],
@@ -508,7 +656,7 @@ def refuse_to_run(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
             raise Started(f"{case.id}: {what} started")
         return fn
 
-    if not case.may_create:
+    if not case.may_create and not case.trains:
         import ctt.data.synthetic
         import ctt.train
 

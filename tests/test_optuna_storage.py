@@ -17,6 +17,7 @@ from helpers import load_script, optuna_trials_by_tune_id, tune_snapshot
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
+from ctt.tune.layout import OPTUNA_JOURNAL
 from ctt.tune.optuna_search import (
     ERROR_ATTR,
     ORPHAN_ERROR,
@@ -24,7 +25,6 @@ from ctt.tune.optuna_search import (
     PruningAwareOptunaSearch,
 )
 from ctt.tune.optuna_storage import (
-    JOURNAL,
     OptunaStorageError,
     export_sqlite,
     mask_url,
@@ -88,7 +88,7 @@ def test_journal_copy_torn_anywhere_loads_and_appends(tmp_path):
     """A copy of the journal cut at any byte of its last records (a sync racing an append)
     loads as a prefix of the study; after the repair, appends load again. Without the
     repair the next append would break every later load: shown first."""
-    src = tmp_path / JOURNAL
+    src = tmp_path / OPTUNA_JOURNAL
     full = _journal_study(src, 4)
     data = src.read_bytes()
     lines = data.splitlines(keepends=True)
@@ -121,7 +121,7 @@ def test_journal_copy_torn_anywhere_loads_and_appends(tmp_path):
 
 
 def test_journal_repair_cuts_after_a_bad_line_and_opening_drops_a_stale_lock(tmp_path):
-    path = tmp_path / JOURNAL
+    path = tmp_path / OPTUNA_JOURNAL
     _journal_study(path, 2)
     good = path.read_bytes()
     path.write_bytes(good + b'{"op_code": 5, "broken\n' + good.splitlines(keepends=True)[-1])
@@ -131,7 +131,7 @@ def test_journal_repair_cuts_after_a_bad_line_and_opening_drops_a_stale_lock(tmp
 
 
 def test_export_sqlite_is_a_copy_the_results_read(tmp_path):
-    study = _journal_study(tmp_path / JOURNAL, 3)
+    study = _journal_study(tmp_path / OPTUNA_JOURNAL, 3)
     dest = export_sqlite(study._storage, "s", tmp_path / "optuna.db")
     copy = optuna.load_study(study_name="s", storage=f"sqlite:///{dest}")
     assert [(t.params, t.value, t.user_attrs, t.intermediate_values) for t in copy.trials] == \
@@ -188,7 +188,7 @@ def _summary(study) -> dict[str, tuple]:
 def test_restore_onto_a_journal_copy_behind_the_snapshot_adds_what_it_lacks(tmp_path):
     """The journal synced before the last asks and tells; Tune's snapshot after them. The
     restored study holds each trial once, as the snapshot knew it, and the study goes on."""
-    live = tmp_path / "head1" / JOURNAL
+    live = tmp_path / "head1" / OPTUNA_JOURNAL
     searcher = _searcher(open_journal(live))
     sched = _scheduler(searcher)
     searcher.suggest("good")
@@ -210,7 +210,7 @@ def test_restore_onto_a_journal_copy_behind_the_snapshot_adds_what_it_lacks(tmp_
     restore = tune_snapshot(searcher, sched, tmp_path / "searcher.pkl")
     expected = _summary(searcher.study)
 
-    new = tmp_path / "head2" / JOURNAL  # a new head: the copy restored elsewhere, torn
+    new = tmp_path / "head2" / OPTUNA_JOURNAL  # a new head: the copy restored elsewhere, torn
     new.parent.mkdir()
     new.write_bytes(synced + b'{"op_code": 6, "worker_id"')
     s2, sched2 = restore(open_journal(new))
@@ -240,7 +240,7 @@ def test_restore_onto_a_journal_copy_behind_the_snapshot_adds_what_it_lacks(tmp_
 def test_restore_onto_a_storage_ahead_of_the_snapshot_keeps_it(tmp_path):
     """The storage holds tells and an ask made after Tune's snapshot: kept as they are, the
     orphan ask is FAIL, the values the storage has are not reported again."""
-    live = tmp_path / JOURNAL
+    live = tmp_path / OPTUNA_JOURNAL
     searcher = _searcher(open_journal(live))
     sched = _scheduler(searcher)
     searcher.suggest("good")
@@ -278,7 +278,7 @@ def test_restore_onto_an_empty_storage_rebuilds_the_study(tmp_path):
     """A storage without the study at all (the journal never reached the storage, or a
     database that was reset): every trial of the snapshot is added, with the study's
     attributes, and TPE's next trial sees them."""
-    searcher = _searcher(open_journal(tmp_path / "old" / JOURNAL))
+    searcher = _searcher(open_journal(tmp_path / "old" / OPTUNA_JOURNAL))
     sched = _scheduler(searcher)
     for k, v in enumerate((9.0, 8.0, 7.0)):
         searcher.suggest(f"t{k}")
@@ -360,9 +360,9 @@ def test_optuna_dashboard_opens_the_journal_and_the_snapshot(tmp_path):
     """``optuna-dashboard <study>/optuna.journal`` (live) and ``optuna-dashboard
     sqlite:///<study>/optuna.db`` (the snapshot at the end) resolve to the same trials."""
     dashboard = pytest.importorskip("optuna_dashboard._storage_url")
-    study = _journal_study(tmp_path / JOURNAL, 3)
+    study = _journal_study(tmp_path / OPTUNA_JOURNAL, 3)
     export_sqlite(study._storage, "s", tmp_path / "optuna.db")
-    for arg in (str(tmp_path / JOURNAL), f"sqlite:///{tmp_path / 'optuna.db'}"):
+    for arg in (str(tmp_path / OPTUNA_JOURNAL), f"sqlite:///{tmp_path / 'optuna.db'}"):
         served = optuna.load_study(study_name="s", storage=dashboard.get_storage(arg))
         assert [(t.params, t.value) for t in served.trials] == \
             [(t.params, t.value) for t in study.trials], arg

@@ -15,7 +15,7 @@ TUNE_DIR = Path(layout.__file__).parent
 # ``confirm`` are also a phase, a variant and a study.json key, so they are not searched for).
 OWNED = {layout.SWEEP_WARMUP_EXPERIMENT, layout.CONFIRM_EXPERIMENT, layout.WARMUP_RECORD,
          layout.WARMUP_FAILED, layout.CONFIRM_JSON, layout.STUDY_JSON, layout.TRIALS_PARQUET,
-         layout.METRICS_PARQUET, layout.REPORT_MD}
+         layout.METRICS_PARQUET, layout.REPORT_MD, layout.OPTUNA_JOURNAL, layout.OPTUNA_DB}
 
 
 def test_study_path_names_are_spelled_only_in_layout():

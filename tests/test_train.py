@@ -196,8 +196,9 @@ def test_cli_writes_its_files_and_resumes(root, tmp_path, capsys):
     assert main(cli_args(root, out, 5) + ["--resume"]) == 0
     # a resume whose config disagrees with the checkpoint is a clear error, not a traceback
     capsys.readouterr()
-    assert main(cli_args(root, out, 6) + ["--resume", "--set", "method.lambda_h=0.5"]) == 1
-    assert "method.lambda_h" in capsys.readouterr().err
+    assert main(cli_args(root, out, 6) + ["--resume", "--set", "method.lambda_h=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "method.lambda_h" in err and "original --variant and --set" in err
 
 
 def test_cli_nan_exits_1_and_keeps_the_last_good_checkpoint(root, tmp_path, monkeypatch,

@@ -257,6 +257,7 @@ def test_sweep_report_with_one_finished_trial_and_pruned_ones(tmp_path):
 
 def test_cli_prints_report_and_rejects_missing_dir(tmp_path, capsys):
     write_trial(tmp_path, "t0", "supervised", 0, "TERMINATED", [{"step": 4, "miou": 1.0}])
+    (tmp_path / "study.json").write_text('{"name": "s", "kind": "ablation"}')
     assert main([str(tmp_path)]) == 0
     assert "# Study report:" in capsys.readouterr().out
     assert main([str(tmp_path / "nope")]) == 2

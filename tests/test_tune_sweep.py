@@ -52,6 +52,21 @@ def test_resume_differences_lists_changed_flags_and_ignores_harmless_ones():
     ]
 
 
+def test_resume_of_a_finished_sweep_compares_flags_not_results():
+    """A finished sweep's study.json also holds what it found (``best``, ``confirm`` with its
+    candidates, wall times): none of that is a flag, so the same command with --resume is not
+    refused; a dropped override still is."""
+    flags = {"name": "s", "kind": "sweep", "num_samples": 4, "confirm_top": 0,
+             "options": {"resume": False, "overrides": {"optim.iters": 6}}}
+    finished = {**flags, "best": {"trial_id": "t1"}, "wall_s_runs": [12.0],
+                "confirm": {"candidates": [{"rank": 1, "confirm_mean": 31.0}], "winner": None}}
+    again = {**flags, "options": {**flags["options"], "resume": True}}
+    assert resume_differences(finished, again) == []
+    dropped = {**again, "options": {"resume": True, "overrides": {}}}
+    assert resume_differences(finished, dropped) == [
+        "options.overrides.optim.iters: 6 -> '(unset)'"]
+
+
 def test_sweep_helpers():
     assert [tpe_startup_trials(n) for n in (1, 3, 16, 64)] == [3, 3, 4, 16]
     tiny = get_preset("tiny")
@@ -169,3 +184,19 @@ def test_sweep_warmup_plan_shares_only_when_nothing_sampled_acts_during_it():
     for cfg in no_warmup:
         assert sweep_warmup_plan(cfg, contrast_space()) == (
             False, "the variant has no supervised warm-up to share")
+
+
+def test_optuna_storage_password_comes_from_the_environment_not_the_command_line():
+    """A URL with a password is refused on the command line (ps shows it) and taken from
+    $CTT_OPTUNA_STORAGE, which no process listing shows."""
+    from ctt.errors import UserError
+    from ctt.tune.cli import check_no_secrets
+
+    url = "postgresql://ctt:hunter2@127.0.0.1/optuna"
+    check_no_secrets("studies_out", url, given=[])  # from the environment
+    check_no_secrets("studies_out", "postgresql://ctt@127.0.0.1/optuna",
+                     given=["--optuna-storage", "postgresql://ctt@127.0.0.1/optuna"])
+    with pytest.raises(UserError, match=r"ctt:\*\*\*@") as err:
+        check_no_secrets("studies_out", url, given=["--optuna-storage", url])
+    assert "hunter2" not in str(err.value)
+    check_no_secrets("s3://bucket/p?endpoint_override=127.0.0.1:9000&scheme=http", None, [])

@@ -581,7 +581,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             root = ensure(args.root, **params)
     except UserError:
         raise
-    except (ValueError, TypeError, FileExistsError) as err:
+    except FileExistsError as err:
+        if err.errno is not None:  # the OS's: a file stands where a directory must go
+            raise UserError(f"cannot generate into {err.filename or args.root}: it is a file, "
+                            "not a directory; choose another --root") from err
+        raise UserError(str(err)) from err  # ours: a directory the generator did not write
+    except (ValueError, TypeError) as err:
         raise UserError(str(err)) from err
     except OSError as err:  # unwritable or full --root
         where = err.filename or args.root or "the cache directory"

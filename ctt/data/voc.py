@@ -96,6 +96,7 @@ def read_split_lines(path: Path) -> list[tuple[int, list[str]]]:
             "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         ) from None
     rows = []
+    first_at: dict[str, int] = {}
     # universal newlines, as text-mode open() reads them (line numbers match an editor's)
     for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"),
                                   start=1):
@@ -108,6 +109,12 @@ def read_split_lines(path: Path) -> list[tuple[int, list[str]]]:
                 f"split file {path}, line {number}: expected 'image_path label_path' or an id, "
                 f"got {line[:120]!r}: fix or remove the line"
             )
+        if tokens[0] in first_at:
+            # a repeated item would be drawn twice as often, and evaluated twice
+            raise DataError(
+                f"split file {path}, line {number} lists {tokens[0]} again (first on line "
+                f"{first_at[tokens[0]]}): list each item once")
+        first_at[tokens[0]] = number
         rows.append((number, tokens))
     if not rows:
         raise DataError(f"split file {path} lists no items: add one item per line "

@@ -14,17 +14,18 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ctt.config import PRESETS, VARIANTS, apply_variant, get_preset, parse_set_args
-from ctt.errors import guarded
+from ctt.errors import UserError, guarded, int_at_least
 from ctt.tune.ablation import ablation_trials, run_ablation
 from ctt.tune.confirm import confirm_seed_list
 from ctt.tune.dry_run import print_dry_run, slots
-from ctt.tune.runtime import StudyOptions
+from ctt.tune.runtime import StudyOptions, check_inputs
 from ctt.tune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from ctt.tune.space import variant_space
-from ctt.tune.storage import RAY_JOB_ENV
+from ctt.tune.storage import RAY_JOB_ENV, is_uri
 from ctt.tune.sweep import run_sweep, sweep_warmup_plan
 
 __all__ = ["SMOKE_OVERRIDES", "SMOKE_SYNTHETIC_OVERRIDES", "Ablation", "Sweep",
@@ -132,14 +133,19 @@ def _run_ablation_cli(study: Ablation, argv: list[str] | None) -> int:
     p.add_argument("--no-fork", action="store_true",
                    help="run each trial's warm-up itself instead of forking a shared one")
     a = p.parse_args(argv)
-    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    variants = _name_list(a.variants, "variants")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(order)}")
     opts = _options(study, a)
+    check_no_secrets(opts.storage, None, [])
+    check_storage_place(opts.storage, opts.name)
+    check_address(opts.address)
     opts.fork_warmup = not a.no_fork
     if a.dry_run:
-        print_dry_run(ablation_trials(opts, variants), opts.base, opts.preset,
+        trials = ablation_trials(opts, variants)
+        check_inputs(opts)  # the data root, as the study checks it
+        print_dry_run(trials, opts.base, opts.preset,
                       slots=slots(opts.num_cpus, opts.cpus_per_trial),
                       warmup_fork=opts.fork_warmup)
         return 0
@@ -149,36 +155,47 @@ def _run_ablation_cli(study: Ablation, argv: list[str] | None) -> int:
 def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
     p = _parser(study)
     p.add_argument("--variant", default=study.variant, choices=sorted(VARIANTS))
-    p.add_argument("--num-samples", type=int, default=study.num_samples)
+    p.add_argument("--num-samples", type=int_at_least(1), default=study.num_samples)
     p.add_argument("--scheduler", default=study.scheduler, choices=SCHEDULERS,
                    help="what prunes weak trials (default %(default)s: chosen on the replay of "
                    "recorded curves, docs/benchmarks.md#pruning-replayed)")
     p.add_argument("--metric", default="miou", help="reported metric to maximise (ranked by "
                    "its final value)")
-    p.add_argument("--grace-period", type=int, default=None, metavar="ITERS",
+    p.add_argument("--grace-period", type=int_at_least(0), default=None, metavar="ITERS",
                    help="iterations after the supervised warm-up before the first pruning "
                    "decision (default run.eval_every); rungs count from the warm-up's end")
-    p.add_argument("--confirm-top", type=int, default=study.confirm_top, metavar="K",
+    p.add_argument("--confirm-top", type=int_at_least(0), default=study.confirm_top,
+                   metavar="K",
                    help="after the search, rerun the K best configs on fresh seeds and name "
                    "the winner by their mean (0: off; --smoke-test: at most 1)")
-    p.add_argument("--confirm-seeds", type=int, default=study.confirm_seeds, metavar="S",
+    p.add_argument("--confirm-seeds", type=int_at_least(0), default=study.confirm_seeds,
+                   metavar="S",
                    help="fresh seeds per confirmed config (--smoke-test: at most 1)")
     p.add_argument("--no-fork", action="store_true",
                    help="give each trial its own warm-up even where the space would let the "
                    "trials share one")
-    p.add_argument("--optuna-storage", metavar="URL", default=None,
+    p.add_argument("--optuna-storage", metavar="URL", default=os.environ.get(OPTUNA_STORAGE_ENV),
                    help="database for Optuna's study (sqlite:///PATH, postgresql://..., "
-                   "mysql://...; default: optuna.journal in the study directory, which "
-                   "survives the head wherever --storage does)")
+                   "mysql://...; default: $CTT_OPTUNA_STORAGE, else optuna.journal in the study "
+                   "directory, which survives the head wherever --storage does). No password "
+                   "in the URL on the command line: PGPASSWORD, ~/.pgpass or $CTT_OPTUNA_STORAGE")
     a = p.parse_args(argv)
     opts = _options(study, a)
+    check_no_secrets(opts.storage, a.optuna_storage, sys.argv[1:] if argv is None else argv)
+    check_storage_place(opts.storage, opts.name)
+    check_address(opts.address)
+    if len(opts.seeds) > 1:
+        raise UserError(f"--seeds {','.join(map(str, opts.seeds))}: a sweep searches at one "
+                        "seed; pass one, and --confirm-seeds S to rerun its best configs on S "
+                        "fresh seeds after the search")
     opts.fork_warmup = not a.no_fork
     num_samples = min(a.num_samples, 3) if a.smoke_test else a.num_samples
-    confirm = {"confirm_top": max(0, a.confirm_top), "confirm_seeds": max(0, a.confirm_seeds)}
+    confirm = {"confirm_top": a.confirm_top, "confirm_seeds": a.confirm_seeds}
     if a.smoke_test:
         confirm = {k: min(v, 1) for k, v in confirm.items()}
     space = variant_space(study.space(), opts.base, a.variant)
     if a.dry_run:
+        check_inputs(opts)  # the data root, as the study checks it
         flat = {**opts.base.to_flat(), "variant": a.variant}
         print(f"search space: {', '.join(space)}")
         base = apply_variant(opts.base, a.variant)
@@ -222,16 +239,18 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
     g.add_argument("--data-root", help="dataset root, read-only (tiny: default synthetic "
                    "data, generated once into ~/.cache/ctt)")
     g.add_argument("--split", help="labeled split name (data.labeled_split)")
-    g.add_argument("--seeds", default=default_seeds, help="comma-separated seeds")
-    g.add_argument("--iters", type=int, help="total iterations per trial (optim.iters)")
+    g.add_argument("--seeds", type=seed_list, default=None,
+                   help=f"comma-separated distinct seeds (default {default_seeds})")
+    g.add_argument("--iters", type=int_at_least(1),
+                   help="total iterations per trial (optim.iters)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any flat config key (repeatable)")
-    g.add_argument("--cpus-per-trial", type=float, default=_DEFAULTS.cpus_per_trial)
-    g.add_argument("--gpus-per-trial", type=float, default=_DEFAULTS.gpus_per_trial,
+    g.add_argument("--cpus-per-trial", type=_positive, default=_DEFAULTS.cpus_per_trial)
+    g.add_argument("--gpus-per-trial", type=_non_negative, default=_DEFAULTS.gpus_per_trial,
                    help="fractional values pack several trials on one GPU")
-    g.add_argument("--max-concurrent", type=int, default=_DEFAULTS.max_concurrent,
+    g.add_argument("--max-concurrent", type=int_at_least(0), default=_DEFAULTS.max_concurrent,
                    help="0 = as resources allow")
-    g.add_argument("--max-failures", type=int, default=_DEFAULTS.max_failures,
+    g.add_argument("--max-failures", type=int_at_least(0), default=_DEFAULTS.max_failures,
                    help="restarts of a crashed trial from its last checkpoint")
     g.add_argument("--storage", default=_DEFAULTS.storage,
                    help="local directory, NFS path or URI (s3://bucket/prefix)")
@@ -255,6 +274,133 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
     g.add_argument("--verbose", action="store_true", help="Ray's status table and the trials' "
                    "own output instead of the study's progress line")
     g.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    p.set_defaults(study_seeds=seed_list(default_seeds))
+
+
+# Query parameters of a storage URI that carry a credential (pyarrow's S3 options).
+SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token")
+# Where a sweep's --optuna-storage URL may come from instead of the command line.
+OPTUNA_STORAGE_ENV = "CTT_OPTUNA_STORAGE"
+
+
+# Seconds a study waits for the Ray cluster named by --address to answer.
+ADDRESS_TIMEOUT_S = 10.0
+
+
+def check_address(address: str | None) -> None:
+    """A ``HOST:PORT`` ``--address`` must answer within :data:`ADDRESS_TIMEOUT_S`: Ray itself
+    retries a dead address for many minutes. ``auto`` and ``ray://`` addresses are Ray's to
+    resolve (:func:`ctt.tune.runtime.init_ray` turns its failure into one line)."""
+    import socket
+
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address!r} is not HOST:PORT (or auto): pass the address "
+                        "of a running Ray head, e.g. 10.0.0.5:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserError(f"--address {address}: no Ray head answers there within "
+                        f"{ADDRESS_TIMEOUT_S:g} s ({e.strerror or e}); start the cluster "
+                        "(ray up, or ray start --head) or check the address") from None
+
+
+def check_storage_place(storage: str, name: str) -> None:
+    """``--storage``: a URI needs a bucket and no spaces; a local path must be a directory
+    this process can create the study in."""
+    import urllib.parse
+
+    from ctt.errors import check_writable
+
+    if is_uri(storage):
+        parts = urllib.parse.urlsplit(storage)
+        if any(c.isspace() for c in storage):
+            raise UserError(f"--storage {storage!r} contains white space: a storage URI has "
+                            "none (quote nothing inside it; rename the prefix)")
+        if not parts.netloc:
+            raise UserError(f"--storage {storage!r} names no bucket: pass "
+                            f"{parts.scheme or 's3'}://BUCKET/prefix")
+        return
+    check_writable(Path(storage).expanduser() / name, "--storage")
+
+
+def check_no_secrets(storage: str, optuna_storage: str | None, given: list[str]) -> None:
+    """Refuse a credential written on the command line (``given``: the arguments as typed),
+    where every process listing (``ps``, ``ray job list``) shows it."""
+    import urllib.parse
+
+    from ctt.tune.optuna_storage import mask_url
+
+    if is_uri(storage):
+        keys = sorted(set(urllib.parse.parse_qs(urllib.parse.urlsplit(storage).query))
+                      & set(SECRET_QUERY_KEYS))
+        if keys:
+            raise UserError(
+                f"--storage carries a credential ({', '.join(keys)}) in its query string, which "
+                "process listings (ps, ray job list) show: leave it out and give it to S3 the "
+                "standard way (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in "
+                "~/.aws with AWS_PROFILE, or the instance's role)")
+    if optuna_storage and mask_url(optuna_storage) != optuna_storage and any(
+            optuna_storage in arg for arg in given):
+        raise UserError(
+            f"--optuna-storage {mask_url(optuna_storage)!r} carries a password, which process "
+            "listings (ps, ray job list) show: leave it out of the URL and let the database "
+            f"client find it (PGPASSWORD or ~/.pgpass for PostgreSQL), or pass the whole URL in "
+            f"${OPTUNA_STORAGE_ENV} instead of the flag")
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds`` (argparse type): comma-separated distinct integers, at least one. A seed
+    listed twice would train the same trial twice and count it as two paired samples."""
+    words = [w.strip() for w in str(text).split(",")]
+    if not any(words):
+        raise argparse.ArgumentTypeError("no seed given: pass e.g. --seeds 0,1,2")
+    try:
+        seeds = [int(w) for w in words if w]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(
+            f"seed {', '.join(map(str, twice))} listed twice in {text!r}: each seed is one "
+            "paired sample, list it once")
+    return seeds
+
+
+def _name_list(text: str, what: str) -> list[str]:
+    names = [w.strip() for w in str(text).split(",") if w.strip()]
+    if not names:
+        raise UserError(f"--{what} {text!r} names nothing: pass at least one")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"--{what}: {', '.join(twice)} listed twice; list each once (a "
+                        "repeated row would be counted as another result)")
+    return names
+
+
+def _positive(text: str) -> float:
+    """A number > 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """A number >= 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -271,7 +417,8 @@ def _seconds(text: str) -> float:
 def options_from_args(a: argparse.Namespace, default_name: str,
                       defaults: dict[str, Any] | None = None) -> StudyOptions:
     """StudyOptions from the common flags. Overrides, later winning: the study's ``defaults``,
-    the smoke-test settings, ``--set``."""
+    the smoke-test settings, ``--set``; an explicit ``--iters`` or ``--seeds`` beats the smoke
+    test's."""
     overrides: dict[str, Any] = dict(defaults or {})
     sets = parse_set_args(a.overrides)
     if a.smoke_test:
@@ -282,9 +429,9 @@ def options_from_args(a: argparse.Namespace, default_name: str,
         if a.iters:  # an explicit --iters beats the smoke default
             overrides["optim.iters"] = a.iters
     overrides.update(sets)
-    seeds = [int(s) for s in str(a.seeds).split(",") if s.strip()]
-    if a.smoke_test:
-        seeds = seeds[:1]
+    seeds = a.seeds
+    if seeds is None:  # the study's default seeds; a smoke test keeps only the first
+        seeds = a.study_seeds[:1] if a.smoke_test else a.study_seeds
     return StudyOptions(
         name=a.out or default_name, preset=a.preset, data_root=a.data_root, split=a.split,
         seeds=seeds, iters=a.iters, overrides=overrides, cpus_per_trial=a.cpus_per_trial,

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 STUDY_JSON = "study.json"
 TRIAL_JSON = "trial.json"
 METRICS_JSONL = "metrics.jsonl"
+# A sweep's Optuna study, written as it runs, and its sqlite snapshot at the end.
+OPTUNA_JOURNAL = "optuna.journal"
 OPTUNA_DB = "optuna.db"
 TRIALS_PARQUET = "trials.parquet"
 METRICS_PARQUET = "metrics.parquet"

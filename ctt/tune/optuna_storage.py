@@ -37,11 +37,9 @@ import optuna
 
 from ctt.errors import UserError, one_line
 
-__all__ = ["JOURNAL", "OptunaStorageError", "export_sqlite", "mask_url", "open_journal",
+__all__ = ["OptunaStorageError", "export_sqlite", "mask_url", "open_journal",
            "open_url", "repair_journal"]
 
-JOURNAL = "optuna.journal"
-SQLITE_SNAPSHOT = "optuna.db"
 URL_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 
 log = logging.getLogger(__name__)

@@ -101,6 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = "is not a directory" if os.path.exists(args.study_dir) else "does not exist"
         raise MissingDataError(f"study directory {args.study_dir} {what}: pass the directory "
                                "of a study (it holds study.json and trials/)")
+    if not os.path.isfile(os.path.join(args.study_dir, STUDY_JSON)):
+        # results are a study's; writing tables and a report into another directory (a
+        # single run's, or any) would only add files there
+        if os.path.isfile(os.path.join(args.study_dir, "config.json")):
+            raise UserError(f"{args.study_dir} is a single ctt.train run, not a study (no "
+                            "study.json): its metrics are its metrics.jsonl and tb/; pass the "
+                            "directory of a study")
+        raise MissingDataError(f"{args.study_dir} holds no study (no study.json): pass the "
+                               "directory of a study (it holds study.json and trials/)")
     try:
         out = build_results(args.study_dir)
     except UserError:

@@ -38,8 +38,8 @@ def _flat_record(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every study flag a resume would change (keys of ``new`` the
-    old record holds; :data:`RESUME_FREE_OPTIONS` and bookkeeping are ignored)."""
+    """``key: old -> new`` for every study flag a resume would change (:data:`RESUME_FREE_OPTIONS`,
+    bookkeeping and the results the study recorded are ignored)."""
     new = json.loads(json.dumps(new, default=str))  # compare as study.json stores values
 
     def flat(record: dict[str, Any]) -> dict[str, Any]:
@@ -53,9 +53,13 @@ def resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         return out
 
     before, after = flat(old), flat(new)
-    # A key the old record lacks is compared only inside the dict-valued flags (an override
-    # or swept parameter added); elsewhere it is a field newer than the study's record.
-    keys = sorted(set(before) | {k for k in after if k.startswith(_RESUME_OPEN_DICTS)})
+    # Compared: what this command sets (``new``), and inside the dict-valued flags also what
+    # the study set and this command drops (an override or swept parameter removed). A key
+    # only the record holds is a result the study wrote (``confirm``, ``best``), not a flag;
+    # a key only this command holds inside a dict-valued flag is one it added. A key new
+    # outside them is a field newer than the study's record.
+    keys = sorted({k for k in after if k in before or k.startswith(_RESUME_OPEN_DICTS)}
+                  | {k for k in before if k.startswith(_RESUME_OPEN_DICTS)})
     return [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}"
             for k in keys if before.get(k, "(unset)") != after.get(k, "(unset)")]
 

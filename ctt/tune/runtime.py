@@ -44,7 +44,7 @@ import ray
 
 from ctt.config import CTTConfig, get_preset
 from ctt.data.loader import dataset_root
-from ctt.errors import UserError
+from ctt.errors import UserError, one_line
 from ctt.interrupts import Interrupted, SignalGuard
 from ctt.rundir import STUDY_LOCK, DirLock
 from ctt.tune import storage as study_storage
@@ -67,8 +67,8 @@ if TYPE_CHECKING:
     from ray import tune
 
 __all__ = ["NoStudyError", "StudyExistsError", "StudyFailedError", "StudyOptions",
-           "StudySession", "check_inputs", "finish_study", "init_ray", "study_paths",
-           "study_session", "tune_env"]
+           "StudySession", "check_inputs", "check_trial_fits", "finish_study", "init_ray",
+           "study_paths", "study_session", "tune_env"]
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,12 @@ def init_ray(opts: StudyOptions) -> None:
     if ray.is_initialized():
         return
     if opts.address:
-        ray.init(address=opts.address, log_to_driver=opts.verbose > 1)
+        try:
+            ray.init(address=opts.address, log_to_driver=opts.verbose > 1)
+        except ConnectionError as e:  # e.g. auto with no cluster on this machine
+            raise UserError(f"--address {opts.address}: cannot join a Ray cluster ("
+                            f"{one_line(e)}); start one (ray up, or ray start --head) or "
+                            "check the address") from None
         return
     # Ray "resolves" _node_ip_address=127.0.0.1 to the machine's routable IP, and then GCS,
     # raylet and workers listen on every interface ("::"). With cluster support off (the
@@ -187,6 +192,8 @@ def check_inputs(opts: StudyOptions) -> CTTConfig:
     config. On a cluster (``address``) a data root that is absent on the driver's node is left
     to the trials, which run on nodes that may hold it."""
     base = opts.base
+    if opts.address is None:
+        check_trial_fits(opts)
     root = base.data.root
     if opts.address and root != "none" and not Path(root).expanduser().exists():
         print(f"note: data root {root} is not on this (driver) node; each trial checks it on "
@@ -194,6 +201,24 @@ def check_inputs(opts: StudyOptions) -> CTTConfig:
     else:
         dataset_root(base)
     return base
+
+
+def check_trial_fits(opts: StudyOptions) -> None:
+    """Refuse trial resources this machine cannot give, for a study that runs here (no
+    ``address``): Ray would keep such trials pending forever, warning once a minute."""
+    cores = os.cpu_count() or 1
+    if opts.cpus_per_trial > cores:
+        raise UserError(f"--cpus-per-trial {opts.cpus_per_trial:g}: this machine has {cores} "
+                        "cores, so no trial could ever start; pass at most that")
+    if opts.gpus_per_trial > 0:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < opts.gpus_per_trial:
+            raise UserError(
+                f"--gpus-per-trial {opts.gpus_per_trial:g}: this machine has {gpus} GPU(s) and "
+                "the study runs on it (no --address), so no trial could ever start; pass "
+                "--gpus-per-trial 0 to train on the CPU, or join a GPU cluster with --address")
 
 
 def _check_outcome(study_dir: Path) -> None:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ctt.errors import UserError
-from ctt.fileio import _TEMP_SUFFIX, atomic_write_bytes
+from ctt.fileio import TEMP_SUFFIX, atomic_write_bytes
 from ctt.rundir import STUDY_LOCK
 from ctt.tune.layout import STORAGE_ONLY
 
@@ -114,7 +114,7 @@ def syncable(rel: str) -> bool:
         return False
     if name == STUDY_LOCK or name.endswith(".lock"):
         return False
-    return not (name.startswith(".") and name.endswith(_TEMP_SUFFIX))
+    return not (name.startswith(".") and name.endswith(TEMP_SUFFIX))
 
 
 def read_object(fs: Any, path: str, tries: int = 5) -> bytes:
@@ -228,7 +228,7 @@ class StudySync:
         with open(src, "rb") as f:
             if isinstance(fs, pyarrow.fs.LocalFileSystem):  # file:// storage: rename into place
                 fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
-                tmp = f"{dest}.{os.getpid()}{_TEMP_SUFFIX}"
+                tmp = f"{dest}.{os.getpid()}{TEMP_SUFFIX}"
                 with fs.open_output_stream(tmp) as out:
                     while chunk := f.read(_CHUNK):
                         out.write(chunk)

@@ -35,10 +35,9 @@ from ctt.tune.experiment import (
     trial_config,
 )
 from ctt.tune.grid import WARMUP_VARIANT, published, warmup_dir
-from ctt.tune.layout import EXPERIMENT, OPTUNA_DB, SWEEP_WARMUP_EXPERIMENT
+from ctt.tune.layout import EXPERIMENT, OPTUNA_DB, OPTUNA_JOURNAL, SWEEP_WARMUP_EXPERIMENT
 from ctt.tune.optuna_search import TUNE_TRIAL_ID_ATTR, PruningAwareOptunaSearch
 from ctt.tune.optuna_storage import (
-    JOURNAL,
     OptunaStorageError,
     export_sqlite,
     mask_url,
@@ -218,7 +217,7 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
             "confirm_top": confirm_top, "confirm_seeds": confirm_seeds,
             "pruner": pruner_record(pruner),
             "warmup": {"shared": share, "why": share_why},
-            "optuna_storage": mask_url(optuna_storage) if optuna_storage else JOURNAL,
+            "optuna_storage": mask_url(optuna_storage) if optuna_storage else OPTUNA_JOURNAL,
             "preset": opts.preset, "options": asdict(opts), "base_config": base.to_flat(),
             # an --optuna-storage password stays out of the record
             "command": [mask_url(a) for a in sys.argv], "created": time.time(),
@@ -307,7 +306,7 @@ def _sweep_optuna_storage(db: Any, study_dir: Path, name: str, restoring: bool) 
     import optuna
 
     if db is None:
-        path = study_dir / JOURNAL
+        path = study_dir / OPTUNA_JOURNAL
         if not restoring:
             path.unlink(missing_ok=True)
         return open_journal(path)

@@ -25,8 +25,9 @@ from helpers import REPO_ROOT, optuna_trials_by_tune_id
 from optuna.trial import TrialState
 
 from ctt.tune.callbacks import LOST_ERROR
+from ctt.tune.layout import OPTUNA_JOURNAL
 from ctt.tune.optuna_search import ERROR_ATTR, ORPHAN_ERROR
-from ctt.tune.optuna_storage import JOURNAL, open_journal
+from ctt.tune.optuna_storage import open_journal
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -157,7 +158,7 @@ def test_sweep_head_killed_after_a_trial_resumes_with_whole_optuna_history(
                 assert proc.poll() is None, log.read_text()[-4000:]
                 assert time.monotonic() < deadline, log.read_text()[-4000:]
                 if synced is None and _reporting(study, finished=False):
-                    synced = (study / JOURNAL).read_bytes()  # the first trial runs
+                    synced = (study / OPTUNA_JOURNAL).read_bytes()  # the first trial runs
                 time.sleep(0.1)
             time.sleep(1.5)  # Tune snapshots (every second here) with the trial running
         finally:
@@ -167,7 +168,7 @@ def test_sweep_head_killed_after_a_trial_resumes_with_whole_optuna_history(
     assert not (study / "trials.parquet").exists()
     assert synced, log.read_text()[-4000:]
     if journal == "synced-behind":
-        (study / JOURNAL).write_bytes(synced + b'{"op_code": 4, "worker_id": "a1')
+        (study / OPTUNA_JOURNAL).write_bytes(synced + b'{"op_code": 4, "worker_id": "a1')
     if journal == "checkpoints-gone":
         running = [p.parent.name for p in (study / "trials").glob("*/trial.json")
                    if json.loads(p.read_text())["status"] == "RUNNING"]
@@ -192,10 +193,10 @@ def test_sweep_head_killed_after_a_trial_resumes_with_whole_optuna_history(
             proc.stderr[-4000:]
     if journal == "checkpoints-gone":
         assert "was deleted after Tune's last snapshot" in proc.stderr, proc.stderr[-4000:]
-    _optuna_matches_trials(study, open_journal(study / JOURNAL))
+    _optuna_matches_trials(study, open_journal(study / OPTUNA_JOURNAL))
     _optuna_matches_trials(study, f"sqlite:///{study / 'optuna.db'}")
     record = json.loads((study / "study.json").read_text())
-    assert record["optuna_storage"] == JOURNAL and len(record["resumed"]) == 1
+    assert record["optuna_storage"] == OPTUNA_JOURNAL and len(record["resumed"]) == 1
 
 
 @pytest.mark.slow
@@ -209,7 +210,7 @@ def test_sweep_on_an_optuna_database_url(tmp_path, ray_tmp):
                           timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     study = storage / "lost"
-    assert not (study / JOURNAL).exists()
+    assert not (study / OPTUNA_JOURNAL).exists()
     _optuna_matches_trials(study, url)
     assert json.loads((study / "study.json").read_text())["optuna_storage"] == url
     # a fresh start on the same database refuses before Ray starts
