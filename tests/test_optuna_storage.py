@@ -339,15 +339,18 @@ def test_sweep_optuna_storage_fresh_start_drops_the_old_record_and_resume_keeps_
     assert optuna.get_all_study_summaries(db) == []
 
 
-def test_sweep_refuses_an_unusable_optuna_storage_before_ray(tmp_path):
+def test_sweep_refuses_an_unusable_optuna_storage_before_ray(tmp_path, monkeypatch):
+    """A database that cannot be opened is one line, before Ray starts; the URL, password
+    included, comes from $CTT_OPTUNA_STORAGE (on the command line it would be refused) and the
+    password is never printed."""
     mod = load_script("voc_sweep")
     import io
     from contextlib import redirect_stderr
 
+    monkeypatch.setenv("CTT_OPTUNA_STORAGE", "postgresql://ann:hunter2@127.0.0.1:1/ctt")
     err = io.StringIO()
     with redirect_stderr(err):
-        rc = mod.main(["--smoke-test", "--storage", str(tmp_path), "--optuna-storage",
-                       "postgresql://ann:hunter2@127.0.0.1:1/ctt"])
+        rc = mod.main(["--smoke-test", "--storage", str(tmp_path)])
     assert rc == 2
     line = err.getvalue().strip()
     assert line.startswith("error: --optuna-storage 'postgresql://ann:***@127.0.0.1:1/ctt' "
