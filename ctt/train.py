@@ -51,7 +51,7 @@ from ctt.config import (  # noqa: E402
 )
 from ctt.data.loader import BatchStream, build_datasets, dataset_root, eval_loader  # noqa: E402
 from ctt.envinfo import environment  # noqa: E402
-from ctt.errors import UserError, guarded, warn_all  # noqa: E402
+from ctt.errors import UserError, guarded, warn, warn_all  # noqa: E402
 from ctt.evaluate import evaluate_many  # noqa: E402
 from ctt.fileio import TEMP_SUFFIX, append_record, truncate_records  # noqa: E402
 from ctt.interrupts import Interrupted, SignalGuard, continue_command  # noqa: E402
@@ -106,6 +106,7 @@ class Trainer:
         self.state = state if state is not None else TrainState(cfg, device)
         self.device = self.state.device
         self.state.num_labeled = len(self.datasets["labeled"])
+        self._warned_unlabelled: set[str] = set()  # splits whose every label pixel is 255
         d = cfg.data
         self.streams = {"labeled": BatchStream(self.datasets["labeled"], d.batch_size,
                                                seed=derive_seed(cfg.run.seed, SEED_LABELED_ORDER),
@@ -153,6 +154,11 @@ class Trainer:
         # cadence (which may change on resume) cannot shift anything that trains.
         with torch.random.fork_rng(devices=[]), torch.no_grad(), amp:
             results = evaluate_many(nets, loader, self.cfg.data.num_classes, self.device)
+        if int(results[0]["confusion"].sum()) == 0 and split not in self._warned_unlabelled:
+            # every pixel is ignore (255): the mIoU below is 0 by construction, not a result
+            self._warned_unlabelled.add(split)
+            warn(f"the {split} split has no labelled pixel (every label value is 255, "
+                 "ignore): its mIoU means nothing; check its label files")
         out = {name: res["miou"] for name, res in zip(names, results, strict=True)}
         students = [out[name] for name in names[:len(self.state.students)]]
         out["miou"] = sum(students) / len(students)

@@ -410,3 +410,36 @@ def test_dir_lock_is_exclusive_across_processes_and_freed_by_death(tmp_path):
     lock.acquire()  # the holder is dead: taken over
     assert json.loads((tmp_path / ".study.lock").read_text())["pid"] != proc.pid
     lock.release()
+
+
+def test_a_split_whose_labels_are_all_ignore_is_warned_about_once(root, tmp_path, capsys):
+    """Labels that are all 255 (ignore) evaluate to mIoU 0.00 with nothing counted: that is a
+    warning, once per split, not a silent result. The slow reference: a copy of the data whose
+    val labels are rewritten to 255 pixel by pixel."""
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    val_ids = [line.split()[0] for line in (data / "ImageSets" / "Segmentation" / "val.txt")
+               .read_text().split("\n") if line.strip() and not line.startswith("#")]
+    for item in val_ids:
+        path = data / "SegmentationClass" / f"{Path(item).stem}.png"
+        label = Image.open(path)
+        blank = np.full(np.asarray(label).shape, 255, dtype=np.uint8)
+        out = Image.fromarray(blank, mode="P")
+        if label.mode == "P":
+            out.putpalette(label.getpalette())
+        out.save(path)
+    trainer = Trainer(make_cfg(data))
+    capsys.readouterr()
+    first = trainer.evaluate("val")
+    assert first["miou"] == 0.0
+    err = capsys.readouterr().err
+    assert err.count("warning: the val split has no labelled pixel (every label value is 255")\
+        == 1, err
+    trainer.evaluate("val")
+    assert "no labelled pixel" not in capsys.readouterr().err  # once per split
