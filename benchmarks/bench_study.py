@@ -75,7 +75,8 @@ from ctt.data.loader import dataset_root
 from ctt.errors import guarded, int_at_least, warn_all
 from ctt.tune.ablation import run_ablation
 from ctt.tune.layout import METRICS_PARQUET, TRIALS_PARQUET, read_json, study_json_path
-from ctt.tune.runtime import StudyOptions, init_ray
+from ctt.tune.ray_setup import init_ray
+from ctt.tune.runtime import StudyOptions
 from ctt.tune.schedulers import SCHEDULERS, make_scheduler
 
 EFFICIENCY_TARGET = 0.90

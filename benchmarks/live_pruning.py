@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         rep = json.loads(a.replay.read_text())
         summary, seeds = rep.get("summary", []), rep.get("seeds", seeds)
 
-    from ctt.tune.runtime import StudyOptions, init_ray
+    from ctt.tune.ray_setup import init_ray
+    from ctt.tune.runtime import StudyOptions
 
     storage = a.storage or Path(tempfile.mkdtemp(prefix="ctt-live-pruning-"))
     init_ray(StudyOptions(name="live-pruning", num_cpus=a.slots))

@@ -73,6 +73,9 @@ class DirLock:
         self.what = what
         self._fd: int | None = None
         self._created: list[Path] = []  # directories acquire() made, innermost first
+        # what the lock file said when acquire() took it over from a process that is gone
+        self.previous: dict[str, Any] = {}
+        self._info: dict[str, Any] = {}
 
     @property
     def held(self) -> bool:
@@ -133,6 +136,7 @@ class DirLock:
             os.close(fd)
         self._fd = fd
         previous = self.holder()
+        self.previous = previous
         if previous.get("pid") is not None:
             if previous.get("host") != socket.gethostname():
                 self.release(clear=False)
@@ -142,10 +146,20 @@ class DirLock:
                     f"runs, clear the lock with `rm {shlex.quote(str(self.path))}` and retry")
             print(f"note: taking over the stale lock of {_describe(previous)} on "
                   f"{self.directory} (that process is gone)", file=sys.stderr, flush=True)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                "command": shlex.join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                      "command": shlex.join(sys.argv)}
+        self._write(self._info)
+
+    def annotate(self, **fields: Any) -> None:
+        """Add ``fields`` to what the held lock file says (read back from :attr:`previous`
+        by whoever takes the lock over after this process is gone)."""
+        if self._fd is not None:
+            self._info.update(fields)
+            self._write(self._info)
+
+    def _write(self, info: dict[str, Any]) -> None:
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, (json.dumps(info) + "\n").encode(), 0)
 
     def release(self, clear: bool = True) -> None:
         """Empty the lock file (a released lock) and unlock it. A directory that acquire()

@@ -35,7 +35,8 @@ def ray_local():
     127.0.0.1, 2 CPUs, a 300 MiB object store, no dashboard, Ray's and Tune's environment
     defaults) and shut down after the module if this fixture started it."""
     ray = pytest.importorskip("ray")
-    from ctt.tune.runtime import StudyOptions, init_ray
+    from ctt.tune.ray_setup import init_ray
+    from ctt.tune.runtime import StudyOptions
 
     started = not ray.is_initialized()
     init_ray(StudyOptions(name="tests", num_cpus=2))

@@ -290,7 +290,7 @@ ADDRESS_TIMEOUT_S = 10.0
 def check_address(address: str | None) -> None:
     """A ``HOST:PORT`` ``--address`` must answer within :data:`ADDRESS_TIMEOUT_S`: Ray itself
     retries a dead address for many minutes. ``auto`` and ``ray://`` addresses are Ray's to
-    resolve (:func:`ctt.tune.runtime.init_ray` turns its failure into one line)."""
+    resolve (:func:`ctt.tune.ray_setup.init_ray` turns its failure into one line)."""
     import socket
 
     if not address or address == "auto" or "://" in address:

@@ -13,11 +13,7 @@ leaves the study as :class:`~ctt.interrupts.Interrupted` with ``where`` and ``re
 after Tune's graceful stop (last experiment snapshot, trial actors stopped): finished trials
 and warm-ups are kept and ``--resume`` continues the rest.
 
-Ray runs in-process on loopback (no dashboard, small object store, every server bound to
-127.0.0.1; a scenario test checks the listening sockets) unless ``address`` joins a running
-cluster. Environment defaults set here: Ray's automatic loggers off (our callback writes
-TensorBoard and HParams), the classic reporter API (the study's own progress line,
-:mod:`ctt.tune.progress`, is one).
+Ray is started or joined by :mod:`ctt.tune.ray_setup`.
 
 Every refusal here is a :class:`~ctt.errors.UserError`: the study's entry point prints it as
 one line (:func:`ctt.tune.cli.run_study`).
@@ -32,7 +28,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,11 +35,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import ray
-
 from ctt.config import CTTConfig, get_preset
 from ctt.data.loader import dataset_root
-from ctt.errors import UserError, one_line
+from ctt.errors import UserError
 from ctt.interrupts import Interrupted, SignalGuard
 from ctt.rundir import STUDY_LOCK, DirLock
 from ctt.tune import storage as study_storage
@@ -58,6 +51,14 @@ from ctt.tune.layout import (
     write_json,
 )
 from ctt.tune.optuna_storage import mask_url
+from ctt.tune.ray_setup import (
+    QuietTuneInterrupt,
+    init_ray,
+    own_ray_processes,
+    ray_keeps_our_sigterm,
+    stop_ray_left_by,
+    tune_catches_sigint,
+)
 from ctt.tune.report import summary_table
 from ctt.tune.results import build_results
 from ctt.tune.resume import check_resume
@@ -67,18 +68,10 @@ if TYPE_CHECKING:
     from ray import tune
 
 __all__ = ["NoStudyError", "StudyExistsError", "StudyFailedError", "StudyOptions",
-           "StudySession", "check_inputs", "check_trial_fits", "finish_study", "init_ray",
-           "study_paths", "study_session", "tune_env"]
+           "StudySession", "check_inputs", "check_trial_fits", "finish_study", "study_paths",
+           "study_session", "tune_env"]
 
 log = logging.getLogger(__name__)
-
-OBJECT_STORE_BYTES = 300 * 1024**2
-RAY_ENV_DEFAULTS = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_OUTPUT": "0",
-                    "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "5",
-                    # A deterministic failure's one result carries `error`, not the metric;
-                    # Tune's strict check would abort the whole study on it.
-                    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
-
 
 class StudyExistsError(UserError, RuntimeError):
     """A fresh (not ``--resume``) study would mix its trials with an existing study's."""
@@ -149,42 +142,6 @@ class StudyOptions:
 
 
 # --- Ray and storage ---
-
-def init_ray(opts: StudyOptions) -> None:
-    """Join ``opts.address`` or start Ray in-process on 127.0.0.1 (never a bare ``ray.init()``,
-    which would attach to any running cluster).
-
-    Sets our defaults for Ray's and Tune's environment variables first (a value the user set
-    wins); Ray and Tune read them when a run starts, not at import: the study callback owns all
-    logging, the classic progress output, no usage stats, experiment state synced every 5 s,
-    results without the study's metric allowed (a failed trial's ``error`` result)."""
-    for key, value in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        return
-    if opts.address:
-        try:
-            ray.init(address=opts.address, log_to_driver=opts.verbose > 1)
-        except ConnectionError as e:  # e.g. auto with no cluster on this machine
-            raise UserError(f"--address {opts.address}: cannot join a Ray cluster ("
-                            f"{one_line(e)}); start one (ray up, or ray start --head) or "
-                            "check the address") from None
-        return
-    # Ray "resolves" _node_ip_address=127.0.0.1 to the machine's routable IP, and then GCS,
-    # raylet and workers listen on every interface ("::"). With cluster support off (the
-    # macOS/Windows default) the node IP stays 127.0.0.1 and every gRPC server binds loopback.
-    # The constant is read when Ray is imported, so set it on the module for this process and
-    # in the environment for the processes Ray spawns.
-    from ray._private import ray_constants
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", _node_ip_address="127.0.0.1",
-             num_cpus=opts.num_cpus or os.cpu_count(),
-             num_gpus=None if opts.gpus_per_trial else 0,
-             object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
-             log_to_driver=opts.verbose > 1)
-
 
 def check_inputs(opts: StudyOptions) -> CTTConfig:
     """Validate the study's config and data on the driver, before Ray starts: a bad key or a
@@ -291,43 +248,6 @@ def _start_or_resume(opts: StudyOptions, study_dir: Path, exp_dir: str) -> bool:
 
 # --- one run of a study: lock, signals, phases ---
 
-# What Tune logs when its SIGINT handler stops a fit: a multi-line "Resume experiment with:
-
-
-_TUNE_INTERRUPT_LOGS = ("Stop signal received", "Experiment has been interrupted",
-                        "Training has been interrupted", "Trials did not complete")
-
-
-class _QuietTuneInterrupt(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_TUNE_INTERRUPT_LOGS)
-
-
-def _tune_catches_sigint() -> bool:
-    """Whether ``Tuner.fit`` installs its graceful SIGINT handler (ray.tune.tune)."""
-    return (threading.current_thread() is threading.main_thread()
-            and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0))
-
-
-@contextlib.contextmanager
-def _ray_keeps_our_sigterm() -> Iterator[None]:
-    """``ray.init`` installs SIGTERM handlers in the driver (``sys.exit(15)``, then the
-    in-process head node's "stop Ray's processes, exit 1") that would replace the study's.
-    Skip them while Ray starts: Ray's processes are still stopped at exit by its atexit hook
-    and by fate-sharing with the driver."""
-    from ray._private import utils as ray_utils
-
-    real = getattr(ray_utils, "set_sigterm_handler", None)
-    if real is None:
-        yield
-        return
-    ray_utils.set_sigterm_handler = lambda handler: None
-    try:
-        yield
-    finally:
-        ray_utils.set_sigterm_handler = real
-
-
 class StudySession:
     """One run of a study: the study directory's lock, the SIGINT/SIGTERM guard and the phase
     (for the line an interrupt prints)."""
@@ -362,11 +282,14 @@ class StudySession:
             study_storage.register(self.opts.name, self.sync)
         self.phase = "ray"
         restoring = _start_or_resume(self.opts, self.study_dir, self.exp_dir)
+        stop_ray_left_by(self.lock.previous)
         # Held while Ray starts: raised inside ray.init, an interrupt can land in an at-fork
         # hook (where Python prints and drops exceptions) or leave Ray half started. A second
         # signal still stops a start that hangs.
-        with _ray_keeps_our_sigterm(), self.guard.deferred():
+        with ray_keeps_our_sigterm(), self.guard.deferred():
             init_ray(self.opts)
+            if not self.opts.address:  # a killed driver's successor stops what it leaves
+                self.lock.annotate(ray_processes=own_ray_processes())
         self.guard.install()
         self.guard.check()
         study_storage.check_storage(self.opts.storage, self.opts.storage_shared)
@@ -420,7 +343,7 @@ class StudySession:
         snapshot written, trial actors stopped) and fit returns; SIGTERM is handed to that
         handler. Either way ``self.guard.signum`` is set afterwards."""
         self.guard.check()
-        quiet = _QuietTuneInterrupt()
+        quiet = QuietTuneInterrupt()
         tune_log = logging.getLogger("ray.tune.tune")
         tune_log.addFilter(quiet)
         try:
@@ -430,7 +353,7 @@ class StudySession:
             tune_log.removeFilter(quiet)
         # Tune's handler reinstalls the one it replaced (ours) when it fires, and stays
         # installed after a fit it did not stop.
-        tune_stopped = self.guard.is_installed(signal.SIGINT) and _tune_catches_sigint()
+        tune_stopped = self.guard.is_installed(signal.SIGINT) and tune_catches_sigint()
         self.guard.install()
         if self.guard.signum is None and tune_stopped:
             self.guard.signum = signal.SIGINT

@@ -483,3 +483,95 @@ def test_fresh_study_sigint_while_ray_starts_leaves_nothing(tmp_path):
     assert m.group(2, 3) == ("while starting Ray", "nothing was written; run again with")
     assert shlex.split(m.group(4)) == cmd
     assert not storage.exists()
+
+
+def _group_study_cmd(storage: Path, iters: int = 300) -> list[str]:
+    return [sys.executable, str(REPO_ROOT / "studies" / "voc_ablation.py"), "--smoke-test",
+            "--variants", "supervised,ctt", "--no-fork", "--max-concurrent", "1", "--storage",
+            str(storage), "--out", "grp", "--iters", str(iters), *LONG]
+
+
+def _start_and_wait_for_a_result(cmd: list[str], study: Path) -> subprocess.Popen:
+    """The study as its own process group (as timeout, systemd or a CI runner start one),
+    once a trial has reported."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if any(f.stat().st_size > 0 for f in study.glob("trials/*/metrics.jsonl")):
+            return proc
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("no trial reported within 300 s")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_is_one_line_and_resumable(tmp_path):
+    """``timeout`` sends SIGTERM to the process group: Ray's processes used to die with the
+    driver, whose graceful stop then waited 60 s for the GCS, printed Ray's "Failed to connect
+    to GCS" and exited 1. Ray's processes live in their own groups now: the group signal reaches
+    the driver alone, which stops as for its own SIGTERM; the resume finishes the study."""
+    study = tmp_path / "s" / "grp"
+    cmd = _group_study_cmd(tmp_path / "s")
+    proc = _start_and_wait_for_a_result(cmd, study)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    assert time.time() - t0 < 45, f"took {time.time() - t0:.0f} s to stop"
+    assert "Failed to connect to GCS" not in err and "Traceback" not in err, err[-3000:]
+    m = the_line(err)
+    assert m.group(1, 3) == ("SIGTERM", "continue with"), err[-3000:]
+    done = subprocess.run(shlex.split(m.group(4)), capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = check_study_outputs(study, n_trials=2, kind="ablation")
+    assert all(t["status"] == "TERMINATED" for t in trials)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_stops_what_the_killed_driver_left(tmp_path):
+    """``kill -9`` of the driver leaves Ray's dashboard and runtime-env agents running (they
+    outlive their raylet). The lock recorded the driver's Ray processes; the resume that takes
+    the stale lock over stops those still running (same pid and start time), says so in one
+    note, and finishes the study."""
+    import psutil
+
+    study = tmp_path / "s" / "grp"
+    cmd = _group_study_cmd(tmp_path / "s")
+    proc = _start_and_wait_for_a_result(cmd, study)
+    recorded = json.loads((study / ".study.lock").read_text())["ray_processes"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(3)  # the raylet and GCS die with the driver; the agents stay
+
+    def running(pairs):
+        out = []
+        for pid, started in pairs:
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                if abs(p.create_time() - started) < 0.01 and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(pid)
+        return out
+
+    left = running(recorded)
+    try:
+        done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True,
+                              cwd=REPO_ROOT, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        if left:
+            assert f"note: stopped {len(left)} Ray process(es) that the killed driver" \
+                in done.stderr, done.stderr[-3000:]
+        assert running(recorded) == []
+        trials = check_study_outputs(study, n_trials=2, kind="ablation")
+        assert all(t["status"] == "TERMINATED" for t in trials)
+    finally:
+        for pid in running(recorded):  # never leave them behind, whatever failed above
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
