@@ -508,6 +508,25 @@ def test_checkpoint_repair_resumes_from_the_newest_surviving_checkpoint(tmp_path
     assert not CheckpointRepairCallback.repair(trial)  # now whole: nothing to do
 
 
+def test_checkpoint_repair_quietly_forgets_older_checkpoints_deleted_after_the_snapshot(
+        tmp_path, caplog):
+    """A driver killed after Tune's retention deleted an older kept checkpoint: the latest is
+    whole, so the trial resumes from it as named; the gone one is dropped from the bookkeeping
+    (Tune would try to delete it again and log an ERROR with a traceback), without a warning."""
+    from ray.tune import CheckpointConfig
+
+    from ctt.tune.callbacks import CheckpointRepairCallback
+
+    trial = _trial_with(_checkpoint_results(tmp_path, [3, 6, 9], deleted=[3]),
+                        CheckpointConfig(num_to_keep=3))
+    assert CheckpointRepairCallback.repair(trial)
+    manager = trial.run_metadata.checkpoint_manager
+    assert manager.latest_checkpoint_result.metrics["step"] == 9
+    assert sorted(r.metrics["step"] for r in manager.best_checkpoint_results) == [6, 9]
+    assert "resumes from" not in caplog.text
+    assert not CheckpointRepairCallback.repair(trial)
+
+
 def test_checkpoint_repair_leaves_a_whole_checkpoint_and_starts_over_without_one(tmp_path,
                                                                                   caplog):
     from ray.train._internal.checkpoint_manager import _CheckpointManager

@@ -357,17 +357,18 @@ def _exists(fs: Any, path: str) -> bool:
 class CheckpointRepairCallback(Callback):
     """Points a (re)starting trial at a checkpoint that exists, before Tune restores it.
 
-    Tune 2.60 deletes a trial's surplus checkpoints (``CheckpointConfig(num_to_keep)``) as
-    soon as a new one is registered, but records which one is the latest only in its next
-    experiment snapshot. A driver lost in between leaves a snapshot whose latest checkpoint
-    is gone: with a score-ordered retention one better checkpoint is enough (measured: killed
-    with checkpoint_000009 just registered, the snapshot named the deleted checkpoint_000008),
-    and Tune then fails the trial's restore ``max_failures`` times and marks it ERROR. Tune
-    calls ``on_trial_start`` after the trial's actor started and before it schedules the
-    restore; this hook replaces a missing latest checkpoint by the newest kept one that still
-    holds its ``state.pt`` (``None``, a start from scratch, if none does). The trial replays
-    the steps after it; :class:`StudyLoggerCallback` truncates its files to the replayed step
-    and Optuna keeps the values it already holds. Listed before the other callbacks.
+    Tune 2.60 deletes a trial's surplus checkpoints (``CheckpointConfig(num_to_keep)``) as soon
+    as a new one is registered, but records which one is the latest only in its next experiment
+    snapshot. A driver lost in between leaves a snapshot whose latest checkpoint is gone: with a
+    score-ordered retention one better checkpoint is enough (measured: killed with
+    checkpoint_000009 just registered, the snapshot named the deleted checkpoint_000008), and
+    Tune then fails the trial's restore ``max_failures`` times and marks it ERROR. Tune calls
+    ``on_trial_start`` after the trial's actor started and before it schedules the restore; this
+    hook replaces a missing latest checkpoint by the newest kept one that still holds its
+    ``state.pt`` (``None``, a start from scratch, if none does), and forgets kept checkpoints
+    that are gone (Tune would otherwise fail to delete them again, with an ERROR). The trial
+    replays the steps after it; :class:`StudyLoggerCallback` truncates its files to the replayed
+    step and Optuna keeps the values it already holds. Listed before the other callbacks.
     """
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -393,9 +394,10 @@ class CheckpointRepairCallback(Callback):
             ckpt = result.checkpoint
             return _exists(ckpt.filesystem, f"{ckpt.path.rstrip('/')}/{CHECKPOINT_FILE}")
 
-        if whole(latest):
+        results = manager.best_checkpoint_results
+        kept = [r for r in results if whole(r)]
+        if len(kept) == len(results) and whole(latest):
             return False
-        kept = [r for r in manager.best_checkpoint_results if r is not latest and whole(r)]
         kept.sort(key=lambda r: r.metrics.get("training_iteration", 0))
         # Registered oldest first, so the newest is the latest; no more than it keeps, so the
         # fresh manager deletes nothing.
@@ -403,6 +405,11 @@ class CheckpointRepairCallback(Callback):
         for result in kept:
             fresh.register_checkpoint(result)
         trial.run_metadata.checkpoint_manager = fresh
+        if whole(latest):
+            # Only older kept ones were deleted after the snapshot: Tune would try to delete
+            # them again when the next checkpoint comes and log an ERROR with its traceback for
+            # a file that is rightly gone. Nothing changes for the resume: no word of it.
+            return True
         step = kept[-1].metrics.get("step") if kept else None
         log.warning("trial %s: its latest checkpoint %s was deleted after Tune's last "
                     "snapshot (Tune's checkpoint retention); it resumes from %s", trial,
