@@ -160,7 +160,13 @@ def test_sweep_head_killed_after_a_trial_resumes_with_whole_optuna_history(
                 if synced is None and _reporting(study, finished=False):
                     synced = (study / OPTUNA_JOURNAL).read_bytes()  # the first trial runs
                 time.sleep(0.1)
-            time.sleep(1.5)  # Tune snapshots (every second here) with the trial running
+            # Tune snapshots every second here; on a busy machine later: wait for one taken
+            # after the state above (so it names the running trial's checkpoints)
+            ready = time.time()
+            while not any(p.stat().st_mtime > ready + 0.2
+                          for p in (study / "ray").glob("experiment_state-*.json")):
+                assert time.monotonic() < deadline + 60, log.read_text()[-4000:]
+                time.sleep(0.1)
         finally:
             with contextlib.suppress(ProcessLookupError):  # the head is lost: driver and Ray
                 os.killpg(proc.pid, signal.SIGKILL)
