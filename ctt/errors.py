@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 __all__ = ["DataError", "DataRootError", "DeviceError", "MissingDataError", "ResultsError",
-           "UserError", "check_writable", "guarded", "int_at_least", "one_line", "warn",
-           "warn_all"]
+           "UserError", "check_writable", "float_at_least", "guarded", "int_at_least",
+           "one_line", "warn", "warn_all"]
 
 T = TypeVar("T")
 
@@ -126,6 +126,28 @@ def int_at_least(lo: int) -> Callable[[str], int]:
         return value
 
     parse.__name__ = f"int>={lo}"
+    return parse
+
+
+def float_at_least(lo: float, *, strict: bool = False,
+                   what: str = "number") -> Callable[[str], float]:
+    """An argparse ``type=``: a float ``>= lo`` (``> lo`` with ``strict``); NaN is refused.
+    ``what`` names the quantity in the message (e.g. "number of seconds")."""
+    import argparse
+    import math
+
+    op = ">" if strict else ">="
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (value > lo if strict else value >= lo):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what} {op} {lo:g}")
+        return value
+
+    parse.__name__ = f"float{op}{lo:g}"
     return parse
 
 

@@ -65,3 +65,18 @@ def test_closed_stdout_pipe_exits_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_float_at_least_refuses_below_the_bound_and_nan():
+    import argparse
+
+    from ctt.errors import float_at_least
+
+    positive, seconds = float_at_least(0, strict=True), float_at_least(0, what="number of seconds")
+    assert positive("0.5") == 0.5 and seconds("0") == 0.0
+    for parse, text, message in ((positive, "0", "'0' is not a number > 0"),
+                                 (positive, "nan", "'nan' is not a number > 0"),
+                                 (seconds, "-1", "'-1' is not a number of seconds >= 0"),
+                                 (seconds, "soon", "'soon' is not a number of seconds >= 0")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(text)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ctt.config import PRESETS, VARIANTS, apply_variant, get_preset, parse_set_args
-from ctt.errors import UserError, guarded, int_at_least
+from ctt.errors import UserError, float_at_least, guarded, int_at_least
 from ctt.tune.ablation import ablation_trials, run_ablation
 from ctt.tune.confirm import confirm_seed_list
 from ctt.tune.dry_run import print_dry_run, slots
@@ -31,6 +31,8 @@ from ctt.tune.sweep import run_sweep, sweep_warmup_plan
 __all__ = ["SMOKE_OVERRIDES", "SMOKE_SYNTHETIC_OVERRIDES", "Ablation", "Sweep",
            "add_common_args", "options_from_args", "run_study", "study_main"]
 
+# A non-negative number of seconds (argparse type).
+_SECONDS = float_at_least(0, what="number of seconds")
 # StudyOptions' own defaults: the flags show them, so they are set in one place.
 _DEFAULTS = StudyOptions(name="")
 
@@ -245,8 +247,9 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
                    help="total iterations per trial (optim.iters)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any flat config key (repeatable)")
-    g.add_argument("--cpus-per-trial", type=_positive, default=_DEFAULTS.cpus_per_trial)
-    g.add_argument("--gpus-per-trial", type=_non_negative, default=_DEFAULTS.gpus_per_trial,
+    g.add_argument("--cpus-per-trial", type=float_at_least(0, strict=True),
+                   default=_DEFAULTS.cpus_per_trial)
+    g.add_argument("--gpus-per-trial", type=float_at_least(0), default=_DEFAULTS.gpus_per_trial,
                    help="fractional values pack several trials on one GPU")
     g.add_argument("--max-concurrent", type=int_at_least(0), default=_DEFAULTS.max_concurrent,
                    help="0 = as resources allow")
@@ -256,7 +259,7 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
                    help="local directory, NFS path or URI (s3://bucket/prefix)")
     g.add_argument("--storage-shared", action="store_true",
                    help="the local --storage path is a mount shared by every node")
-    g.add_argument("--sync-every", type=_seconds, default=_DEFAULTS.sync_every, metavar="SECONDS",
+    g.add_argument("--sync-every", type=_SECONDS, default=_DEFAULTS.sync_every, metavar="SECONDS",
                    help="with a URI --storage: push the driver-side files (study.json, "
                    "trials/, tb/, tables, report) to it on every trial end and at least this "
                    "often (default 60; a head lost mid-study loses at most this much of them)")
@@ -268,7 +271,7 @@ def add_common_args(p: argparse.ArgumentParser, *, default_preset: str = "tiny",
                    help="print the trials and a compute estimate, launch nothing")
     g.add_argument("--smoke-test", type=float, metavar="SECONDS", nargs="?", const=60.0,
                    help="tiny, fast run of every code path (tests)")
-    g.add_argument("--progress-every", type=_seconds, default=_DEFAULTS.progress_every,
+    g.add_argument("--progress-every", type=_SECONDS, default=_DEFAULTS.progress_every,
                    metavar="SECONDS", help="seconds between two progress lines (default "
                    "%(default)s)")
     g.add_argument("--verbose", action="store_true", help="Ray's status table and the trials' "
@@ -379,39 +382,6 @@ def _name_list(text: str, what: str) -> list[str]:
         raise UserError(f"--{what}: {', '.join(twice)} listed twice; list each once (a "
                         "repeated row would be counted as another result)")
     return names
-
-
-def _positive(text: str) -> float:
-    """A number > 0 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    """A number >= 0 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
-    return value
-
-
-def _seconds(text: str) -> float:
-    """A non-negative number of seconds (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
-    return value
 
 
 def options_from_args(a: argparse.Namespace, default_name: str,
