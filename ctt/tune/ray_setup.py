@@ -1,5 +1,5 @@
-"""Ray for a study: started in-process on loopback or joined, its processes kept apart from the
-study's signals, and what a killed driver's Ray left behind stopped by the next study.
+"""Ray for a study: started in-process on loopback or joined, the study's signals kept from
+Ray's start-up, and what a killed driver's Ray left behind stopped by the next study.
 
 Ray runs in-process on loopback (no dashboard, small object store, every server bound to
 127.0.0.1; a scenario test checks the listening sockets) unless ``address`` joins a running
@@ -64,41 +64,11 @@ def init_ray(opts: Any) -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    with _ray_processes_in_their_own_groups():
-        ray.init(address="local", _node_ip_address="127.0.0.1",
-                 num_cpus=opts.num_cpus or os.cpu_count(),
-                 num_gpus=None if opts.gpus_per_trial else 0,
-                 object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
-                 log_to_driver=opts.verbose > 1)
-
-
-@contextlib.contextmanager
-def _ray_processes_in_their_own_groups() -> Iterator[None]:
-    """Start the in-process Ray's processes (GCS, raylet and the workers it forks, log monitor)
-    each in a process group of its own. ``timeout``, systemd and CI runners send SIGTERM to
-    the driver's whole group: Ray's processes died with it, and the driver's graceful stop
-    then waited 60 s for a GCS that was gone and exited 1 with trials left RUNNING. Out of the
-    group, a group SIGTERM reaches the driver alone, which stops as it does for its own
-    SIGTERM (exit 143, resumable) and stops Ray's processes at exit; they still die with the
-    driver if it is killed (Ray's fate sharing). Ray blocks SIGINT in them already, so Ctrl-C
-    in a terminal changes nothing."""
-    if sys.platform == "win32":
-        yield
-        return
-    from ray._private import services
-
-    real = services.ConsolePopen
-
-    class OwnGroupPopen(real):  # type: ignore[misc,valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("process_group", 0)
-            super().__init__(*args, **kwargs)
-
-    services.ConsolePopen = OwnGroupPopen
-    try:
-        yield
-    finally:
-        services.ConsolePopen = real
+    ray.init(address="local", _node_ip_address="127.0.0.1",
+             num_cpus=opts.num_cpus or os.cpu_count(),
+             num_gpus=None if opts.gpus_per_trial else 0,
+             object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+             log_to_driver=opts.verbose > 1)
 
 
 

@@ -513,34 +513,6 @@ def _start_and_wait_for_a_result(cmd: list[str], study: Path) -> subprocess.Pope
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_whole_process_group_is_one_line_and_resumable(tmp_path):
-    """``timeout`` sends SIGTERM to the process group: Ray's processes used to die with the
-    driver, whose graceful stop then waited 60 s for the GCS, printed Ray's "Failed to connect
-    to GCS" and exited 1. Ray's processes live in their own groups now: the group signal reaches
-    the driver alone, which stops as for its own SIGTERM; the resume finishes the study."""
-    study = tmp_path / "s" / "grp"
-    cmd = _group_study_cmd(tmp_path / "s")
-    proc = _start_and_wait_for_a_result(cmd, study)
-    t0 = time.time()
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143, err[-3000:]
-    assert time.time() - t0 < 45, f"took {time.time() - t0:.0f} s to stop"
-    assert "Failed to connect to GCS" not in err and "Traceback" not in err, err[-3000:]
-    m = the_line(err)
-    assert m.group(1, 3) == ("SIGTERM", "continue with"), err[-3000:]
-    done = subprocess.run(shlex.split(m.group(4)), capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    trials = check_study_outputs(study, n_trials=2, kind="ablation")
-    assert all(t["status"] == "TERMINATED" for t in trials)
-
-
-@pytest.mark.slow
 def test_resume_after_kill_9_stops_what_the_killed_driver_left(tmp_path):
     """``kill -9`` of the driver leaves Ray's dashboard and runtime-env agents running (they
     outlive their raylet). The lock recorded the driver's Ray processes; the resume that takes
