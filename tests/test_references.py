@@ -482,7 +482,7 @@ def check_layout(repo: Repo) -> list[Problem]:
 
 # a path outside the repository, spelled in pieces so this file does not cite it itself
 OUTSIDE_NOTE = "../" + "shared" + "/design/method.md"
-OUTSIDE = re.compile(r"(?:\.\./)+shared\b|\bshared" + "/design\b")
+OUTSIDE = re.compile(r"(?:\.\./)+shared\b|\bshared" + r"/design\b")
 
 
 def check_no_outside_citations(repo: Repo) -> list[Problem]:
