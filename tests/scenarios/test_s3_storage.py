@@ -367,7 +367,9 @@ def test_s3_study_resumes_on_a_new_head(s3, tmp_path):
     trial is kept, the other continues from its checkpoint and appends to its restored files,
     each trial is in the tables once and the report is whole."""
     name = "headloss"
-    iters, every = 150, 15  # the second trial runs for seconds after the first one's end
+    # the second trial must run for several seconds after the first one's end on a fast machine
+    # too (a snapshot after that end, then a timed push): 150 iterations took 4 s on CI
+    iters, every = 900, 30
     extra = ("--max-concurrent", "1", "--set", f"optim.iters={iters}",
              "--set", f"run.eval_every={every}", "--set", f"run.checkpoint_every={every}")
     cmd = _study_cmd(s3, name, *extra)
