@@ -6,7 +6,6 @@ started on this machine: tests/scenarios/test_cluster_runs.py.)
 from __future__ import annotations
 
 import copy
-import functools
 import re
 import socket
 from pathlib import Path
@@ -133,7 +132,8 @@ def test_local_yaml_head_runs_no_trials():
 
 
 def _pins(cfg: dict) -> dict[str, str]:
-    cmds = " ".join(cfg["setup_commands"])
+    """What every worker installs (the head runs the same lines and its viewers)."""
+    cmds = " ".join(cfg["setup_commands"] + cfg["worker_setup_commands"])
     return {m.group(1).lower(): m.group(2) for m in re.finditer(r'"([A-Za-z0-9_.-]+)==([^"]+)"',
                                                                 cmds)}
 
@@ -141,7 +141,7 @@ def _pins(cfg: dict) -> dict[str, str]:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_setup_installs_every_project_dependency(path):
     """Each runtime dependency of pyproject.toml (core + the tune extra; Ray comes with the
-    image) is pinned in setup_commands to a version its specifier admits."""
+    image) is pinned in the workers' setup commands to a version its specifier admits."""
     from packaging.requirements import Requirement
 
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
@@ -153,35 +153,173 @@ def test_setup_installs_every_project_dependency(path):
         name = req.name.lower()
         if name == "ray":
             continue
-        assert name in pins, f"{path.name}: setup_commands do not install {name}"
+        assert name in pins, f"{path.name}: the workers' setup commands do not install {name}"
         assert req.specifier.contains(pins[name], prereleases=True), (
             f"{path.name}: {name}=={pins[name]} outside pyproject's {req.specifier}")
 
 
-def _trials_at_once(cfg: dict, n_trials: int, cpus: float, gpus: float) -> tuple[dict, int]:
-    """Nodes the Ray autoscaler would add for n_trials pending trials, and trials left over."""
-    from ray.autoscaler._private.node_provider_availability_tracker import (
-        NodeAvailabilitySummary,
-    )
-    from ray.autoscaler._private.resource_demand_scheduler import (
-        _default_utilization_scorer,
-        get_nodes_for,
-    )
+def _capacity_table() -> list[tuple[float, float, dict[str, int], int]]:
+    """cluster/README.md's capacity rows: (GPUs, CPUs per trial, nodes launched, at once)."""
+    rows = []
+    text = (ROOT / "cluster" / "README.md").read_text()
+    row = r"^\| `--gpus-per-trial (\S+) --cpus-per-trial (\S+)` \| (.*?) \| (\d+) \|$"
+    for m in re.finditer(row, text, re.M):
+        nodes = {t: int(n) for n, t in re.findall(r"(\d+) × `(\w+)`", m.group(3))}
+        rows.append((float(m.group(1)), float(m.group(2)), nodes, int(m.group(4))))
+    return rows
 
-    scorer = functools.partial(_default_utilization_scorer,
-                               node_availability_summary=NodeAvailabilitySummary({}))
-    add, left = get_nodes_for(cfg["available_node_types"], {cfg["head_node_type"]: 1},
-                              cfg["head_node_type"], cfg["max_workers"],
-                              [{"CPU": cpus, "GPU": gpus}] * n_trials, scorer)
-    return dict(add), len(left)
+
+def test_ray_up_starts_the_v2_autoscaler():
+    """The capacity figures use v2's scheduler because `ray up` starts v2 unless told not to;
+    a Ray that changes that default must change cluster_capacity and the README table."""
+    import inspect
+
+    from ray.autoscaler._private import commands
+
+    src = inspect.getsource(commands.get_or_create_head_node)
+    assert 'os.getenv("RAY_UP_enable_autoscaler_v2", "1") == "1"' in src
 
 
 def test_gpu_yaml_capacity_matches_readme():
-    """The autoscaler's own bin packing: a 3-trial study gets three 1-GPU nodes; the full VOC
-    ablation (21 trials, 4 CPUs + 1 GPU each) 14 trials at once, as README.md says."""
-    cfg = _prepared(GPU_YAML)
-    assert _trials_at_once(cfg, 3, 4, 1) == ({"gpu1": 3}, 0)
-    add, left = _trials_at_once(cfg, 21, 4, 1)
-    assert add == {"gpu4": 2, "gpu1": 6} and left == 7
-    readme = (ROOT / "README.md").read_text()
-    assert "14 trials at once" in readme
+    """Every trial shape of cluster/README.md's capacity table, for the 21-trial VOC ablation,
+    as the autoscaler's own v2 scheduler places it on gpu.yaml."""
+    from ctt.tune.cluster_capacity import trials_at_once
+
+    cfg = _load(GPU_YAML)
+    rows = _capacity_table()
+    assert len(rows) >= 5 and {g for g, *_ in rows} >= {0.5, 1, 2, 8}
+    for gpus, cpus, nodes, at_once in rows:
+        cap = trials_at_once(cfg, 21, cpus, gpus)
+        assert (cap.nodes, cap.at_once) == (nodes, at_once), (gpus, cpus, cap)
+        assert cap.waiting == 21 - at_once
+    assert trials_at_once(cfg, 3, 4, 1).nodes == {"gpu1": 3}
+    assert "three `gpu1` nodes" in (ROOT / "cluster" / "README.md").read_text()
+    top = max(at for g, c, _, at in rows if (g, c) == (1, 4))
+    assert f"runs {top} trials at once" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("broken", ["no gpu types", "gpu types without GPUs", "max_workers 0"])
+def test_capacity_of_a_gpu_yaml_without_usable_gpu_nodes_is_zero(broken):
+    """The capacity check fails when gpu.yaml's GPU node types go or stop fitting a trial."""
+    from ctt.tune.cluster_capacity import fit_problem, trials_at_once
+
+    cfg = _load(GPU_YAML)
+    types = cfg["available_node_types"]
+    for name in ("gpu1", "gpu4"):
+        if broken == "no gpu types":
+            del types[name]
+        elif broken == "gpu types without GPUs":
+            types[name]["resources"].pop("GPU")
+        else:
+            types[name]["max_workers"] = 0
+    cap = trials_at_once(cfg, 21, 4, 1)
+    assert (cap.nodes, cap.at_once, cap.waiting) == ({}, 0, 21)
+    line = fit_problem(4, 1, [{"CPU": 0.0}], cfg, "/home/ubuntu/ray_bootstrap_config.yaml")
+    assert line and line.startswith("--cpus-per-trial 4 --gpus-per-trial 1: no node")
+    assert "ray_bootstrap_config.yaml" in line and "\n" not in line
+
+
+def test_fit_problem_reference_cases():
+    """A shape fits when an alive node holds it (whatever the autoscaler), or when the
+    autoscaler can add a node type that holds it; with no autoscaler it is not refused (a node
+    may still join by hand)."""
+    from ctt.tune.cluster_capacity import fit_problem, trials_at_once
+
+    cfg = _load(GPU_YAML)
+    head = [{"CPU": 0.0}]
+    assert fit_problem(4, 1, head, cfg, "c.yaml") is None  # gpu1 will be launched
+    assert fit_problem(12, 4, head, cfg, "c.yaml") is None  # gpu4
+    assert fit_problem(4, 8, head, cfg, "c.yaml") is not None
+    assert fit_problem(49, 1, head, cfg, "c.yaml") is not None  # no type has 49 CPUs
+    assert fit_problem(4, 8, [*head, {"CPU": 64.0, "GPU": 8.0}], cfg, "c.yaml") is None
+    assert fit_problem(4, 8, head, None, None) is None
+    # the head's own resources count: a CPU head runs CPU trials itself
+    local = _load(LOCAL_YAML)
+    local["available_node_types"] = {
+        "head": {"resources": {"CPU": 4}, "node_config": {}, "max_workers": 0},
+        "w": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 1}}
+    local["head_node_type"] = "head"
+    local["provider"] = {"type": "aws", "region": "us-east-1"}
+    assert trials_at_once(local, 3, 2, 0).at_once == 3  # 2 on the head, 1 on a new worker
+    assert trials_at_once(local, 3, 2, 0).nodes == {"w": 1}
+    assert trials_at_once(local, 5, 2, 0).waiting == 2
+
+
+def _setup_lists(cfg: dict) -> tuple[list[str], list[str]]:
+    return cfg["head_setup_commands"], cfg["worker_setup_commands"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_each_node_runs_each_setup_command_once(path):
+    """`ray up` merges setup_commands into the head and worker lists for its bootstrap config;
+    the v2 autoscaler on the head merges the already-merged config again. Both merges must
+    leave each command once per node (the config keeps setup_commands empty)."""
+    from ray.autoscaler._private.util import prepare_config
+
+    raw = _load(path)
+    once = prepare_config(copy.deepcopy(raw))
+    twice = prepare_config(copy.deepcopy(once))
+    for cmds in (*_setup_lists(once), *_setup_lists(twice)):
+        assert len(cmds) == len(set(cmds)), cmds
+    assert _setup_lists(once) == _setup_lists(twice)
+    # the workers install what the head installs (the head adds its viewers)
+    head, worker = _setup_lists(twice)
+    assert worker and set(worker) <= set(head)
+    if raw["provider"]["type"] == "local":
+        return  # Ray prepares a local-provider config once (prepare_local): no second merge
+    # negative case: the same commands under setup_commands run twice on a v2 head
+    moved = copy.deepcopy(raw)
+    moved["setup_commands"], moved["worker_setup_commands"] = worker, []
+    again = prepare_config(prepare_config(moved))
+    assert len(again["worker_setup_commands"]) == 2 * len(worker)
+
+
+def test_study_finds_its_clusters_autoscaler_and_refuses_a_shape_it_cannot_launch(
+        tmp_path, monkeypatch):
+    """check_cluster_fits reads the autoscaler config off the monitor process of the cluster
+    the study joined (matched by GCS address, not any monitor on the machine), then refuses a
+    shape no alive node and no node type holds: one line naming the config."""
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    import ray
+
+    from ctt.errors import UserError
+    from ctt.tune import cluster_capacity
+
+    config = tmp_path / "ray_bootstrap_config.yaml"
+    config.write_text(GPU_YAML.read_text())
+    sleeper = "import time; time.sleep(60)"
+    # two monitors on one machine: another cluster's, and ours
+    procs = [subprocess.Popen([sys.executable, "-c", sleeper, f"--gcs-address={gcs}",
+                               f"--autoscaling-config={path}"])
+             for gcs, path in (("127.0.0.1:7001", tmp_path / "other.yaml"),
+                               ("127.0.0.1:7002", config))]
+    try:
+        deadline = time.monotonic() + 30
+        while (cluster_capacity.autoscaler_config_path("127.0.0.1:7002") is None
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        assert cluster_capacity.autoscaler_config_path("127.0.0.1:7002") == str(config)
+        assert cluster_capacity.autoscaler_config_path("127.0.0.1:7003") is None
+
+        monkeypatch.setattr(ray, "nodes", lambda: [
+            {"Alive": True, "Resources": {"CPU": 0.0}},
+            {"Alive": False, "Resources": {"CPU": 96.0, "GPU": 8.0}}])  # dead: no help
+        monkeypatch.setattr(ray, "get_runtime_context",
+                            lambda: SimpleNamespace(gcs_address="127.0.0.1:7002"))
+        assert cluster_capacity.check_cluster_fits(4, 1) == str(config)
+        with pytest.raises(UserError) as e:
+            cluster_capacity.check_cluster_fits(4, 8)
+        msg = str(e.value)
+        assert msg.startswith("--cpus-per-trial 4 --gpus-per-trial 8: no node of this cluster")
+        assert str(config) in msg and "gpu4 (CPU 48, GPU 4, at most 2)" in msg
+        # an unreadable config: judged by the alive nodes only, so not refused
+        config.write_text("{not yaml: [")
+        assert cluster_capacity.check_cluster_fits(4, 8) == str(config)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -203,6 +203,12 @@ def test_check_storage_refuses_local_path_on_several_nodes(monkeypatch):
     check_storage("gs://bucket/prefix", shared=False)
     monkeypatch.setattr(study_storage, "alive_nodes", lambda: 1)
     check_storage("/tmp/studies", shared=False)
+    # one node now, but an autoscaler that adds workers: their trials' files would be theirs
+    with pytest.raises(StorageError, match="--storage-shared") as e:
+        check_storage("/tmp/studies", shared=False, autoscaler="/home/u/ray_bootstrap.yaml")
+    assert "autoscaler (/home/u/ray_bootstrap.yaml) adds worker nodes" in str(e.value)
+    check_storage("/mnt/nfs/studies", shared=True, autoscaler="/home/u/ray_bootstrap.yaml")
+    check_storage("s3://bucket/prefix", shared=False, autoscaler="/home/u/ray_bootstrap.yaml")
 
 
 def test_fresh_study_refuses_an_existing_study_dir(tmp_path):

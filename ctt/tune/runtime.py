@@ -41,6 +41,7 @@ from ctt.errors import UserError
 from ctt.interrupts import Interrupted, SignalGuard
 from ctt.rundir import STUDY_LOCK, DirLock
 from ctt.tune import storage as study_storage
+from ctt.tune.cluster_capacity import check_cluster_fits
 from ctt.tune.experiment import can_restore, experiment_dir
 from ctt.tune.layout import (
     EXPERIMENT,
@@ -135,10 +136,6 @@ class StudyOptions:
             flat["run.device"] = device
         flat.update(self.overrides)
         return get_preset(self.preset).override(flat)
-
-
-# --- Ray and storage ---
-
 
 
 # --- Ray and storage ---
@@ -292,7 +289,9 @@ class StudySession:
                 self.lock.annotate(ray_processes=own_ray_processes())
         self.guard.install()
         self.guard.check()
-        study_storage.check_storage(self.opts.storage, self.opts.storage_shared)
+        autoscaler = (check_cluster_fits(self.opts.cpus_per_trial, self.opts.gpus_per_trial)
+                      if self.opts.address else None)
+        study_storage.check_storage(self.opts.storage, self.opts.storage_shared, autoscaler)
         write_study_json(self.study_dir, payload)
         return restoring
 

@@ -304,18 +304,22 @@ def alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-def check_storage(storage: str, shared: bool) -> None:
+def check_storage(storage: str, shared: bool, autoscaler: str | None = None) -> None:
     """Refuse a plain local path on a multi-node cluster unless declared shared: trials that
-    move between nodes must find their checkpoints (this cannot be probed on one machine)."""
+    move between nodes must find their checkpoints (this cannot be probed on one machine).
+    ``autoscaler``: the config of an autoscaler that may add nodes to a cluster that is one
+    node now."""
     if is_uri(storage) or shared:
         return
     n = alive_nodes()
-    if n > 1:
+    if n > 1 or autoscaler:
+        cluster = (f"the cluster has {n} alive nodes" if n > 1 else
+                   f"the cluster's autoscaler ({autoscaler}) adds worker nodes")
         raise StorageError(
-            f"--storage {storage!r} is a node-local path but the cluster has {n} alive nodes; "
-            "trials restarted on another node would lose their checkpoints. Pass shared "
-            "storage (--storage s3://bucket/prefix, gs://..., or an NFS path with "
-            "--storage-shared).")
+            f"--storage {storage!r} is a node-local path but {cluster}; trials on other nodes "
+            "would write their checkpoints and results where neither a restarted trial nor "
+            "the study finds them. Pass shared storage (--storage s3://bucket/prefix, gs://..., "
+            "or an NFS path with --storage-shared).")
 
 
 # Set by Ray's job supervisor for the entrypoint of `ray job submit` (only there).
