@@ -492,6 +492,27 @@ def check_no_outside_citations(repo: Repo) -> list[Problem]:
             for path, text in repo.texts.items() for m in OUTSIDE.finditer(text)]
 
 
+def check_code_fences(repo: Repo) -> list[Problem]:
+    """Markdown code fences pair up: an opening fence (with or without a language) closed by a
+    bare one. A doubled opening line (```bash twice) renders the rest of the page wrongly."""
+    problems = []
+    for path, text in repo.texts.items():
+        if not path.endswith(".md"):
+            continue
+        opened = 0
+        for n, line in enumerate(text.splitlines(), 1):
+            m = re.match(r"^\s*(```|~~~)(.*)$", line)
+            if not m:
+                continue
+            if opened and m.group(2).strip():
+                problems.append(Problem(path, n, line.strip(),
+                                        f"a fence opened on line {opened} is not closed"))
+            opened = 0 if opened else n
+        if opened:
+            problems.append(Problem(path, opened, "```", "fence never closed"))
+    return problems
+
+
 CHECKS: dict[str, Callable[[Repo], list[Problem]]] = {
     "paths": check_repo_paths,
     "bare names": check_bare_names,
@@ -502,6 +523,7 @@ CHECKS: dict[str, Callable[[Repo], list[Problem]]] = {
     "ctt names": check_dotted_names,
     "layout": check_layout,
     "outside": check_no_outside_citations,
+    "code fences": check_code_fences,
 }
 
 
@@ -556,6 +578,13 @@ def test_readme_layout_lists_existing_paths() -> None:
 
 def test_nothing_cites_files_outside_the_repository() -> None:
     _assert_none(check_no_outside_citations(_repo()))
+
+
+def test_markdown_code_fences_pair_up() -> None:
+    _assert_none(check_code_fences(_repo()))
+    bad = _tree({"docs/x.md": "# X\n\n```bash\n```bash\nls\n```\n```\n\n```\nopen\n"})
+    assert [(p.line, p.why) for p in check_code_fences(bad)] == [
+        (4, "a fence opened on line 3 is not closed"), (9, "fence never closed")]
 
 
 # --- the checker itself --------------------------------------------------------------------
