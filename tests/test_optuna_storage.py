@@ -61,6 +61,20 @@ def test_open_url_refuses_in_one_line_without_the_password(url, expect):
     assert text.startswith(f"--optuna-storage {mask_url(url)!r}")
 
 
+def test_open_url_names_a_missing_postgresql_driver_and_its_package(monkeypatch):
+    """SQLAlchemy opens postgresql:// with psycopg (3) from 2.1 on: without it the line says
+    which module is missing and what to install, not only Optuna's generic import error."""
+    import sys
+
+    for module in ("psycopg", "psycopg2"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    with pytest.raises(OptunaStorageError) as e:
+        open_url("postgresql://ann@127.0.0.1:1/ctt")
+    text = str(e.value)
+    assert "pip install 'psycopg[binary]' on the head" in text and "\n" not in text, text
+    assert "psycopg" in text.split("pip install")[0]  # the module that failed to import
+
+
 def test_open_url_sqlite(tmp_path):
     storage = open_url(f"sqlite:///{tmp_path / 'o.db'}")
     optuna.create_study(storage=storage, study_name="s")

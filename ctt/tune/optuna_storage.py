@@ -109,8 +109,9 @@ def open_url(url: str):
     if scheme not in URL_SCHEMES:
         raise OptunaStorageError(
             f"--optuna-storage {shown!r} is not a database URL: give sqlite:///PATH, "
-            "postgresql://USER:PASSWORD@HOST/DB or mysql://USER:PASSWORD@HOST/DB (without "
-            "the flag the sweep keeps a journal file in the study directory)")
+            "postgresql://USER@HOST/DB or mysql://USER@HOST/DB, the password in PGPASSWORD or "
+            "~/.pgpass (without the flag the sweep keeps a journal file in the study "
+            "directory)")
     match = _PASSWORD.match(url)
     password = match.group(2) if match else ""
     cls = _MaskedRDBStorage if password else optuna.storages.RDBStorage
@@ -118,6 +119,10 @@ def open_url(url: str):
         return cls(url)
     except Exception as e:  # noqa: BLE001 - driver missing, bad URL, server down: one line
         text = one_line(e)
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ImportError):  # Optuna's "Failed to import DB access module"
+            driver = "psycopg[binary]" if scheme == "postgresql" else "the database's driver"
+            text += f" ({one_line(cause)}; pip install '{driver}' on the head)"
         if password:
             text = text.replace(password, "***")
         raise OptunaStorageError(
