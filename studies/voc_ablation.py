@@ -15,10 +15,13 @@ from ctt.interrupts import exit_quietly_while_loading
 exit_quietly_while_loading()  # Ray's import takes seconds: Ctrl-C there is one line too
 
 from ctt.tune.cli import Ablation, study_main  # noqa: E402
+from ctt.tune.sequential import DEFAULT_QUESTIONS  # noqa: E402
 
 STUDY = Ablation(
     name="voc_ablation", script=__file__, doc=__doc__,
     variants=("supervised", "mean_teacher", "dual_self", "cross", "cross_hc", "cross_lc", "ctt"),
+    # each row of the paper's table against the row it extends, and the whole method
+    questions=tuple(str(q) for q in DEFAULT_QUESTIONS),
 )
 
 main = study_main(STUDY)

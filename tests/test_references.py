@@ -53,6 +53,7 @@ RUNTIME_NAMES = frozenset({
     "warmup.json",         # the shared warm-ups a study has published, by seed
     "warmup-failed.json",  # the shared warm-up that failed for good
     "confirm.json",        # a sweep's confirmation summary
+    "plan.json",           # a study's questions, rounds of seeds and spend (ctt.tune.adaptive)
 })
 
 # Suffixes of bare file names checked in Markdown prose. Elsewhere only ``.md`` names are: in
@@ -62,6 +63,8 @@ BARE_SUFFIXES = ("md", "py", "json", "yaml", "yml", "toml")
 # Repository paths cited as examples of files a user writes.
 EXAMPLE_PATHS = frozenset({
     "studies/my_ablation.py",  # ctt/tune/cli.py: how a new study file looks
+    # an ablation's questions (a/b: variant a - variant b) whose first variant is `ctt`
+    "ctt/cross", "ctt/supervised",
 })
 
 

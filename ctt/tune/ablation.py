@@ -18,15 +18,17 @@ from ray import tune
 
 from ctt.config import apply_variant, check_semantics
 from ctt.envinfo import environment
-from ctt.errors import warn_all
+from ctt.errors import UserError, warn_all
+from ctt.tune.adaptive import PlannedGridSearcher, budget_unit
 from ctt.tune.callbacks import StudyLoggerCallback
 from ctt.tune.experiment import restore, run_config, trainable, trial_config
-from ctt.tune.grid import WARMUP_VARIANT, GridItem, GridSearcher, longest_first, warmup_dir
-from ctt.tune.layout import EXPERIMENT, WARMUP, WARMUP_FAILED, WARMUP_RECORD
+from ctt.tune.grid import WARMUP_VARIANT, GridItem, longest_first, warmup_dir
+from ctt.tune.layout import EXPERIMENT, PLAN_RECORD, WARMUP, WARMUP_FAILED, WARMUP_RECORD
 from ctt.tune.resume import check_resume
 from ctt.tune.runtime import StudyOptions, check_inputs, finish_study, study_session, tune_env
+from ctt.tune.sequential import Plan
 
-__all__ = ["ablation_trials", "run_ablation"]
+__all__ = ["ablation_trials", "extra_seeds", "plan_of", "run_ablation", "step_seconds"]
 
 
 class _VariantTrialLogger(StudyLoggerCallback):
@@ -66,19 +68,56 @@ class _VariantTrialLogger(StudyLoggerCallback):
             super().on_trial_error(iteration, trials, trial, **info)
 
 
-def ablation_trials(opts: StudyOptions, variants: list[str]) -> list[dict[str, Any]]:
-    """Every (variant, seed) trial config, longest first (:func:`ctt.tune.grid.longest_first`:
-    by estimated cost, seeds interleaved), the order the study starts them in."""
+def ablation_trials(opts: StudyOptions, variants: list[str],
+                    seeds: list[int] | None = None) -> list[dict[str, Any]]:
+    """Every (variant, seed) trial config (``seeds``: default the study's), longest first
+    (:func:`ctt.tune.grid.longest_first`: by estimated cost, seeds interleaved), the order the
+    study starts them in."""
     base = opts.base
-    for v in variants:  # a setting a variant cannot honour is refused here, before Ray starts
-        warn_all(check_semantics(apply_variant(base, v), v, study=True))
+    if seeds is None:
+        seeds = opts.seeds
+        for v in variants:  # a setting a variant cannot honour is refused here, before Ray
+            warn_all(check_semantics(apply_variant(base, v), v, study=True))
     configs = [trial_config(apply_variant(base.override({"run.seed": s}), v), v)
-               for s in opts.seeds for v in variants]
-    return longest_first(configs, opts.seeds)
+               for s in seeds for v in variants]
+    return longest_first(configs, seeds)
+
+
+def extra_seeds(seeds: list[int], count: int) -> list[int]:
+    """The seeds an adaptive study may add, in release order: the next ``count`` integers
+    after the largest initial seed."""
+    start = max(seeds) + 1
+    return list(range(start, start + max(count, 0)))
+
+
+def plan_of(opts: StudyOptions) -> Plan | None:
+    """The sequential design of an ``--adaptive`` study (None for a fixed one)."""
+    if not opts.adaptive:
+        return None
+    return Plan(initial=len(opts.seeds), max_seeds=opts.max_seeds, delta=opts.delta)
+
+
+def step_seconds(opts: StudyOptions, variants: list[str], fork: bool) -> dict[str, float]:
+    """The cost model's seconds per step of each variant (and of a shared warm-up, two
+    supervised students) on the driver's device, for ``--budget``; empty when the trials' device
+    is not on this machine (a GPU trial from a CPU head): then each variant is estimated from
+    the first of its trials that ends (:mod:`ctt.tune.adaptive`)."""
+    from ctt.state import resolve_device
+    from ctt.tune.dry_run import estimate_seconds_per_step
+
+    base = opts.base
+    try:
+        resolve_device(base.run.device)
+    except UserError:
+        return {}
+    out = {v: estimate_seconds_per_step(apply_variant(base, v)) for v in variants}
+    if fork:
+        out[WARMUP_VARIANT] = 2 * estimate_seconds_per_step(apply_variant(base, "supervised"))
+    return out
 
 
 def _grid_items(opts: StudyOptions, configs: list[dict[str, Any]], storage_path: str,
-                fork: bool) -> list[GridItem]:
+                fork: bool, seeds: list[int] | None = None) -> list[GridItem]:
     """The experiment's trials in start order: with ``fork``, one supervised warm-up per seed
     (2 pairs, banks on, stopped at ``method.warmup_iters``; it publishes its checkpoint to
     :func:`~ctt.tune.grid.warmup_dir`) first, then the variant trials, each forking its seed's
@@ -86,18 +125,20 @@ def _grid_items(opts: StudyOptions, configs: list[dict[str, Any]], storage_path:
     items: list[GridItem] = []
     base = opts.base
     until = base.method.warmup_iters
-    for s in opts.seeds if fork else []:
+    for s in (opts.seeds if seeds is None else seeds) if fork else []:
         publish = warmup_dir(storage_path, s)
         cfg = trial_config(apply_variant(base.override({"run.seed": s}), "ctt"),
                             WARMUP_VARIANT, _until=until, _publish=publish)
         items.append(GridItem(key=f"{WARMUP}/{s}", config=cfg, publish=publish, until=until,
-                              seed=s))
+                              seed=s, iters=until))
     for c in configs:
         seed = int(c["seed"])
+        iters = int(c["optim.iters"])
         if fork:
             c = {**c, "_fork_from": warmup_dir(storage_path, seed)}
+            iters -= until
         items.append(GridItem(key=f"{c['variant']}/{seed}", config=c, seed=seed,
-                              after=f"{WARMUP}/{seed}" if fork else None))
+                              after=f"{WARMUP}/{seed}" if fork else None, iters=iters))
     return items
 
 
@@ -157,24 +198,35 @@ def run_ablation(opts: StudyOptions, variants: list[str]) -> Path:
         callbacks = [_VariantTrialLogger(study_dir)]
         session.phase = "trials"
         reporter = session.reporter(total=len(configs), trials=configs, warmup_fork=fork)
+        plan = plan_of(opts)
+        extra = extra_seeds(opts.seeds, opts.max_seeds - len(opts.seeds)) if plan else []
         if restoring:
             tuner = restore(session.exp_dir, opts, reporter, resume_errored=True)
         else:
             items = _grid_items(opts, configs, storage_path, fork)
-            space = _common_space(items)
-            searcher = GridSearcher(items, max_concurrent=opts.max_concurrent,
-                                    record=str(study_dir / WARMUP_RECORD),
-                                    failures=str(study_dir / WARMUP_FAILED))
+            reserve = [(s, _grid_items(opts, ablation_trials(opts, variants, [s]), storage_path,
+                                       fork, [s])) for s in extra]
+            space = _common_space(items + [i for _, later in reserve for i in later])
+            searcher = PlannedGridSearcher(
+                items, reserve=reserve, questions=opts.questions, plan=plan, seeds=opts.seeds,
+                budget=opts.budget, unit=budget_unit(opts.gpus_per_trial),
+                per_trial=opts.gpus_per_trial or opts.cpus_per_trial,
+                step_s=step_seconds(opts, variants, fork) if opts.budget else {},
+                plan_record=str(study_dir / PLAN_RECORD),
+                max_concurrent=opts.max_concurrent, record=str(study_dir / WARMUP_RECORD),
+                failures=str(study_dir / WARMUP_FAILED))
             tuner = tune.Tuner(
                 trainable(opts), param_space=space,
                 tune_config=tune.TuneConfig(
-                    search_alg=searcher, num_samples=len(items), reuse_actors=True,
-                    trial_dirname_creator=_trial_dirname),
+                    search_alg=searcher,
+                    num_samples=len(items) + sum(len(later) for _, later in reserve),
+                    reuse_actors=True, trial_dirname_creator=_trial_dirname),
                 run_config=run_config(opts, storage_path, EXPERIMENT, callbacks, reporter))
         # Tune keeps one trial pending at a time for a custom searcher, so a second slot (or
         # node) would wait for the first trial to start, and a short trial may finish and
         # hand its actor on first: allow one pending trial per grid trial.
-        with tune_env({"TUNE_MAX_PENDING_TRIALS_PG": str(opts.max_concurrent or session.total)}):
+        most = session.total + len(extra) * (len(variants) + (1 if fork else 0))
+        with tune_env({"TUNE_MAX_PENDING_TRIALS_PG": str(opts.max_concurrent or most)}):
             session.fit(tuner)
         session.stop_if_interrupted()  # no report of an unfinished grid
         _check_warmups(study_dir)

@@ -24,6 +24,7 @@ from ctt.tune.confirm import confirm_seed_list
 from ctt.tune.dry_run import print_dry_run, slots
 from ctt.tune.runtime import StudyOptions, check_inputs
 from ctt.tune.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from ctt.tune.sequential import parse_question, parse_questions
 from ctt.tune.space import variant_space
 from ctt.tune.storage import RAY_JOB_ENV, is_uri
 from ctt.tune.sweep import run_sweep, sweep_warmup_plan
@@ -49,6 +50,9 @@ class Ablation:
         variants: ``ctt.config.VARIANTS`` names, in table order (``--variants`` default).
         preset, seeds: defaults of ``--preset`` and ``--seeds``.
         defaults: config overrides of this study (below ``--smoke-test`` and ``--set``).
+        questions: the comparisons the study exists to answer, ``"a/b"`` for the paired
+            difference a - b (``ctt.tune.sequential``), in report order (``--questions``
+            default: those whose two variants run).
     """
 
     name: str
@@ -58,11 +62,14 @@ class Ablation:
     preset: str = "tiny"
     seeds: str = "0,1,2"
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    questions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"{self.name}: unknown variants {unknown}; valid: {sorted(VARIANTS)}")
+        if self.questions:
+            parse_questions(self.questions, variants=self.variants)
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,21 @@ def _run_ablation_cli(study: Ablation, argv: list[str] | None) -> int:
                    help="comma-separated subset of " + ", ".join(order))
     p.add_argument("--no-fork", action="store_true",
                    help="run each trial's warm-up itself instead of forking a shared one")
+    g = p.add_argument_group("questions, seeds and budget")
+    g.add_argument("--questions", metavar="A/B,...",
+                   help="the comparisons the study answers, a/b for a - b paired by seed, in "
+                   "report order (default: the study's own whose variants run: "
+                   f"{', '.join(study.questions) or 'none'})")
+    g.add_argument("--delta", type=float_at_least(0, strict=True), default=_DEFAULTS.delta,
+                   metavar="MIOU", help="smallest difference of interest: a question whose "
+                   "interval lies inside ±delta is settled as smaller (default %(default)s)")
+    g.add_argument("--adaptive", action="store_true",
+                   help="after the --seeds, add seeds in rounds, only to the variants an open "
+                   "question needs, until each is answered, --max-seeds or --budget")
+    g.add_argument("--max-seeds", type=int_at_least(2), default=_DEFAULTS.max_seeds,
+                   metavar="N", help="with --adaptive: seeds per variant at most (default "
+                   "%(default)s)")
+    _add_budget(g)
     a = p.parse_args(argv)
     variants = _name_list(a.variants, "variants")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -144,14 +166,72 @@ def _run_ablation_cli(study: Ablation, argv: list[str] | None) -> int:
     check_storage_place(opts.storage, opts.name)
     check_address(opts.address)
     opts.fork_warmup = not a.no_fork
+    opts.questions = _questions(study, a.questions, variants)
+    opts.delta, opts.budget = a.delta, a.budget
+    opts.adaptive, opts.max_seeds = a.adaptive, a.max_seeds
+    if a.adaptive:
+        _check_adaptive(opts)
     if a.dry_run:
         trials = ablation_trials(opts, variants)
         check_inputs(opts)  # the data root, as the study checks it
-        print_dry_run(trials, opts.base, opts.preset,
-                      slots=slots(opts.num_cpus, opts.cpus_per_trial),
-                      warmup_fork=opts.fork_warmup)
+        est = print_dry_run(trials, opts.base, opts.preset,
+                            slots=slots(opts.num_cpus, opts.cpus_per_trial),
+                            warmup_fork=opts.fork_warmup)
+        print_plan_cost(opts, variants, est)
         return 0
     return run_study(run_ablation, opts, variants, argv=argv, prog=_prog(study))
+
+
+def _add_budget(g: Any) -> None:
+    g.add_argument("--budget", type=float_at_least(0, strict=True), metavar="HOURS",
+                   help="compute the study may commit, in core-hours (GPU-hours with "
+                   "--gpus-per-trial), by the measured cost model: a trial that would pass it "
+                   "is not started")
+
+
+def _questions(study: Ablation, text: str | None, variants: list[str]) -> tuple[str, ...]:
+    """``--questions`` checked against the variants that run, or the study's own questions
+    whose two variants both run."""
+    if text is None:
+        return tuple(q for q in study.questions
+                     if set(parse_question(q).variants) <= set(variants))
+    try:
+        found = parse_questions(_name_list(text, "questions"), variants=variants)
+    except ValueError as e:
+        raise UserError(f"--questions {text!r}: {e}") from None
+    return tuple(str(q) for q in found)
+
+
+def _check_adaptive(opts: StudyOptions) -> None:
+    if not opts.questions:
+        raise UserError("--adaptive adds seeds where a question is open, but this study asks "
+                        "none of the variants that run: pass --questions a/b,...")
+    if len(opts.seeds) < 2:
+        raise UserError(f"--adaptive needs at least 2 initial seeds (a paired interval needs "
+                        f"2), got --seeds {','.join(map(str, opts.seeds))}")
+    if opts.max_seeds < len(opts.seeds):
+        raise UserError(f"--max-seeds {opts.max_seeds} is below the {len(opts.seeds)} initial "
+                        "seeds: pass at least as many")
+
+
+def print_plan_cost(opts: StudyOptions, variants: list[str], est: Any) -> None:
+    """``--dry-run`` of a planned study: the worst case (every seed up to ``--max-seeds`` for
+    every variant) against ``--budget``."""
+    from ctt.tune.adaptive import budget_unit
+
+    per_trial = opts.gpus_per_trial or opts.cpus_per_trial
+    unit = budget_unit(opts.gpus_per_trial)
+    fixed = est.total_s * per_trial / 3600.0
+    seeds = len(opts.seeds)
+    worst = fixed * (opts.max_seeds / seeds) if opts.adaptive else fixed
+    if opts.adaptive:
+        print(f"adaptive: {seeds} seeds, then rounds of 1 seed for the variants open "
+              f"questions need, at most {opts.max_seeds} seeds: worst case {worst:.3g} {unit} "
+              f"({fixed:.3g} for the first {seeds})")
+    if opts.budget is not None:
+        verdict = "within" if worst <= opts.budget else "over"
+        print(f"budget {opts.budget:g} {unit}: the worst case is {verdict} it; trials that "
+              "would pass it are not started")
 
 
 def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
@@ -181,8 +261,10 @@ def _run_sweep_cli(study: Sweep, argv: list[str] | None) -> int:
                    "mysql://...; default: $CTT_OPTUNA_STORAGE, else optuna.journal in the study "
                    "directory, which survives the head wherever --storage does). No password "
                    "in the URL on the command line: PGPASSWORD, ~/.pgpass or $CTT_OPTUNA_STORAGE")
+    _add_budget(p)
     a = p.parse_args(argv)
     opts = _options(study, a)
+    opts.budget = a.budget
     check_no_secrets(opts.storage, a.optuna_storage, sys.argv[1:] if argv is None else argv)
     check_storage_place(opts.storage, opts.name)
     check_address(opts.address)

@@ -127,6 +127,10 @@ class GridItem:
     publish: str | None = None
     until: int = 0
     seed: Any = None
+    # iterations the trial trains (a fork: after its warm-up), and an estimated compute in
+    # the budget's unit where no cost model gives one
+    iters: int = 0
+    cost: float = 0.0
 
 
 class GridSearcher(Searcher):
@@ -138,7 +142,8 @@ class GridSearcher(Searcher):
     reason, rewritten when a warm-up fails for good."""
 
     def __init__(self, items: list[GridItem], *, max_concurrent: int = 0,
-                 record: str | None = None, failures: str | None = None):
+                 record: str | None = None, failures: str | None = None,
+                 budget: float | None = None):
         super().__init__()
         self.pending = list(items)
         self.warmups = {i.key: i for i in items if i.publish}
@@ -148,6 +153,12 @@ class GridSearcher(Searcher):
         self.ready: dict[str, str] = {}  # warm-up key -> published directory
         self.failed: dict[str, str] = {}  # warm-up key -> reason
         self.dropped: list[str] = []  # keys never started: their warm-up failed
+        # --budget: the cap, the estimates of the running trials, the spend of the ended ones
+        # (measured where they reported it) and the keys never started because they did not fit
+        self.budget = budget
+        self.live_cost: dict[str, float] = {}
+        self.spent = 0.0
+        self.over_budget: list[str] = []
         self._adopt_published()
 
     # --- Searcher API ---------------------------------------------------------------------
@@ -158,21 +169,64 @@ class GridSearcher(Searcher):
     def suggest(self, trial_id: str) -> dict | None:
         if self.max_concurrent and len(self.live) >= self.max_concurrent:
             return None
-        # a fork of a failed warm-up can never run
-        self.dropped += [i.key for i in self.pending if i.after in self.failed]
-        self.pending = [i for i in self.pending if i.after not in self.failed]
-        for i, item in enumerate(self.pending):
-            if item.after is None or item.after in self.ready:
-                del self.pending[i]
-                self.live[trial_id] = item.key
-                return dict(item.config)
-        return Searcher.FINISHED if not self.pending else None
+        while True:
+            # a fork of a failed warm-up, or of one never started for the budget, never runs
+            gone = set(self.failed) | set(self.over_budget)
+            self.dropped += [i.key for i in self.pending if i.after in gone]
+            self.pending = [i for i in self.pending if i.after not in gone]
+            if not self.pending and not self.live and self._next_round():
+                continue
+            index = next((n for n, item in enumerate(self.pending)
+                          if item.after is None or item.after in self.ready), None)
+            if index is None:
+                return Searcher.FINISHED if not self.pending and not self._round_may_follow() \
+                    else None
+            item = self.pending[index]
+            if not self._fits(item):
+                if self.live:
+                    return None  # what the running trials really cost may leave room
+                del self.pending[index]
+                self.over_budget.append(item.key)
+                self._budget_changed()
+                continue
+            del self.pending[index]
+            self.live[trial_id] = item.key
+            self.live_cost[trial_id] = self._cost(item)
+            self._budget_changed()
+            return dict(item.config)
+
+    # --- hooks for a planned study (ctt.tune.adaptive) -------------------------------------
+    def _next_round(self) -> bool:
+        """Called when nothing is pending or running: add the next round's items to
+        ``pending`` and return True, or return False when the study is complete."""
+        return False
+
+    def _round_may_follow(self) -> bool:
+        """Whether a next round may still come once the running trials end (their results
+        decide it): then Tune is told to wait, not that the search is finished."""
+        return False
+
+    def _cost(self, item: GridItem) -> float:
+        return item.cost
+
+    def _fits(self, item: GridItem) -> bool:
+        """Whether starting ``item`` keeps the committed compute (spent + running estimates)
+        within the budget."""
+        if self.budget is None:
+            return True
+        return self.spent + sum(self.live_cost.values()) + self._cost(item) <= self.budget
+
+    def _budget_changed(self) -> None:
+        """Called when a trial starts, ends or is left out for the budget."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         if result is None and not error:
             return  # removed while pending (an experiment stopping): it is resumed later
         key = self.live.pop(trial_id, None)
+        estimate = self.live_cost.pop(trial_id, 0.0)
+        if key is not None:
+            self._trial_ended(key, result, error, estimate)
         item = self.warmups.get(key) if key is not None else None
         if item is None:
             return
@@ -186,6 +240,11 @@ class GridSearcher(Searcher):
                                                      f"it stopped at step {step}")
             self.failed[item.key] = f"warm-up of seed {item.seed} failed: {reason}"
             self._write(self.failures, self.failed)
+
+    def _trial_ended(self, key: str, result: dict | None, error: bool, estimate: float) -> None:
+        """Count an ended trial's spend: its estimate (a planned study measures instead)."""
+        self.spent += estimate
+        self._budget_changed()
 
     # --- state ----------------------------------------------------------------------------
     # The driver-local files travel relative to a URI study's staging root, so a resume on a

@@ -6,6 +6,7 @@ files. The driver's callback (:mod:`ctt.tune.callbacks`, the writer) and the res
     <study_dir>/trials/<trial_id>/trial.json     flat config, variant, seed, status, summary
     <study_dir>/trials/<trial_id>/metrics.jsonl  one record per reported result
     <study_dir>/tb/<variant>_seed<seed>_<trial_id>/  TensorBoard scalars + one HParams session
+    <study_dir>/plan.json                        (ablations) rounds, looks, spend, stop reason
     <study_dir>/optuna.journal                   (sweeps) Optuna's journal storage, live
     <study_dir>/optuna.db                        (sweeps) its sqlite snapshot at the end
     <study_dir>/trials.parquet, metrics.parquet, report.md, *.png   built by ctt.tune.results
@@ -55,6 +56,9 @@ CONFIRM_EXPERIMENT = "ray-confirm"
 WARMUP = "warmup"
 WARMUP_RECORD = "warmup.json"
 WARMUP_FAILED = "warmup-failed.json"
+# An ablation's plan record: the seeds each round released, the verdicts at each look, the
+# spend against --budget and why the study stopped (ctt.tune.adaptive).
+PLAN_RECORD = "plan.json"
 # A sweep's confirmation runs: their trials/ and tb/, and the summary naming the winner.
 CONFIRM_DIR = "confirm"
 CONFIRM_JSON = "confirm.json"

@@ -54,6 +54,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from ctt.tune.layout import finite
@@ -237,11 +238,12 @@ class PruningAwareOptunaSearch(OptunaSearch, TrialBook):
 
     def __init__(self, *args: Any, pruner: optuna.pruners.BasePruner | None = None,
                  time_attr: str = "step", max_t: int | None = None, step_offset: int = 0,
-                 **kwargs: Any) -> None:
+                 budget: Any = None, **kwargs: Any) -> None:
         if pruner is not None and not isinstance(pruner, optuna.pruners.BasePruner):
             raise TypeError(f"pruner must be an optuna.pruners.BasePruner, got {type(pruner)}")
         # Set before OptunaSearch.__init__, which creates the study when given a space.
         self._pruner = pruner
+        self._budget = budget  # a ctt.tune.adaptive.ComputeBudget: no trial past --budget
         self._init_book(metric=None, time_attr=time_attr, max_t=max_t, step_offset=step_offset)
         super().__init__(*args, **kwargs)
 
@@ -263,6 +265,13 @@ class PruningAwareOptunaSearch(OptunaSearch, TrialBook):
             self._ot_study.set_user_attr(STEP_OFFSET_ATTR, self._step_offset)
 
     def suggest(self, trial_id: str) -> dict | None:
+        budget = getattr(self, "_budget", None)
+        if budget is not None and trial_id not in budget.live:
+            admitted = budget.admit(trial_id)
+            if admitted is None:
+                return None
+            if admitted is False:
+                return Searcher.FINISHED
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials[trial_id]
         ot_trial.set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
@@ -286,6 +295,9 @@ class PruningAwareOptunaSearch(OptunaSearch, TrialBook):
             return
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        budget = getattr(self, "_budget", None)
+        if budget is not None:
+            budget.ended(trial_id, result)
         self._completed_trials.add(trial_id)
         self._book_metric = self.metric
         self.finish(trial_id, result, error=error)

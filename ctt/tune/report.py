@@ -2,7 +2,10 @@
 at the end of a study.
 
 Report sections: a header (name, kind, trial counts by outcome, the machine: CPU model and
-instruction set, torch threads, commit); for an ablation the ablation table (mIoU mean ± std
+instruction set, torch threads, commit); for an ablation that asks questions (``study.json``
+``options.questions``) their answers (:func:`render_questions`: estimate, interval at the
+design's level and verdict of each, by :mod:`ctt.tune.sequential`, with ``plan.json``'s spend
+and stop reason); for an ablation the ablation table (mIoU mean ± std
 over the seeds of finished trials, Δ against the baseline with its 95 % interval, the paired-t
 p and the Holm-corrected p, excluded trials counted) and the paired comparisons (every variant
 against the baseline and the between-variant ones of :func:`ctt.tune.tables.comparison_rows`)
@@ -15,12 +18,27 @@ evaluator, only from 2 finished trials up) and the confirmation; the plots.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ctt.tune.layout import finite
+from ctt.fileio import as_int
+from ctt.tune.layout import PLAN_RECORD, finite, read_json
+from ctt.tune.sequential import (
+    OPEN,
+    RESOLVED_NEG,
+    RESOLVED_POS,
+    WITHIN_DELTA,
+    Plan,
+    Question,
+    QuestionResult,
+    fixed_need,
+    parse_questions,
+    replay,
+)
 from ctt.tune.stats import ALPHA, POWER, optuna_importances
 from ctt.tune.tables import (
     DEFAULT_BASELINE,
@@ -33,6 +51,8 @@ from ctt.tune.tables import (
     trial_outcome,
     varying_params,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _fmt_ms(mean: float, std: float) -> str:
@@ -218,7 +238,9 @@ def render_report(study_dir: str, trials: Sequence[dict], study: dict,
 
     if kind == "sweep":
         out += render_search(trials, study)
+        out += sweep_budget_lines(load_plan_record(study_dir))
     else:
+        out += render_questions(assess_questions(trials, study, load_plan_record(study_dir)))
         out += _render_ablation(trials, study, baseline)
 
     # a sweep's pruned trials are its search working, not exclusions: the top table has them
@@ -383,3 +405,317 @@ def _outcome_counts(trials: Sequence[dict]) -> dict[str, int]:
     for t in trials:
         counts[trial_outcome(t)] = counts.get(trial_outcome(t), 0) + 1
     return counts
+
+
+# --- the study's questions (ctt.tune.sequential) ------------------------------------------------
+
+@dataclass(frozen=True)
+class QuestionRow:
+    """One question as the report shows it: its result at the look that closed it (the last
+    look while it is open; None where no look was possible), the verdict in words and, for an
+    open question, the seeds per variant a fixed design would need to detect delta
+    (:func:`ctt.tune.sequential.fixed_need`; None: not computable). ``missing``: its variants
+    without a finished trial."""
+
+    question: Question
+    result: QuestionResult | None
+    verdict: str
+    fixed_seeds: int | None = None
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QuestionsReport:
+    """A study's questions assessed from its trials (:func:`assess_questions`).
+
+    ``design``: "fixed" (one look at all seeds, each interval at ``alpha / m``) or "adaptive"
+    (the looks of ``plan``, replayed in the seed order of ``plan.json``). ``note``, when set,
+    says why there are no rows (no look possible); ``stopped`` and ``budget`` are
+    ``plan.json``'s (None without one); ``remarks`` are caveats printed under the table.
+    """
+
+    design: str
+    questions: tuple[Question, ...]
+    alpha: float
+    delta: float
+    plan: Plan | None = None
+    rows: tuple[QuestionRow, ...] = ()
+    looks: int = 0
+    note: str = ""
+    stopped: str | None = None
+    budget: dict | None = None
+    remarks: tuple[str, ...] = field(default=())
+
+
+def load_plan_record(study_dir: str | os.PathLike) -> dict | None:
+    """The driver's ``plan.json`` (:data:`ctt.tune.layout.PLAN_RECORD`) or None: absent (a
+    fixed study, an interrupted one) or unreadable (a warning; the report still builds)."""
+    path = os.path.join(os.fspath(study_dir), PLAN_RECORD)
+    try:
+        return read_json(path, strict=True)
+    except Exception as e:  # noqa: BLE001 - a record the report can do without
+        log.warning("ignoring %s: %s", path, e)
+        return None
+
+
+def question_data(trials: Sequence[dict]) -> dict[str, dict[int, float]]:
+    """``{variant: {seed: miou_final}}`` of the trials that ran to the end without an error and
+    with a finite ``miou_final`` (a later trial of the same variant and seed wins)."""
+    data: dict[str, dict[int, float]] = {}
+    for t in trials:
+        seed, value = as_int(t.get("seed")), finite(t.get("miou_final"))
+        if is_ok(t) and not t.get("error") and seed is not None and value is not None:
+            data.setdefault(str(t.get("variant")), {})[seed] = value
+    return data
+
+
+def _seed_order(plan_record: dict | None) -> list[int] | None:
+    order = (plan_record or {}).get("seed_order")
+    if not isinstance(order, list) or not order:
+        return None
+    seeds = [as_int(s) for s in order]
+    if any(s is None for s in seeds) or len(set(seeds)) != len(seeds):
+        return None
+    return seeds  # type: ignore[return-value]
+
+
+def assess_questions(trials: Sequence[dict], study: dict,
+                     plan_record: dict | None = None) -> QuestionsReport | None:
+    """The study's questions (``study.json`` ``options.questions``) answered from its trials;
+    None when it asks none (a sweep, an old study without the key).
+
+    A fixed study is one look at all ``n`` seeds with results: ``Plan(initial=n,
+    max_seeds=n)``, each interval at ``alpha / m``. An adaptive one (``options.adaptive``)
+    replays its looks (:func:`ctt.tune.sequential.replay`) with ``Plan(initial=len(seeds),
+    max_seeds=options.max_seeds, delta=options.delta)`` in the seed order of ``plan_record``
+    (``plan.json``; sorted seeds without it); each question shows the last assessment's result,
+    a closed one that of the look that closed it. A question whose variant has no finished
+    trial keeps its place in the family (m counts it) with no pairs, and its row says so.
+    """
+    opts = study.get("options") if isinstance(study.get("options"), dict) else {}
+    raw = opts.get("questions")
+    if not raw or study.get("kind") == "sweep":
+        return None
+    design = "adaptive" if opts.get("adaptive") else "fixed"
+    plan_record = plan_record if isinstance(plan_record, dict) else None
+    stopped = None
+    budget = None
+    if plan_record is not None:
+        stopped = plan_record.get("stopped") if isinstance(plan_record.get("stopped"),
+                                                           str) else ""
+        budget = plan_record.get("budget") if isinstance(plan_record.get("budget"),
+                                                         dict) else None
+    try:
+        if not isinstance(raw, list):
+            raise ValueError(f"'questions' must be a list of 'a/b' texts, got {raw!r:.60}")
+        questions = parse_questions(str(q) for q in raw)
+        delta = float(opts.get("delta", 1.0))
+        if not (delta > 0 and math.isfinite(delta)):
+            raise ValueError(f"'delta' must be a positive number, got {opts.get('delta')!r}")
+    except (TypeError, ValueError) as e:
+        return QuestionsReport(design, (), ALPHA, math.nan, stopped=stopped, budget=budget,
+                               note=f"The questions in study.json could not be read: {e}.")
+    base = QuestionsReport(design, questions, ALPHA, delta, stopped=stopped, budget=budget)
+
+    data = question_data(trials)
+    missing = {q: tuple(v for v in q.variants if not data.get(v)) for q in questions}
+    for q in questions:
+        for v in q.variants:
+            data.setdefault(v, {})
+    with_results = sorted({s for per in data.values() for s in per})
+    remarks: list[str] = []
+    try:
+        if design == "fixed":
+            n = len(with_results)
+            if n < 2:
+                return _replace(base, note=f"The questions need at least 2 seeds with results "
+                                           f"(a paired interval needs 2); {n} so far.")
+            plan = Plan(initial=n, max_seeds=n, delta=delta)
+            order = with_results
+        else:
+            seeds = study.get("seeds", opts.get("seeds"))
+            if not isinstance(seeds, list):
+                raise ValueError(f"study.json 'seeds' must be a list, got {seeds!r:.40}")
+            plan = Plan(initial=len(seeds), max_seeds=int(opts.get("max_seeds", 10)),
+                        delta=delta)
+            order = _seed_order(plan_record)
+            if order is None:
+                order = with_results
+                remarks.append(f"No seed order recorded ({PLAN_RECORD} absent or without "
+                               "`seed_order`): the looks are replayed in sorted seed order.")
+        assessments = replay(data, questions, plan, seed_order=order)
+    except (TypeError, ValueError) as e:
+        return _replace(base, note=f"The questions could not be assessed: {e}.")
+    base = _replace(base, plan=plan, remarks=tuple(remarks))
+    if not assessments:
+        return _replace(base, note=f"No look yet: the first look needs {plan.initial} seeds, "
+                                   f"{len(order)} have started.")
+    last = assessments[-1]
+    reason = (stopped or last.reason) if design == "adaptive" else ""
+    open_words = {"budget": "open: budget", "max_seeds": "open: max seeds"}.get(reason, "open")
+    rows = []
+    for r in last.results:
+        q = r.question
+        if r.verdict == RESOLVED_POS:
+            words = f"resolved: {q.a} > {q.b}"
+        elif r.verdict == RESOLVED_NEG:
+            words = f"resolved: {q.a} < {q.b}"
+        elif r.verdict == WITHIN_DELTA:
+            words = f"smaller than δ = {_fmt_delta_value(delta)}"
+        else:
+            words = open_words
+        if missing[q]:
+            words += f"; no finished trial of {', '.join(missing[q])}"
+        need = (fixed_need(r, plan, len(questions)).seeds_for_delta
+                if r.verdict == OPEN else None)
+        rows.append(QuestionRow(q, r, words, need, missing[q]))
+    return _replace(base, rows=tuple(rows), looks=len(assessments))
+
+
+def _replace(report: QuestionsReport, **changes: Any) -> QuestionsReport:
+    return replace(report, **changes)
+
+
+def _fmt_delta_value(delta: float) -> str:
+    return repr(float(delta)) if float(delta).is_integer() else f"{delta:g}"
+
+
+def _fmt_confidence(error: float) -> str:
+    """The confidence ``1 - error`` in %, with the decimals that keep it short of 100 % (an
+    early look's level can be 99.99999 %)."""
+    pct = 100.0 * error
+    if not pct > 0:
+        return "100 %"
+    decimals = max(1, -math.floor(math.log10(pct)))
+    return f"{100.0 - pct:.{decimals}f} %"
+
+
+def _question_cells(rep: QuestionsReport) -> list[list[str]]:
+    """The rows of the questions table as text cells (the report's and the terminal's)."""
+    cells = []
+    for row in rep.rows:
+        r = row.result
+        est = "n/a" if r is None or math.isnan(r.estimate) else f"{r.estimate:+.2f}"
+        if r is None or math.isnan(r.ci_low):
+            interval = "n/a"
+        else:
+            interval = (f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}] "
+                        f"({_fmt_confidence(r.level)})")
+        if r is not None and r.verdict == OPEN:
+            need = "n/a" if row.fixed_seeds is None else f"{row.fixed_seeds} seeds"
+        else:
+            need = "-"
+        cells.append([f"{row.question.a} − {row.question.b}", est, interval,
+                      str(0 if r is None else r.n), row.verdict, need])
+    return cells
+
+
+QUESTION_HEADER = ("question", "estimate (mIoU)", "interval", "seeds", "verdict",
+                   "a fixed design needs")
+
+
+def _fmt_hours(x: Any) -> str:
+    v = finite(x)
+    if v is None:
+        return "n/a"
+    return f"{v:.2f}" if abs(v) >= 0.1 else f"{v:.2g}"
+
+
+def _spend_line(b: dict) -> str:
+    line = (f"Spend: {_fmt_hours(b.get('spent'))} of {_fmt_hours(b.get('cap'))} "
+            f"{b.get('unit') or 'core-hours'}")
+    if finite(b.get("estimated")) is not None:
+        line += f" (estimated {_fmt_hours(b.get('estimated'))} before the trials ran)"
+    return line + "."
+
+
+def sweep_budget_lines(record: dict | None) -> list[str]:
+    """A sweep's ``--budget``: the measured spend next to the estimate, and whether the budget
+    ended the search before ``--num-samples``."""
+    if not record or not isinstance(record.get("budget"), dict):
+        return []
+    out = [_spend_line(record["budget"])]
+    if record.get("stopped") == "budget":
+        out.append("The search stopped for the budget: no further trial fitted in it.")
+    return ["## Budget", "", *[line + "\n" for line in out]]
+
+
+def _question_footer(rep: QuestionsReport) -> list[str]:
+    """The lines under the table: caveats, the spend against the budget and why the study
+    stopped adding seeds (both from ``plan.json``)."""
+    out = list(rep.remarks)
+    if rep.budget is not None:
+        out.append(_spend_line(rep.budget))
+    # a fixed study's plan.json (written for its budget) has no rounds to stop, only a cap
+    if rep.stopped is not None and (rep.design == "adaptive" or rep.stopped):
+        max_seeds = rep.plan.max_seeds if rep.plan is not None else "max_seeds"
+        words = {
+            "answered": "Stopped: every question has a verdict.",
+            "max_seeds": f"Stopped: the variants of the open questions reached "
+                         f"{max_seeds} seeds, the most the plan allows.",
+            "budget": "Stopped: the next round would have gone past the budget.",
+            "": "Not stopped: the study is still running, or was interrupted.",
+        }
+        out.append(words.get(rep.stopped, f"Stopped: {rep.stopped}."))
+    return out
+
+
+def _design_text(rep: QuestionsReport) -> str:
+    m, alpha = len(rep.questions), rep.alpha
+    head = (f"Each question is the paired difference `a − b` of `miou_final` over the seeds "
+            f"where both variants ran to the end; δ = {_fmt_delta_value(rep.delta)} mIoU is "
+            "the smallest difference of interest. ")
+    plan = rep.plan
+    if rep.design == "fixed":
+        n = f"all {plan.max_seeds} seeds" if plan is not None else "all seeds"
+        design = (f"Fixed design: one look at {n}, each interval at the Bonferroni level "
+                  f"α/m = {alpha:g}/{m}, so the family-wise error rate over the {m} "
+                  f"question{'s' if m > 1 else ''} is α = {alpha:g}.")
+    else:
+        rounds = (f"{plan.initial} seeds per variant, then rounds of {plan.step} seed"
+                  f"{'s' if plan.step > 1 else ''} for the variants an open question still "
+                  f"needs, up to {plan.max_seeds}; look k's intervals are at α·w_k/m, w_k "
+                  f"from power spending (ρ = {plan.rho:g}); " if plan is not None else
+                  "seeds added in rounds to the variants an open question still needs; ")
+        design = (f"Adaptive design (repeated confidence intervals): {rounds}the shares sum "
+                  f"to α = {alpha:g} over the {m} question{'s' if m > 1 else ''} and all "
+                  "looks (Bonferroni), the family-wise error rate; a question keeps the look "
+                  "that closed it.")
+    verdicts = (" Resolved: the interval excludes 0; smaller than δ: it lies inside (−δ, +δ); "
+                "for an open question, the seeds per variant a fixed design at α/m would need "
+                f"to detect δ with {POWER * 100:.0f} % power at the observed SD.")
+    return head + design + verdicts
+
+
+def render_questions(rep: QuestionsReport | None) -> list[str]:
+    """The report's ``## Questions`` section (none when the study asks no question): the
+    design in a paragraph, one table row per question in the study's order, then the spend and
+    the stop reason of ``plan.json``."""
+    if rep is None:
+        return []
+    out = ["## Questions", ""]
+    if rep.note:
+        out += [rep.note, ""]
+    else:
+        out += [_design_text(rep), "", _md_table(QUESTION_HEADER, _question_cells(rep)), ""]
+    return out + [line for f in _question_footer(rep) for line in (f, "")]
+
+
+def questions_summary(study_dir: str | os.PathLike) -> list[str]:
+    """The questions' rows as plain text lines for the end-of-study print (the table of the
+    report's ``## Questions`` section, aligned as :func:`summary_table`'s, then the spend and
+    stop lines); [] when the study asks no question."""
+    study_dir = os.fspath(study_dir)
+    rep = assess_questions(load_trials(study_dir), load_study_json(study_dir),
+                           load_plan_record(study_dir))
+    if rep is None:
+        return []
+    title = (f"questions ({rep.design} design, family-wise α = {rep.alpha:g}, "
+             f"δ = {_fmt_delta_value(rep.delta)} mIoU):")
+    if rep.note:
+        return [title, rep.note, *_question_footer(rep)]
+    lines = [tuple(QUESTION_HEADER), *map(tuple, _question_cells(rep))]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(QUESTION_HEADER))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return [title, *text, *_question_footer(rep)]

@@ -60,7 +60,7 @@ from ctt.tune.ray_setup import (
     stop_ray_left_by,
     tune_catches_sigint,
 )
-from ctt.tune.report import summary_table
+from ctt.tune.report import questions_summary, summary_table
 from ctt.tune.results import build_results
 from ctt.tune.resume import check_resume
 from ctt.tune.tables import load_trials
@@ -111,6 +111,17 @@ class StudyOptions:
     num_cpus: int | None = None
     device: str | None = None
     fork_warmup: bool = True
+    # The comparisons an ablation exists to answer ("a/b": a - b paired by seed) and the
+    # smallest difference of interest (mIoU points), ctt.tune.sequential.
+    questions: tuple[str, ...] = ()
+    delta: float = 1.0
+    # --adaptive: seeds added in rounds to the variants an open question needs, up to
+    # max_seeds per variant (ctt.tune.adaptive).
+    adaptive: bool = False
+    max_seeds: int = 10
+    # --budget: the most compute the study may commit, in core-hours (GPU-hours when
+    # gpus_per_trial > 0), by the dry run's cost model; None: no cap.
+    budget: float | None = None
     # 1: the study's start and progress lines; 2 (--verbose): Ray's status table and the
     # trials' own output instead
     verbose: int = 1
@@ -445,6 +456,9 @@ def finish_study(study_dir: Path, opts: StudyOptions, wall_s: float,
     write_json(study_dir / STUDY_JSON, info)
     build_results(study_dir)
     print(summary_table(study_dir), flush=True)
+    questions = questions_summary(study_dir)
+    if questions:
+        print("\n".join(questions), flush=True)
     print(f"study wall time {wall_s / 60:.1f} min; results in {study_dir}", flush=True)
     study_storage.push_study_files(opts.name)
     _check_outcome(study_dir)

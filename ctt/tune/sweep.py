@@ -23,6 +23,7 @@ from ray import tune
 from ctt.config import CTTConfig, apply_variant, check_semantics
 from ctt.envinfo import environment
 from ctt.errors import UserError, warn_all
+from ctt.tune.adaptive import ComputeBudget, budget_unit
 from ctt.tune.callbacks import StudyLoggerCallback
 from ctt.tune.confirm import confirm_winners, test_eval
 from ctt.tune.experiment import (
@@ -35,7 +36,13 @@ from ctt.tune.experiment import (
     trial_config,
 )
 from ctt.tune.grid import WARMUP_VARIANT, published, warmup_dir
-from ctt.tune.layout import EXPERIMENT, OPTUNA_DB, OPTUNA_JOURNAL, SWEEP_WARMUP_EXPERIMENT
+from ctt.tune.layout import (
+    EXPERIMENT,
+    OPTUNA_DB,
+    OPTUNA_JOURNAL,
+    PLAN_RECORD,
+    SWEEP_WARMUP_EXPERIMENT,
+)
 from ctt.tune.optuna_search import TUNE_TRIAL_ID_ATTR, PruningAwareOptunaSearch
 from ctt.tune.optuna_storage import (
     OptunaStorageError,
@@ -233,7 +240,8 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
             sampler=optuna.samplers.TPESampler(
                 seed=sampler_seed, n_startup_trials=tpe_startup_trials(num_samples)),
             storage=storage, study_name=opts.name, pruner=pruner, time_attr="step",
-            max_t=iters, step_offset=offset)
+            max_t=iters, step_offset=offset,
+            budget=_budget(opts, base, variant, iters, offset if share else 0, study_dir))
         sched = make_scheduler(scheduler, metric=metric, mode="max", time_attr="step",
                                max_t=iters, grace_period=grace, step_offset=offset,
                                searcher=searcher)
@@ -280,6 +288,27 @@ def run_sweep(opts: StudyOptions, variant: str, space: dict[str, Any], *, num_sa
         export_sqlite(storage, opts.name, study_dir / OPTUNA_DB)
         finish_study(study_dir, opts, time.time() - t0, extra)
         return study_dir
+
+
+def _budget(opts: StudyOptions, base: CTTConfig, variant: str, iters: int, offset: int,
+            study_dir: Path) -> ComputeBudget | None:
+    """``--budget`` of a sweep: its search trials, estimated at the cost model's seconds per
+    step of ``variant`` (none when the trials' device is not on this machine: the first ended
+    trial's measurement then sets it). The shared warm-up and the confirmation runs are not
+    counted against it."""
+    if opts.budget is None:
+        return None
+    from ctt.state import resolve_device
+    from ctt.tune.dry_run import estimate_seconds_per_step
+
+    try:
+        resolve_device(base.run.device)
+        step_s: float | None = estimate_seconds_per_step(apply_variant(base, variant))
+    except UserError:
+        step_s = None
+    return ComputeBudget(opts.budget, unit=budget_unit(opts.gpus_per_trial),
+                         per_trial=opts.gpus_per_trial or opts.cpus_per_trial, iters=iters,
+                         step_s=step_s, offset=offset, record=str(study_dir / PLAN_RECORD))
 
 
 def _open_optuna_database(url: str, opts: StudyOptions) -> Any:
