@@ -62,6 +62,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from helpers import alive_with_descendants
 from ray.autoscaler._private.command_runner import _with_environment_variables
 from ray.autoscaler._private.subprocess_output_util import ProcessRunnerError
 from ray.autoscaler.command_runner import CommandRunnerInterface
@@ -171,17 +172,7 @@ def host_processes(state_dir: str | Path, node_id: str | None = None) -> list:
                 hit = value == marker or (node_id is None and value.startswith(marker))
         if hit:
             found[p.pid] = p
-    for p in list(found.values()):
-        with contextlib.suppress(psutil.Error):
-            for child in p.children(recursive=True):
-                if child.pid not in skip:
-                    found.setdefault(child.pid, child)
-    alive = []
-    for p in found.values():
-        with contextlib.suppress(psutil.Error):
-            if p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p)
-    return alive
+    return alive_with_descendants(found, skip)
 
 
 def kill_host(state_dir: str | Path, node_id: str | None = None, grace: float = 5.0) -> list[str]:

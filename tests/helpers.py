@@ -97,3 +97,26 @@ def tune_snapshot(searcher: Any, scheduler: Any, path: Path) -> Callable[..., tu
         return restored_searcher, restored_scheduler
 
     return restore
+
+
+def alive_with_descendants(found: dict[int, Any], skip: frozenset[int] | set[int] = frozenset()
+                           ) -> list[Any]:
+    """The ``psutil`` processes ``found`` (by pid) and all their descendants, except the pids
+    in ``skip``, without those already gone or zombies: what a test must stop by PID."""
+    import contextlib
+
+    import psutil
+
+    found = dict(found)
+    for p in list(found.values()):
+        with contextlib.suppress(psutil.Error):
+            for child in p.children(recursive=True):
+                if child.pid not in skip:
+                    found.setdefault(child.pid, child)
+    alive = []
+    for p in found.values():
+        with contextlib.suppress(psutil.Error):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+    return alive
+

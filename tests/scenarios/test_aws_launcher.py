@@ -231,6 +231,19 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
                             stdin=subprocess.DEVNULL, start_new_session=True, env=os.environ)
 
 
+def _run_to_end(args: list[str], log: Path, deadline_s: float) -> subprocess.Popen:
+    """``ray <args>`` until it exits or ``deadline_s`` passes; its process group is killed
+    either way (a launcher may leave SSH retries behind)."""
+    proc = _start(args, log)
+    try:
+        proc.wait(deadline_s)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        _kill_group(proc)
+    return proc
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -438,13 +451,7 @@ def test_ray_up_and_down_against_moto(aws):
     ips = sorted(i["PublicIpAddress"] for i in aws.instances())
     assert len(ips) == 4
     down_log = aws.tmp / "ray-down.log"
-    down = _start(["down", "-y", str(cfg_file)], down_log)
-    try:
-        down.wait(DOWN_DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        _kill_group(down)
+    down = _run_to_end(["down", "-y", str(cfg_file)], down_log, DOWN_DEADLINE_S)
     out = _plain(down_log.read_text())
     assert down.returncode == 0, out[-6000:]
     assert "No nodes remaining" in out, out[-6000:]
@@ -474,13 +481,7 @@ def test_ray_up_refuses_a_broken_copy(aws, case):
     live = {"instance-state-name": ["pending", "running"]}
     before = {i["InstanceId"] for i in aws.instances(**live)}
     log = aws.tmp / f"ray-up-{case}.log"
-    up = _start(["up", "-y", "--no-config-cache", str(cfg_file)], log)
-    try:
-        up.wait(UP_DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        _kill_group(up)
+    up = _run_to_end(["up", "-y", "--no-config-cache", str(cfg_file)], log, UP_DEADLINE_S)
     out = _plain(log.read_text())
     assert up.returncode is not None and up.returncode > 0, out[-6000:]
     for e in expect:

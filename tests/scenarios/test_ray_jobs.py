@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, read_trial_metrics, read_trials_parquet
+from helpers import REPO_ROOT, alive_with_descendants, read_trial_metrics, read_trials_parquet
 
 HEAD_IP, WORKER_IP = "127.0.0.1", "127.0.0.2"
 OBJECT_STORE = 200 * 1024**2
@@ -154,16 +154,7 @@ class CLICluster:
                 cwd = p.cwd()
             if any(m in cmd for m in marks) or any(cwd.startswith(t) for t in self.temp_dirs):
                 found[p.pid] = p
-        for p in list(found.values()):
-            with contextlib.suppress(psutil.Error):
-                for child in p.children(recursive=True):
-                    found.setdefault(child.pid, child)
-        alive = []
-        for p in found.values():
-            with contextlib.suppress(psutil.Error):
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-        return alive
+        return alive_with_descendants(found)
 
     def head_listening(self) -> set[str]:
         """host:port of every listening socket of the head's processes (its temp dir in their
