@@ -45,6 +45,7 @@ from ctt.tune.cluster_capacity import check_cluster_fits
 from ctt.tune.experiment import can_restore, experiment_dir
 from ctt.tune.layout import (
     EXPERIMENT,
+    PLAN_RECORD,
     STORAGE_ONLY,
     STUDY_JSON,
     TRIALS_DIR,
@@ -447,12 +448,15 @@ def tune_env(values: dict[str, str]) -> Iterator[None]:
 
 def finish_study(study_dir: Path, opts: StudyOptions, wall_s: float,
                  extra: dict[str, Any] | None = None) -> None:
-    """Record the run's wall time (and ``extra``) in study.json, build the tables, report and
+    """Record the run's wall time (and ``extra``, and ``plan.json``: the spend against
+    ``--budget`` next to its estimate) in study.json, build the tables, report and
     plots, print the summary, push a URI study's files; raise :class:`StudyFailedError` when
     every trial failed."""
     info = json.loads((study_dir / STUDY_JSON).read_text())
     info.setdefault("wall_s_runs", []).append(wall_s)
     info.update(extra or {})
+    with contextlib.suppress(OSError, ValueError):  # the rounds, why it stopped, the spend
+        info["plan"] = json.loads((study_dir / PLAN_RECORD).read_text())
     write_json(study_dir / STUDY_JSON, info)
     build_results(study_dir)
     print(summary_table(study_dir), flush=True)

@@ -124,6 +124,7 @@ def test_budget_stops_an_adaptive_study_cleanly_with_an_honest_report(tmp_path):
     plan = _check_plan(study, [0, 1], ["supervised", "ctt"])
     budget = plan["budget"]
     assert budget["unit"] == "core-hours" and budget["cap"] == 0.0005
+    assert json.loads((study / "study.json").read_text())["plan"] == plan  # spend on record
     assert budget["spent"] > budget["cap"], budget  # the first round measured more than 1.8 s
     answered = plan["stopped"] == "answered"  # possible only if the first look decided
     assert answered or plan["stopped"] == "budget", plan
