@@ -156,16 +156,19 @@ def test_worker_node_failure_resumes_trials_from_checkpoints(tmp_path):
             proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_driver_env(tmp_path),
                                     stdout=stdout_file, stderr=stderr_file,
                                     start_new_session=True)
-            # Kill the worker once its trial has a checkpoint (a reported multiple of
-            # checkpoint_every: the checkpoint is persisted before the result reaches the
-            # driver) and before it finishes.
+            # Kill the worker once the driver knows a checkpoint of its trial and before the
+            # trial finishes. The first checkpoint's result reaching metrics.jsonl is not
+            # enough: Tune may register that checkpoint after the study's callback has written
+            # the record, and a kill in between (seen on a loaded machine) restarts the trial
+            # from scratch. Tune handles one result at a time, so once a second result is
+            # recorded the first one's checkpoint is registered.
             victim, killed_at = None, None
             deadline = time.monotonic() + 180
             while victim is None and time.monotonic() < deadline and proc.poll() is None:
                 for path in sorted(study.glob("trials/*/metrics.jsonl")):
                     recs = read_trial_metrics(study, path.parent.name)
                     steps = [r["step"] for r in recs if r.get("node_ip") == WORKER_IP]
-                    if steps and max(steps) >= every:
+                    if steps and max(steps) >= 2 * every:
                         victim, killed_at = path.parent.name, max(steps)
                         break
                 time.sleep(0.1)
