@@ -137,17 +137,16 @@ class PlannedGridSearcher(GridSearcher):
     def _variant(self, item: GridItem) -> str:
         return WARMUP_VARIANT if item.publish else str(item.config.get("variant"))
 
+    def _hours(self, item: GridItem, step_s: float | None) -> float:
+        """``item``'s compute at ``step_s`` seconds per step, in the budget's unit (0 unknown)."""
+        return 0.0 if step_s is None else self._iters(item) * step_s * self.per_trial / 3600.0
+
     def _cost(self, item: GridItem) -> float:
         variant = self._variant(item)
-        step_s = self.measured_step_s.get(variant, self.step_s.get(variant))
-        if step_s is None:
-            return item.cost
-        return self._iters(item) * step_s * self.per_trial / 3600.0
+        return self._hours(item, self.measured_step_s.get(variant, self.step_s.get(variant)))
 
     def _model_cost(self, item: GridItem) -> float:
-        step_s = self.step_s.get(self._variant(item))
-        return (self._iters(item) * step_s * self.per_trial / 3600.0 if step_s is not None
-                else item.cost)
+        return self._hours(item, self.step_s.get(self._variant(item)))
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)

@@ -127,10 +127,8 @@ class GridItem:
     publish: str | None = None
     until: int = 0
     seed: Any = None
-    # iterations the trial trains (a fork: after its warm-up), and an estimated compute in
-    # the budget's unit where no cost model gives one
+    # iterations the trial trains (a fork: after its warm-up): its cost is iters x s/step
     iters: int = 0
-    cost: float = 0.0
 
 
 class GridSearcher(Searcher):
@@ -187,12 +185,10 @@ class GridSearcher(Searcher):
                     return None  # what the running trials really cost may leave room
                 del self.pending[index]
                 self.over_budget.append(item.key)
-                self._budget_changed()
                 continue
             del self.pending[index]
             self.live[trial_id] = item.key
             self.live_cost[trial_id] = self._cost(item)
-            self._budget_changed()
             return dict(item.config)
 
     # --- hooks for a planned study (ctt.tune.adaptive) -------------------------------------
@@ -207,7 +203,8 @@ class GridSearcher(Searcher):
         return False
 
     def _cost(self, item: GridItem) -> float:
-        return item.cost
+        """``item``'s estimated compute in the budget's unit (0 here: no cost model)."""
+        return 0.0
 
     def _fits(self, item: GridItem) -> bool:
         """Whether starting ``item`` keeps the committed compute (spent + running estimates)
@@ -215,9 +212,6 @@ class GridSearcher(Searcher):
         if self.budget is None:
             return True
         return self.spent + sum(self.live_cost.values()) + self._cost(item) <= self.budget
-
-    def _budget_changed(self) -> None:
-        """Called when a trial starts, ends or is left out for the budget."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -244,7 +238,6 @@ class GridSearcher(Searcher):
     def _trial_ended(self, key: str, result: dict | None, error: bool, estimate: float) -> None:
         """Count an ended trial's spend: its estimate (a planned study measures instead)."""
         self.spent += estimate
-        self._budget_changed()
 
     # --- state ----------------------------------------------------------------------------
     # The driver-local files travel relative to a URI study's staging root, so a resume on a
