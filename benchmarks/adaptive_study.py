@@ -12,13 +12,11 @@ says. Writes ``benchmarks/results/adaptive_study.json`` by default.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
-from common import RESULTS_DIR, metadata, write_json
+from common import RESULTS_DIR, finished_study, metadata, write_json
 
 from ctt.errors import UserError, guarded
 from ctt.tune.report import assess_questions, load_plan_record
@@ -32,11 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
-    study = Path(a.study)
-    if not (study / "trials.parquet").is_file() or not (study / "study.json").is_file():
-        raise UserError(f"{study} holds no finished study (trials.parquet and study.json): "
-                        "pass the directory of a study that ran to the end")
-    info = json.loads((study / "study.json").read_text())
+    study, info = finished_study(a.study)
     plan = load_plan_record(study)
     trials = pq.read_table(study / "trials.parquet").to_pylist()
     rep = assess_questions(trials, info, plan)

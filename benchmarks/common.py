@@ -172,6 +172,18 @@ def write_json(path: str | os.PathLike, obj: dict[str, Any]) -> Path:
     return path
 
 
+def finished_study(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """A finished study directory and its ``study.json``; one clear line
+    (:class:`ctt.errors.UserError`) when it holds no finished study."""
+    from ctt.errors import UserError
+
+    study = Path(path)
+    if not (study / "trials.parquet").is_file() or not (study / "study.json").is_file():
+        raise UserError(f"{study} holds no finished study (trials.parquet and study.json): "
+                        "pass the directory of a study that ran to the end")
+    return study, json.loads((study / "study.json").read_text())
+
+
 # --- a fixed list of trials on Ray Tune (bench_study.py's pruning part, live_pruning.py) --------
 # Ray is imported inside these functions only: the other benchmarks run without the [tune] extra.
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from common import RESULTS_DIR, metadata, write_json
+from common import RESULTS_DIR, finished_study, metadata, write_json
 
-from ctt.errors import UserError, guarded
+from ctt.errors import guarded
 
 
 def _warmup_seconds(study: Path) -> dict[int, float]:
@@ -62,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=str(RESULTS_DIR / "study_floor.json"))
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
-    study = Path(a.study)
-    if not (study / "trials.parquet").is_file() or not (study / "study.json").is_file():
-        raise UserError(f"{study} holds no finished study (trials.parquet and study.json): "
-                        "pass the directory of a study that ran to the end")
-    info = json.loads((study / "study.json").read_text())
+    study, info = finished_study(a.study)
     wall = float(sum(info.get("wall_s_runs") or [0.0]))
     trials = [t for t in pq.read_table(study / "trials.parquet").to_pylist()
               if t.get("wall_s") is not None]
